@@ -1,0 +1,178 @@
+"""The public entry points: `grok.load(path)` and the model object it returns."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok import checkpoint
+from grok.config import GrokConfig
+from grok.engine import Engine, ModelRunner, Request, bucket
+from grok.params import to_model_params
+from grok.quant import is_quantized
+from grok.sampling import SamplingParams
+from grok.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Grok:
+    """A loaded model: logits, generation and (with a tokenizer) text completion."""
+
+    def __init__(self, params: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
+                 moe_impl: str = "auto", max_batch: int = 8):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.runner = ModelRunner(params, config, moe_impl=moe_impl)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.runner.params
+
+    # --- scoring ----------------------------------------------------------------------------------
+    def logits(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Float32 logits [B, T, V] of a full causal forward (no cache) over each token list.
+
+        Ragged lists are right-padded with pad_token to the longest, T; padding is masked, so each
+        row's logits at its real positions equal those of the list alone.
+        """
+        lists = _token_lists(token_lists, self.config)
+        longest = max(len(t) for t in lists)
+        if longest > self.config.sequence_len:
+            raise ValueError(f"a token list of {longest} tokens exceeds the context of "
+                             f"{self.config.sequence_len}")
+        padded = np.full((len(lists), bucket(longest, self.config.sequence_len)),
+                         self.config.pad_token, np.int32)
+        for row, tokens in enumerate(lists):
+            padded[row, :len(tokens)] = tokens
+        return self.runner.logits(padded)[:, :longest]
+
+    # --- generation -------------------------------------------------------------------------------
+    def _requests(self, token_lists, max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
+                  stop_strings, truncate) -> list[Request]:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        return [Request(list(t), max_new_tokens, sampling, seed, tuple(stop_ids),
+                        tuple(stop_strings), truncate)
+                for t in _token_lists(token_lists, self.config)]
+
+    def _engine(self, requests: list[Request]) -> Engine:
+        need = max(min(len(r.prompt), self.config.sequence_len - r.max_new_tokens)
+                   + r.max_new_tokens for r in requests)
+        max_len = bucket(need, self.config.sequence_len)
+        return Engine(self.runner, batch_size=min(len(requests), self.max_batch), max_len=max_len,
+                      tokenizer=self.tokenizer)
+
+    def generate(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 truncate: str | None = None) -> list[list[int]]:
+        """The new tokens of each prompt: greedy at temperature 0, ending after eos (included),
+        a stop id or string, or `max_new_tokens`. Uses the KV cache: one prefill per prompt,
+        then one token per step, with up to `max_batch` prompts decoding together."""
+        requests = self._requests(token_lists, max_new_tokens, temperature, top_p, top_k, seed,
+                                  stop_ids, stop_strings, truncate)
+        engine = self._engine(requests)
+        ids = [engine.submit(r) for r in requests]
+        for _ in engine.run():
+            pass
+        return [engine.results[i].tokens for i in ids]
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **kwargs: Any
+               ) -> Iterator[tuple[int, str | None]]:
+        """Yield (token id, text piece or None) for one prompt as each token is produced."""
+        ids = self._encode(prompt)
+        requests = self._requests([ids], max_new_tokens, kwargs.pop("temperature", 0.0),
+                                  kwargs.pop("top_p", 1.0), kwargs.pop("top_k", 0),
+                                  kwargs.pop("seed", 0), kwargs.pop("stop_ids", ()),
+                                  kwargs.pop("stop_strings", ()), kwargs.pop("truncate", None))
+        if kwargs:
+            raise TypeError(f"unknown argument(s): {', '.join(kwargs)}")
+        engine = self._engine(requests)
+        rid = engine.submit(requests[0])
+        shown = ""
+        for _, token in engine.run():
+            if self.tokenizer is None:
+                yield token, None
+                continue
+            result = engine.results[rid]
+            text = result.text if result.done and result.text is not None \
+                else self.tokenizer.decode(result.tokens)
+            piece, shown = text[len(shown):], text
+            yield token, piece
+
+    def complete(self, text: str, max_new_tokens: int = 64, **kwargs: Any) -> str:
+        """Continue `text` (needs a tokenizer); returns only the new text."""
+        return "".join(piece or "" for _, piece in self.stream(text, max_new_tokens, **kwargs))
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids, or load it with "
+                                 "tokenizer=PATH")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Grok(layers={c.num_layers}, d={c.emb_size}, experts={c.num_experts}/"
+                f"top-{c.num_selected_experts}, vocab={c.vocab_size}, "
+                f"tokenizer={'yes' if self.tokenizer else 'no'})")
+
+
+def _token_lists(token_lists: Any, config: GrokConfig) -> list[list[int]]:
+    if isinstance(token_lists, (str, bytes)) or not isinstance(token_lists, Sequence) \
+            or not token_lists:
+        raise ValueError("expected a non-empty list of token lists")
+    lists = []
+    for i, tokens in enumerate(token_lists):
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
+            raise ValueError(f"token list {i} is not a sequence of ints")
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError(f"token list {i} is empty")
+        bad = [t for t in tokens if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"token list {i}: id {bad[0]} is outside [0, {config.vocab_size})")
+        lists.append(tokens)
+    return lists
+
+
+def device_params(flat: dict[str, Any], config: GrokConfig, scan: bool = True) -> dict[str, Any]:
+    """Checkpoint leaves (numpy) -> the model's tree on device; the embedding is held in bfloat16."""
+    tree = to_model_params(flat, config, scan=scan)
+    embed = tree["embed"]["language_model/in_out_embed"]
+    embed["embeddings"] = np.asarray(embed["embeddings"]).astype(jnp.bfloat16)
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
+              scan: bool = True, moe_impl: str = "auto", max_batch: int = 8) -> Grok:
+    """A model from in-memory checkpoint leaves (e.g. `grok.params.random_flat(config)`)."""
+    return Grok(device_params(flat, config, scan), config, tokenizer, moe_impl, max_batch)
+
+
+def load(path: str | os.PathLike, mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
+         scan: bool = True, moe_impl: str = "auto", max_batch: int = 8) -> Grok:
+    """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
+    and `tokenizer.model`. `tokenizer` overrides the tokenizer file. `scan=False` unrolls the
+    layers (longer compile, no per-layer weight slicing)."""
+    if mesh is not None:
+        raise NotImplementedError("sharded loading over a mesh is not available yet")
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    config = checkpoint.read_config(path)
+    flat = checkpoint.read_checkpoint(path, config)
+    tok_path = Path(tokenizer) if tokenizer is not None else path / "tokenizer.model"
+    tok = Tokenizer(tok_path) if tokenizer is not None or tok_path.is_file() else None
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise ValueError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's "
+                         f"vocabulary is {config.vocab_size}")
+    log.info("loaded %s: %s", path, config)
+    return from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)

@@ -1,0 +1,111 @@
+"""`python run.py "a prompt"`: load a checkpoint and print completions."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints"
+GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
+               "tokenizer.model) into that directory")
+
+
+class CliError(Exception):
+    """A problem to report in one line, without a traceback."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="run.py", description="Sample a continuation of a prompt from a Grok checkpoint.")
+    p.add_argument("prompt", nargs="*", help="prompt text (several prompts are batched)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="directory holding ckpt-0/ and optionally config.json and tokenizer.model "
+                        "(default: %(default)s)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="SentencePiece tokenizer.model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--prompts-file", type=Path, default=None,
+                   help="file with one prompt per line, added to the prompts given")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--max-batch", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--unrolled", action="store_true",
+                   help="unroll the layers instead of scanning (slower compile)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        p.error(f"--top-k must be >= 0, got {args.top_k}")
+    if args.max_batch < 1:
+        p.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    return args
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [" ".join(args.prompt)] if args.prompt else []
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except OSError as err:
+            raise CliError(f"cannot read --prompts-file {args.prompts_file}: {err.strerror}")
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise CliError("no prompt given: pass one as an argument or use --prompts-file")
+    return prompts
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    ckpt = args.checkpoint
+    if not (ckpt / "ckpt-0").is_dir():
+        raise CliError(f"checkpoint not found: {ckpt / 'ckpt-0'} is missing; {GET_WEIGHTS}")
+    tok = args.tokenizer or ckpt / "tokenizer.model"
+    if not tok.is_file():
+        raise CliError(f"tokenizer not found: {tok} is missing; {GET_WEIGHTS}, or pass --tokenizer")
+    args.tokenizer = tok
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        prompts = _prompts(args)
+        _check_files(args)
+        import grok  # deferred: importing jax takes a moment, and bad flags should fail fast
+        from grok.checkpoint import CheckpointError
+        from grok.config import ConfigError
+        from grok.tokenizer import TokenizerError
+        try:
+            model = grok.load(args.checkpoint, tokenizer=args.tokenizer, scan=not args.unrolled,
+                              max_batch=args.max_batch)
+            settings = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            seed=args.seed)
+            if args.stream:
+                for prompt in prompts:
+                    print(prompt, end="", flush=True)
+                    for _, piece in model.stream(prompt, args.max_new_tokens, **settings):
+                        print(piece or "", end="", flush=True)
+                    print()
+                return 0
+            ids = [model.tokenizer.encode(p) for p in prompts]
+            outputs = model.generate(ids, args.max_new_tokens, **settings)
+        except (CheckpointError, ConfigError, TokenizerError, ValueError) as err:
+            raise CliError(str(err)) from None
+        for prompt, out in zip(prompts, outputs):
+            print(prompt + model.tokenizer.decode(out))
+        return 0
+    except CliError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,282 @@
+"""Generation: a continuous-batching engine over fixed batch slots and a shared KV cache.
+
+A finished request frees its slot and the next waiting request is prefilled into it while the
+others keep decoding. Prompts are prefilled alone in power-of-two length buckets, and decode
+steps attend over the cache up to the longest live sequence (also bucketed), so the number of
+compiles stays bounded by the number of buckets.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok.config import GrokConfig
+from grok.model import KVCache, forward, init_cache
+from grok.params import is_scanned
+from grok.sampling import SamplingParams, row_keys, sample
+
+log = logging.getLogger(__name__)
+MIN_BUCKET = 16
+
+
+def bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt (token ids) and how to continue it."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 64
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    truncate: str | None = None     # None: refuse a prompt that does not fit; "left": cut its start
+
+
+@dataclasses.dataclass
+class Result:
+    """What a request produced so far; `finish_reason` is None while it runs."""
+
+    id: int
+    request: Request
+    prompt: list[int]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None   # "eos", "stop" (id or string) or "length"
+    text: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class ModelRunner:
+    """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
+
+    def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
+                 shardings: Any = None):
+        self.params = params
+        self.config = config
+        self.scan = is_scanned(params)
+        self.compiles: collections.Counter[str] = collections.Counter()
+        self.shardings = shardings
+        fwd = dict(config=config, moe_impl=moe_impl)
+
+        def prefill(params, cache, tokens, slot, length):
+            # Run one prompt [1, P] through a fresh copy of cache row `slot`, then put the row back.
+            row = _cache_row(cache, slot)
+            row = KVCache(row.k, row.v, jnp.zeros_like(row.valid))
+            logits, row = forward(params, tokens, row, jnp.zeros((1,), jnp.int32),
+                                  attend_len=tokens.shape[1], logit_index=length - 1, **fwd)
+            return logits[0], _set_cache_row(cache, slot, row)
+
+        def decode(params, cache, tokens, positions, attend_len):
+            logits, cache = forward(params, tokens[:, None], cache, positions,
+                                    attend_len=attend_len, logit_index=jnp.zeros_like(positions),
+                                    **fwd)
+            return logits, cache
+
+        def full(params, tokens):
+            cache = init_cache(config, tokens.shape[0], tokens.shape[1], self.scan)
+            logits, _ = forward(params, tokens, cache, jnp.zeros(tokens.shape[:1], jnp.int32),
+                                **fwd)
+            return logits
+
+        self._prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
+        self._decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
+                               static_argnums=4)
+        self._full = jax.jit(self._counted("forward", full))
+        self._sample = jax.jit(sample)
+
+    def _counted(self, name: str, fn: Callable) -> Callable:
+        def traced(*args):
+            shapes = [tuple(a.shape) for a in args if hasattr(a, "shape")]
+            self.compiles[name] += 1
+            log.info("compiling %s for shapes %s", name, shapes[-3:])
+            return fn(*args)
+        return traced
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        return init_cache(self.config, batch, length, self.scan)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(self._full(self.params, jnp.asarray(tokens, jnp.int32)))
+
+
+def _cache_row(cache: KVCache, slot: jax.Array) -> KVCache:
+    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)
+    axis = 1 if not isinstance(cache.k, tuple) else 0
+    k = jax.tree.map(lambda x: take(x, axis), cache.k)
+    v = jax.tree.map(lambda x: take(x, axis), cache.v)
+    return KVCache(k, v, take(cache.valid, 0))
+
+
+def _set_cache_row(cache: KVCache, slot: jax.Array, row: KVCache) -> KVCache:
+    put = lambda x, r, axis: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis)
+    axis = 1 if not isinstance(cache.k, tuple) else 0
+    k = jax.tree.map(lambda x, r: put(x, r, axis), cache.k, row.k)
+    v = jax.tree.map(lambda x, r: put(x, r, axis), cache.v, row.v)
+    return KVCache(k, v, put(cache.valid, row.valid, 0))
+
+
+class Engine:
+    """Continuous batching over `batch_size` slots of a cache of `max_len` positions.
+
+    Use from a notebook: `rid = engine.submit(Request(...))`, then `engine.step()` until
+    `engine.idle`, and read `engine.results[rid]`; or iterate `engine.run()` for token events.
+    """
+
+    def __init__(self, runner: ModelRunner, batch_size: int = 8, max_len: int | None = None,
+                 tokenizer: Any = None):
+        config = runner.config
+        self.runner = runner
+        self.config = config
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_len = min(max_len or config.sequence_len, config.sequence_len)
+        self.cache = runner.new_cache(batch_size, self.max_len)
+        self.results: dict[int, Result] = {}
+        self.waiting: collections.deque[int] = collections.deque()
+        self.slots: list[int | None] = [None] * batch_size
+        self._next_id = 0
+
+    # --- requests -----------------------------------------------------------------------------
+    def check(self, request: Request) -> list[int]:
+        """The prompt ids the request will run with; ValueError when it cannot run."""
+        prompt = [int(t) for t in request.prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, "
+                             f"{self.config.vocab_size})")
+        new = request.max_new_tokens
+        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {new!r}")
+        if new >= self.max_len:
+            raise ValueError(f"max_new_tokens={new} leaves no room for a prompt in a context of "
+                             f"{self.max_len} tokens")
+        if request.truncate not in (None, "left"):
+            raise ValueError(f"truncate must be None or 'left', got {request.truncate!r}")
+        room = self.max_len - new
+        if len(prompt) > room:
+            if request.truncate != "left":
+                raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={new} exceeds "
+                                 f"the context of {self.max_len} tokens (pass truncate='left' to "
+                                 f"drop the prompt's start)")
+            prompt = prompt[-room:]
+        if request.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer")
+        return prompt
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its id. Invalid requests raise ValueError here."""
+        prompt = self.check(request)
+        rid = self._next_id
+        self._next_id += 1
+        self.results[rid] = Result(rid, request, prompt)
+        self.waiting.append(rid)
+        return rid
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and all(s is None for s in self.slots)
+
+    # --- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[tuple[int, int]]:
+        """Admit waiting requests into free slots, then decode one token for every live slot.
+        Returns the (request id, token) pairs produced."""
+        events = self._admit()
+        live = [(slot, rid) for slot, rid in enumerate(self.slots) if rid is not None]
+        if not live:
+            return events
+        tokens = np.zeros(self.batch_size, np.int32)
+        positions = np.full(self.batch_size, self.max_len, np.int32)  # idle slots write nothing
+        seeds = np.zeros(self.batch_size, np.uint32)
+        steps = np.zeros(self.batch_size, np.int32)
+        settings = np.zeros((3, self.batch_size), np.float32)
+        for slot, rid in live:
+            res = self.results[rid]
+            tokens[slot] = res.tokens[-1]
+            positions[slot] = len(res.prompt) + len(res.tokens) - 1
+            seeds[slot], steps[slot] = res.request.seed, len(res.tokens)
+            s = res.request.sampling
+            settings[:, slot] = (s.temperature, s.top_p, s.top_k)
+        attend = bucket(int(max(positions[s] for s, _ in live)) + 1, self.max_len)
+        logits, self.cache = self.runner._decode(self.runner.params, self.cache,
+                                                 jnp.asarray(tokens), jnp.asarray(positions),
+                                                 attend)
+        chosen = self._draw(logits, seeds, steps, settings)
+        for slot, rid in live:
+            events.append((rid, self._append(slot, rid, int(chosen[slot]))))
+        return events
+
+    def _draw(self, logits, seeds, steps, settings) -> np.ndarray:
+        keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps))
+        return np.asarray(self.runner._sample(logits, keys, jnp.asarray(settings[0]),
+                                              jnp.asarray(settings[1]),
+                                              jnp.asarray(settings[2], jnp.int32)))
+
+    def _admit(self) -> list[tuple[int, int]]:
+        events = []
+        for slot in range(self.batch_size):
+            if self.slots[slot] is not None or not self.waiting:
+                continue
+            rid = self.waiting.popleft()
+            res = self.results[rid]
+            length = len(res.prompt)
+            padded = np.full((1, bucket(length, self.max_len)), self.config.pad_token, np.int32)
+            padded[0, :length] = res.prompt
+            logits, self.cache = self.runner._prefill(
+                self.runner.params, self.cache, jnp.asarray(padded), jnp.int32(slot),
+                jnp.asarray([length], jnp.int32))
+            s = res.request.sampling
+            settings = np.array([[s.temperature], [s.top_p], [s.top_k]], np.float32)
+            token = self._draw(logits[None], np.array([res.request.seed], np.uint32),
+                               np.zeros(1, np.int32), settings)[0]
+            self.slots[slot] = rid
+            events.append((rid, self._append(slot, rid, int(token))))
+        return events
+
+    def _append(self, slot: int, rid: int, token: int) -> int:
+        res = self.results[rid]
+        req = res.request
+        res.tokens.append(token)
+        if token == self.config.eos_token:
+            res.finish_reason = "eos"
+        elif token in req.stop_ids:
+            res.finish_reason = "stop"
+        elif req.stop_strings and self._hit_stop_string(res):
+            res.finish_reason = "stop"
+        elif len(res.tokens) >= req.max_new_tokens:
+            res.finish_reason = "length"
+        if res.done:
+            self.slots[slot] = None
+            if self.tokenizer is not None and res.text is None:
+                res.text = self.tokenizer.decode(res.tokens)
+        return token
+
+    def _hit_stop_string(self, res: Result) -> bool:
+        text = self.tokenizer.decode(res.tokens)
+        hits = [text.find(s) for s in res.request.stop_strings if s and s in text]
+        if not hits:
+            return False
+        res.text = text[:min(hits)]
+        return True
+
+    def run(self) -> Iterator[tuple[int, int]]:
+        """Step until every request has finished, yielding (request id, token) as produced."""
+        while not self.idle:
+            yield from self.step()

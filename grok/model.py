@@ -1,0 +1,240 @@
+"""The Grok-1 transformer in haiku (SPEC §2), as pure functions over a KV cache.
+
+Precision: matmul inputs, attention weights and the KV cache are bfloat16 as in the release;
+norms, softmax, router and RoPE run in float32, and so does the residual stream (the release
+rounds it to bfloat16 after every add; keeping it float32 costs B*T*D*4 bytes and halves the
+error against an exact evaluation on the parity fixtures).
+
+Einsum letters: b batch, t query positions, s cache slots, d model width, h kv heads,
+g query heads per kv head, k head dim, n tokens, e experts, f expert width, v vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grok.config import GrokConfig
+from grok.moe import MoE, Router
+from grok.params import EMBED_MODULE, FINAL_NORM_MODULE, LAYER_MODULE, is_scanned
+from grok.quant import BF16, dot, qlinear
+
+NEG_INF = -1e30
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer plus which slots hold real (non-pad) tokens.
+
+    k, v: [L, B, S, Hkv, K] bfloat16 (a tuple of per-layer [B, S, Hkv, K] for the unrolled model);
+    valid: [B, S] bool, shared by all layers.
+    """
+
+    k: Any
+    v: Any
+    valid: jax.Array
+
+    @property
+    def length(self) -> int:
+        return int(self.valid.shape[1])
+
+
+def init_cache(config: GrokConfig, batch: int, length: int, scan: bool = True) -> KVCache:
+    """An empty cache of `length` slots for `batch` sequences."""
+    shape = (batch, length, config.num_kv_heads, config.key_size)
+    if scan:
+        k = jnp.zeros((config.num_layers, *shape), BF16)
+        v = jnp.zeros((config.num_layers, *shape), BF16)
+    else:
+        k = tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
+    return KVCache(k, v, jnp.zeros((batch, length), bool))
+
+
+# --- haiku modules ------------------------------------------------------------------------------
+
+class RMSNorm(hk.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, in float32, returned as bfloat16."""
+
+    def __init__(self, eps: float, name: str):
+        super().__init__(name=name)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=jnp.ones)
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * scale.astype(jnp.float32)).astype(BF16)
+
+
+class Linear8(hk.Module):
+    """A bias-free linear layer over a QuantizedWeight8bit parameter `w` [In, Out]."""
+
+    def __init__(self, out_size: int, name: str):
+        super().__init__(name=name)
+        self.out_size = out_size
+
+    def __call__(self, x: jax.Array, out_dtype: Any = BF16) -> jax.Array:
+        w = hk.get_parameter("w", [x.shape[-1], self.out_size], jnp.int8, init=_no_init)
+        return qlinear(x, w, out_dtype)
+
+
+def _no_init(shape: Any, dtype: Any) -> Any:
+    raise ValueError("grok parameters come from a checkpoint or grok.params.random_flat; "
+                     "the haiku modules do not initialise them")
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Half-split rotary embedding of x [B, T, H, K] at integer positions [B, T], in float32
+    (returned in x's dtype)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    theta = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, K/2]
+    theta = jnp.concatenate([theta, theta], axis=-1)[:, :, None, :]      # [B, T, 1, K]
+    u = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-u[..., half:], u[..., :half]], axis=-1)
+    return (u * jnp.cos(theta) + rotated * jnp.sin(theta)).astype(x.dtype)
+
+
+class Attention(hk.Module):
+    """Grouped-query attention with RoPE and a tanh-capped score, reading and writing a KV cache."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="multi_head_attention")
+        self.config = config
+
+    def __call__(self, x, k_cache, v_cache, positions, valid, attend_len):
+        c = self.config
+        b, t, _ = x.shape
+        groups = c.num_q_heads // c.num_kv_heads
+        # Projections stay float32 through RoPE and are rounded to bfloat16 once.
+        q = Linear8(c.q_size, name="query")(x, jnp.float32).reshape(b, t, c.num_q_heads, -1)
+        k = Linear8(c.kv_size, name="key")(x, jnp.float32).reshape(b, t, c.num_kv_heads, -1)
+        v = Linear8(c.kv_size, name="value")(x).reshape(b, t, c.num_kv_heads, c.key_size)
+        q = rope(q, positions, c.rope_base).astype(BF16)
+        q = q.reshape(b, t, c.num_kv_heads, groups, c.key_size)
+        k = rope(k, positions, c.rope_base).astype(BF16)
+
+        rows = jnp.arange(b)[:, None]
+        k_cache = k_cache.at[rows, positions].set(k, mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v, mode="drop")
+        keys, values = k_cache[:, :attend_len], v_cache[:, :attend_len]
+
+        scores = dot("bthgk,bshk->bhgts", q, keys)
+        scores = scores * c.attn_output_multiplier
+        scores = c.attn_logit_cap * jnp.tanh(scores / c.attn_logit_cap)
+        slots = jnp.arange(attend_len)
+        mask = valid[:, None, :attend_len] & (slots[None, None, :] <= positions[:, :, None])
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        weights = jax.nn.softmax(scores, axis=-1).astype(BF16)
+        out = dot("bhgts,bshk->bthgk", weights, values)
+        out = out.astype(BF16).reshape(b, t, c.q_size)
+        return Linear8(c.emb_size, name="linear")(out, jnp.float32), k_cache, v_cache
+
+
+class DecoderLayer(hk.Module):
+    """Attention and MoE blocks, each wrapped in a pre-norm and a post-norm (sandwich norms)."""
+
+    def __init__(self, config: GrokConfig, moe_impl: str):
+        super().__init__(name=LAYER_MODULE)
+        self.config = config
+        self.moe_impl = moe_impl
+
+    def __call__(self, h, k_cache, v_cache, positions, valid, attend_len):
+        c = self.config
+        eps = c.rms_norm_eps
+        with jax.named_scope("attention"):
+            x = RMSNorm(eps, name="rms_norm")(h)
+            o, k_cache, v_cache = Attention(c)(x, k_cache, v_cache, positions, valid, attend_len)
+            h = h + RMSNorm(eps, name="rms_norm_1")(o).astype(jnp.float32)
+        with jax.named_scope("moe"):
+            x = RMSNorm(eps, name="rms_norm_2")(h)
+            gates, experts = Router(c)(x)
+            m = MoE(c, self.moe_impl)(x, gates, experts)
+            h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
+        return h, k_cache, v_cache
+
+
+class InOutEmbed(hk.Module):
+    """The token embedding, shared (tied) by the input lookup and the output logits."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name=EMBED_MODULE.rsplit("/", 1)[-1])
+        self.config = config
+
+    def _table(self) -> jax.Array:
+        c = self.config
+        shape = [c.vocab_size, c.emb_size]
+        return hk.get_parameter("embeddings", shape, BF16, init=_no_init).astype(BF16)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        rows = self._table()[tokens].astype(jnp.float32)
+        return rows * self.config.embedding_multiplier_scale
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        out = dot("btd,vd->btv", h, self._table())
+        return out * self.config.output_multiplier_scale
+
+
+def _embed_fn(config: GrokConfig, tokens: jax.Array) -> jax.Array:
+    with hk.name_scope(EMBED_MODULE.split("/")[0]):
+        return InOutEmbed(config).embed(tokens)
+
+
+def _logits_fn(config: GrokConfig, h: jax.Array) -> jax.Array:
+    with hk.name_scope(EMBED_MODULE.split("/")[0]):
+        h = RMSNorm(config.rms_norm_eps, name=FINAL_NORM_MODULE.rsplit("/", 1)[-1])(h)
+        return InOutEmbed(config).logits(h)
+
+
+# --- pure functions -----------------------------------------------------------------------------
+
+def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
+            config: GrokConfig, attend_len: int | None = None, logit_index: jax.Array | None = None,
+            moe_impl: str = "auto") -> tuple[jax.Array, KVCache]:
+    """Run `tokens` [B, T] through the model, writing their keys and values into `cache` at
+    slots start[b] .. start[b] + T - 1 (which are also their RoPE positions).
+
+    Attention reads the first `attend_len` cache slots (default: all), so decoding costs follow the
+    live context. Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given,
+    and the updated cache.
+    """
+    b, t = tokens.shape
+    attend_len = cache.length if attend_len is None else attend_len
+    positions = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+    rows = jnp.arange(b)[:, None]
+    valid = cache.valid.at[rows, positions].set(tokens > config.pad_token, mode="drop")
+
+    embed = hk.without_apply_rng(hk.transform(lambda x: _embed_fn(config, x)))
+    layer = hk.without_apply_rng(hk.transform(
+        lambda *args: DecoderLayer(config, moe_impl)(*args, attend_len=attend_len)))
+    unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
+
+    with jax.named_scope("embed"):
+        h = embed.apply(params["embed"], tokens)
+
+    def one_layer(h, layer_params, k, v):
+        return layer.apply(layer_params, h, k, v, positions, valid)
+
+    with jax.named_scope("layers"):
+        if is_scanned(params):
+            def body(h, xs):
+                h, k, v = one_layer(h, *xs)
+                return h, (k, v)
+            h, (k_all, v_all) = jax.lax.scan(body, h, (params["layers"], cache.k, cache.v))
+        else:
+            k_all, v_all = [], []
+            for layer_params, k, v in zip(params["layers"], cache.k, cache.v):
+                h, k, v = one_layer(h, layer_params, k, v)
+                k_all.append(k)
+                v_all.append(v)
+            k_all, v_all = tuple(k_all), tuple(v_all)
+
+    with jax.named_scope("logits"):
+        if logit_index is not None:
+            h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)
+        logits = unembed.apply(params["embed"], h)
+        if logit_index is not None:
+            logits = logits[:, 0]
+    return logits, KVCache(k_all, v_all, valid)

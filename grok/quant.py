@@ -1,0 +1,119 @@
+"""8-bit weights with row-block scales (SPEC §3) and matmuls that never dequantise a whole weight."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+BF16 = jnp.bfloat16
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedWeight8bit:
+    """int8 `weight` [..., In, Out] with `scales` [..., S, Out]: row block s of In uses scales[s].
+
+    The class name is the one the release pickles as `__main__.QuantizedWeight8bit`.
+    """
+
+    def __init__(self, weight: Any, scales: Any):
+        self.weight = weight
+        self.scales = scales
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.weight.dtype
+
+    @property
+    def scale_blocks(self) -> int:
+        return int(self.scales.shape[-2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.weight.shape)) * np.dtype(self.weight.dtype).itemsize + \
+            int(np.prod(self.scales.shape)) * np.dtype(self.scales.dtype).itemsize
+
+    def tree_flatten(self):
+        return (self.weight, self.scales), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedWeight8bit(weight={getattr(self.weight, 'dtype', '?')}"
+                f"{list(self.shape)}, scales={list(self.scales.shape)})")
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight8bit)
+
+
+def quantize(w: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
+    """Symmetric int8 quantisation of float `w` [..., In, Out] with `blocks` row blocks of In.
+
+    Each (block, output column) gets scale max|w| / 127, stored as bfloat16; the int8 values are
+    computed against the rounded scale, so |w - dequantize(q)| <= scale / 2 elementwise.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 2:
+        raise ValueError(f"quantize needs a matrix [..., In, Out], got shape {w.shape}")
+    rows = w.shape[-2]
+    if blocks < 1 or rows % blocks:
+        raise ValueError(f"{blocks} scale blocks do not divide the {rows} input rows")
+    blocked = w.reshape(*w.shape[:-2], blocks, rows // blocks, w.shape[-1])
+    scales = np.abs(blocked).max(axis=-2) / 127.0            # [..., S, Out]
+    scales = np.where(scales > 0, scales, 1.0).astype(ml_dtypes.bfloat16)
+    exact = scales.astype(np.float32)[..., :, None, :]
+    weight = np.clip(np.rint(blocked / exact), -127, 127).astype(np.int8).reshape(w.shape)
+    return QuantizedWeight8bit(weight, scales)
+
+
+def dequantize(q: QuantizedWeight8bit, dtype: Any = np.float32) -> np.ndarray:
+    """The float weight (numpy; for tests, oracles and conversion, never on the hot path)."""
+    weight = np.asarray(q.weight)
+    scales = np.asarray(q.scales).astype(np.float64)
+    blocks, rows = scales.shape[-2], weight.shape[-2]
+    blocked = weight.astype(np.float64).reshape(*weight.shape[:-2], blocks, rows // blocks,
+                                                 weight.shape[-1])
+    return (blocked * scales[..., :, None, :]).reshape(weight.shape).astype(dtype)
+
+
+def dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with float32 accumulation and result. XLA's CPU runtime lacks some bf16 x bf16 -> f32
+    dots, so on CPU the operands are widened first (exact: bfloat16 is a subset of float32)."""
+    if jax.default_backend() == "cpu":
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _blocked(x: jax.Array, blocks: int) -> jax.Array:
+    """[..., In] -> [..., S, In/S]: the row blocks that share one row of scales."""
+    return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
+
+
+def qlinear(x: jax.Array, q: QuantizedWeight8bit, out_dtype: Any = BF16) -> jax.Array:
+    """x [..., In] times the int8 weight [In, Out]: int8 converted inside the dot, float32
+    accumulation, each row block's product scaled after the matmul."""
+    blocks = q.scale_blocks
+    rows, cols = q.weight.shape
+    w = q.weight.reshape(blocks, rows // blocks, cols).astype(x.dtype)
+    y = dot("...si,sio->...so", _blocked(x, blocks), w)
+    return jnp.einsum("...so,so->...o", y, q.scales.astype(jnp.float32)).astype(out_dtype)
+
+
+def expert_qlinear(x: jax.Array, q: QuantizedWeight8bit, out_dtype: Any = BF16) -> jax.Array:
+    """Per-expert int8 matmul. x [N, In] (shared by all experts) or [N, E, In];
+    weight [E, In, Out], scales [E, S, Out] -> [N, E, Out]."""
+    blocks = q.scale_blocks
+    experts, rows, cols = q.weight.shape
+    w = q.weight.reshape(experts, blocks, rows // blocks, cols).astype(x.dtype)
+    spec = "nsi,esio->neso" if x.ndim == 2 else "nesi,esio->neso"
+    y = dot(spec, _blocked(x, blocks), w)
+    return jnp.einsum("neso,eso->neo", y, q.scales.astype(jnp.float32)).astype(out_dtype)
