@@ -98,9 +98,12 @@ def _blocked(x: jax.Array, blocks: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
 
 
-def qlinear(x: jax.Array, q: QuantizedWeight8bit, out_dtype: Any = BF16) -> jax.Array:
+def qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array, out_dtype: Any = BF16) -> jax.Array:
     """x [..., In] times the int8 weight [In, Out]: int8 converted inside the dot, float32
-    accumulation, each row block's product scaled after the matmul."""
+    accumulation, each row block's product scaled after the matmul. A float weight (training,
+    tests) is used as it is."""
+    if not is_quantized(q):
+        return dot("...i,io->...o", x, q.astype(x.dtype)).astype(out_dtype)
     blocks = q.scale_blocks
     rows, cols = q.weight.shape
     w = q.weight.reshape(blocks, rows // blocks, cols).astype(x.dtype)
@@ -108,9 +111,13 @@ def qlinear(x: jax.Array, q: QuantizedWeight8bit, out_dtype: Any = BF16) -> jax.
     return jnp.einsum("...so,so->...o", y, q.scales.astype(jnp.float32)).astype(out_dtype)
 
 
-def expert_qlinear(x: jax.Array, q: QuantizedWeight8bit, out_dtype: Any = BF16) -> jax.Array:
+def expert_qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array,
+                   out_dtype: Any = BF16) -> jax.Array:
     """Per-expert int8 matmul. x [N, In] (shared by all experts) or [N, E, In];
-    weight [E, In, Out], scales [E, S, Out] -> [N, E, Out]."""
+    weight [E, In, Out], scales [E, S, Out] -> [N, E, Out]. A float weight is used as it is."""
+    if not is_quantized(q):
+        spec = "ni,eio->neo" if x.ndim == 2 else "nei,eio->neo"
+        return dot(spec, x, q.astype(x.dtype)).astype(out_dtype)
     blocks = q.scale_blocks
     experts, rows, cols = q.weight.shape
     w = q.weight.reshape(experts, blocks, rows // blocks, cols).astype(x.dtype)
