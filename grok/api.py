@@ -25,11 +25,12 @@ class Grok:
     """A loaded model: logits, generation and (with a tokenizer) text completion."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
-                 moe_impl: str = "auto", max_batch: int = 8):
+                 moe_impl: str = "auto", max_batch: int = 8, mesh: Any = None):
         self.config = config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.runner = ModelRunner(params, config, moe_impl=moe_impl)
+        self.mesh = mesh
+        self.runner = ModelRunner(params, config, moe_impl=moe_impl, mesh=mesh)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -158,21 +159,44 @@ def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | N
 
 
 def load(path: str | os.PathLike, mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
-         scan: bool = True, moe_impl: str = "auto", max_batch: int = 8) -> Grok:
+         scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, layout: str = "tensor",
+         memory_gb: float | None = None, progress: bool = True) -> Grok:
     """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
     and `tokenizer.model`. `tokenizer` overrides the tokenizer file. `scan=False` unrolls the
-    layers (longer compile, no per-layer weight slicing)."""
-    if mesh is not None:
-        raise NotImplementedError("sharded loading over a mesh is not available yet")
+    layers (longer compile, no per-layer weight slicing).
+
+    `mesh`: a `jax.sharding.Mesh` with axes ("data", "model"), a (data, model) pair or "D,M":
+    the weights are streamed from the files straight onto the devices that own each piece
+    (grok.loader) by the partition rules of `layout` ("tensor" or "expert"; grok.sharding).
+    Before reading any weights the per-device memory (weights, KV cache for `max_batch` full-length
+    sequences, workspace) is estimated against `memory_gb` (default: what the device reports;
+    CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     config = checkpoint.read_config(path)
+    if mesh is not None:
+        from grok import loader, sharding
+        mesh = sharding.make_mesh(mesh)
+        capacity = memory_gb * 1e9 if memory_gb is not None \
+            else sharding.device_memory(mesh.devices.flat[0])
+        sharding.check_fits(config, mesh, capacity, batch=max_batch, layout=layout)
+        params = loader.load_params(path, config, mesh, layout=layout, scan=scan,
+                                    progress=progress)
+        tok = _tokenizer(path, tokenizer, config)
+        log.info("loaded %s onto mesh %s: %s", path, dict(mesh.shape), config)
+        return Grok(params, config, tok, moe_impl, max_batch, mesh=mesh)
     flat = checkpoint.read_checkpoint(path, config)
+    tok = _tokenizer(path, tokenizer, config)
+    log.info("loaded %s: %s", path, config)
+    return from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
+
+
+def _tokenizer(path: Path, tokenizer: str | os.PathLike | None,
+               config: GrokConfig) -> Tokenizer | None:
     tok_path = Path(tokenizer) if tokenizer is not None else path / "tokenizer.model"
     tok = Tokenizer(tok_path) if tokenizer is not None or tok_path.is_file() else None
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise ValueError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's "
                          f"vocabulary is {config.vocab_size}")
-    log.info("loaded %s: %s", path, config)
-    return from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
+    return tok

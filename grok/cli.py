@@ -16,8 +16,13 @@ class CliError(Exception):
     """A problem to report in one line, without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run.py", description="Sample a continuation of a prompt from a Grok checkpoint.")
     p.add_argument("prompt", nargs="*", help="prompt text (several prompts are batched)")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,

@@ -20,6 +20,7 @@ from grok.config import GrokConfig
 from grok.model import KVCache, forward, init_cache
 from grok.params import is_scanned
 from grok.sampling import SamplingParams, row_keys, sample
+from grok.sharding import Placement
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16
@@ -66,12 +67,16 @@ class ModelRunner:
     """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
-                 shardings: Any = None):
+                 shardings: Any = None, mesh: Any = None):
         self.params = params
         self.config = config
         self.scan = is_scanned(params)
         self.compiles: collections.Counter[str] = collections.Counter()
         self.shardings = shardings
+        # On a mesh (grok.sharding): params arrive sharded, the cache is made sharded, and the
+        # jitted functions pin the cache / logits layouts of their outputs (identity without one).
+        self.mesh = mesh
+        self.place = place = Placement(mesh, config)
         fwd = dict(config=config, moe_impl=moe_impl)
 
         def prefill(params, cache, tokens, slot, length):
@@ -80,19 +85,20 @@ class ModelRunner:
             row = KVCache(row.k, row.v, jnp.zeros_like(row.valid))
             logits, row = forward(params, tokens, row, jnp.zeros((1,), jnp.int32),
                                   attend_len=tokens.shape[1], logit_index=length - 1, **fwd)
-            return logits[0], _set_cache_row(cache, slot, row)
+            return (place.constrain("logits", logits[0]),
+                    place.cache(_set_cache_row(cache, slot, row)))
 
         def decode(params, cache, tokens, positions, attend_len):
             logits, cache = forward(params, tokens[:, None], cache, positions,
                                     attend_len=attend_len, logit_index=jnp.zeros_like(positions),
                                     **fwd)
-            return logits, cache
+            return place.constrain("logits", logits), place.cache(cache)
 
         def full(params, tokens):
             cache = init_cache(config, tokens.shape[0], tokens.shape[1], self.scan)
             logits, _ = forward(params, tokens, cache, jnp.zeros(tokens.shape[:1], jnp.int32),
                                 **fwd)
-            return logits
+            return place.constrain("logits", logits)
 
         self._prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
         self._decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
@@ -109,9 +115,12 @@ class ModelRunner:
         return traced
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        return init_cache(self.config, batch, length, self.scan)
+        return self.place.new_cache(init_cache, self.config, batch, length, self.scan)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
+        if self.mesh is not None:   # a global array, batch over "data" (any process count)
+            return np.asarray(self._full(self.params, self.place.put(
+                "tokens", np.asarray(tokens, np.int32))))
         return np.asarray(self._full(self.params, jnp.asarray(tokens, jnp.int32)))
 
 

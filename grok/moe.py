@@ -1,21 +1,35 @@
 """Top-k routed mixture of experts over int8 expert weights (SPEC §2, the MoE block).
 
-Two evaluations with the same results (up to bfloat16 rounding):
+Evaluations with the same results (up to bfloat16 rounding and summation order):
 - "dense": every expert on every token, weighted by a gate matrix that is zero off the chosen
-  experts (the release's way; kept as the reference path for tests and benchmarks);
-- "gather": each token multiplies only its chosen experts' weights, taken by index (few tokens).
-"auto" takes "gather" while tokens x selected experts <= experts, else "dense".
+  experts (the release's way; E/k times the work; kept as the reference for tests/benchmarks);
+- "gather": each (token, choice) multiplies its expert's weights taken by index (XLA copies the
+  taken slices; fine for a handful of tokens);
+- "grouped": the (token, choice) rows are sorted by expert into blocks of `bm` rows (no row is
+  ever dropped: a busy expert gets several blocks) and a scan runs each block through its
+  expert's MLP; blocks with no rows are skipped by a cond, so only the chosen experts' weights
+  are read (XLA; the default on CPU, for decoding and prefill alike);
+- "pallas": the same blocks through `grok.kernels.block_matmul`, a Pallas kernel that reads each
+  block's expert weights in place as int8 (Triton on GPU; elsewhere it runs in the Pallas
+  interpreter, which is slow: tests only).
+"auto" takes "pallas" on GPU for int8 weights of a shape the kernel handles, else "grouped".
+
+`jax.lax.ragged_dot` is not used: on CPU (jax 0.10) it lowers to a masked dense product over every
+group, and on GPU it was measured reading every expert even for empty groups.
 """
 from __future__ import annotations
+
+import math
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.quant import BF16, QuantizedWeight8bit, dot, expert_qlinear
+from grok.quant import (BF16, QuantizedWeight8bit, _dequantize_f32, dot, expert_qlinear,
+                        is_quantized, qlinear)
 
-MOE_IMPLS = ("auto", "dense", "gather")
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas")
 
 
 class Router(hk.Module):
@@ -61,17 +75,51 @@ class MoE(hk.Module):
         w1 = _ExpertWeight(name="linear")([e, d, f])
         wv = _ExpertWeight(name="linear_v")([e, d, f])
         w2 = _ExpertWeight(name="linear_1")([e, f, d])
-        tokens = x.reshape(b * t, d)
-        gates = gates.reshape(b * t, -1)
-        experts = experts.reshape(b * t, -1)
-        impl = self.impl
-        if impl == "auto":
-            impl = "gather" if b * t * c.num_selected_experts <= e else "dense"
-        if impl == "dense":
-            out = _dense(tokens, gates, experts, w1, wv, w2)
-        else:
-            out = _gather(tokens, gates, experts, w1, wv, w2)
-        return out.reshape(b, t, d)
+        return moe(x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1),
+                   w1, wv, w2, impl=self.impl).reshape(b, t, d)
+
+
+def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
+        impl: str = "auto") -> jax.Array:
+    """The MoE block on flat tokens: x [N, D] bfloat16, gates [N, k] float32, experts [N, k] int,
+    stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (int8 QuantizedWeight8bit or float)
+    -> float32 [N, D]."""
+    n, k = experts.shape
+    num_experts = w1.shape[0]
+    impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2)
+    if impl == "dense":
+        return _dense(x, gates, experts, w1, wv, w2)
+    if impl == "gather":
+        return _gather(x, gates, experts, w1, wv, w2)
+    if impl in ("grouped", "pallas"):
+        bm = block_rows_for(n * k, num_experts, impl)
+        return _grouped(x, gates, experts, w1, wv, w2, bm, pallas=impl == "pallas")
+    raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int:
+    """Rows per block: about the mean rows per expert as a power of two, at least 16 for the
+    kernel (Triton's dot minimum) or 8 for XLA, at most 128."""
+    floor = 16 if impl == "pallas" else 8
+    mean = max(1, math.ceil(assignments / experts))
+    return min(128, max(floor, 1 << (mean - 1).bit_length()))
+
+
+def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None, w2=None) -> str:
+    """The evaluation that `impl` stands for, for `assignments` (token, choice) rows."""
+    if impl != "auto":
+        return impl
+    weights = [w for w in (w1, wv, w2) if w is not None]
+    if _on_gpu() and weights and all(map(is_quantized, weights)):
+        from grok.kernels.moe import kernel_applies
+        bm = block_rows_for(assignments, num_experts, "pallas")
+        if all(kernel_applies(w.shape[-2], w.shape[-1], w.scale_blocks, bm) for w in weights):
+            return "pallas"
+    return "grouped"
 
 
 # Elementwise work runs in float32 between the bfloat16 matmul inputs (fewer roundings).
@@ -84,13 +132,19 @@ def _dense(x, gates, experts, w1, wv, w2):
     return dot("ne,ned->nd", gate_matrix, y)
 
 
-def _take(w: QuantizedWeight8bit, experts: jax.Array) -> QuantizedWeight8bit:
+def _take(w, experts: jax.Array):
     """The chosen experts' weights [N, k, In, Out], taken by index."""
+    if not is_quantized(w):
+        return w[experts]
     return QuantizedWeight8bit(w.weight[experts], w.scales[experts])
 
 
-def _per_token_qlinear(x: jax.Array, w: QuantizedWeight8bit) -> jax.Array:  # float32 out
+def _per_token_qlinear(x: jax.Array, w) -> jax.Array:  # float32 out
     """x [N, k, In] times per-(token, choice) int8 weights [N, k, In, Out], scaled per row block."""
+    if not is_quantized(w):
+        return dot("nki,nkio->nko", x, w.astype(x.dtype))
+    if jax.default_backend() == "cpu":
+        return dot("nki,nkio->nko", x, _dequantize_f32(w))
     n, k, rows, cols = w.weight.shape
     blocks = w.scales.shape[-2]
     xb = x.reshape(n, k, blocks, rows // blocks)
@@ -105,3 +159,92 @@ def _gather(x, gates, experts, w1, wv, w2):
         * _per_token_qlinear(chosen, _take(wv, experts))                        # [N, k, F]
     y = _per_token_qlinear(hidden.astype(BF16), _take(w2, experts))             # [N, k, D]
     return dot("nk,nkd->nd", gates, y)
+
+
+# --- grouped: (token, choice) rows sorted by expert into blocks of bm rows ------------------------
+
+def num_blocks(assignments: int, num_experts: int, bm: int) -> int:
+    """A static bound on the blocks any routing of A assignments can fill:
+    sum_e ceil(count_e / bm) <= (A + min(E, A) (bm - 1)) / bm, and each block holds a row."""
+    a = assignments
+    return min(a, (a + min(num_experts, a) * (bm - 1)) // bm)
+
+
+def route_blocks(experts: jax.Array, num_experts: int, bm: int):
+    """Lay the (token, choice) assignments [N, k] out in expert-sorted blocks of `bm` rows.
+
+    Returns slot [N*k] (each assignment's row in the [G*bm] block layout), block_expert [G] and
+    block_rows [G] (valid rows of each block; 0 for blocks this routing leaves unused).
+    """
+    flat = experts.reshape(-1).astype(jnp.int32)
+    a = flat.shape[0]
+    groups = num_blocks(a, num_experts, bm)
+    counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    nblocks = (counts + bm - 1) // bm
+    block_end = jnp.cumsum(nblocks)
+    block_start = block_end - nblocks
+    group_start = jnp.cumsum(counts) - counts
+    order = jnp.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    rank = jnp.arange(a, dtype=jnp.int32) - group_start[sorted_e]
+    slot = jnp.zeros((a,), jnp.int32).at[order].set(block_start[sorted_e] * bm + rank)
+    g = jnp.arange(groups, dtype=jnp.int32)
+    block_expert = jnp.minimum(jnp.searchsorted(block_end, g, side="right"), num_experts - 1)
+    block_expert = block_expert.astype(jnp.int32)
+    rows = counts[block_expert] - (g - block_start[block_expert]) * bm
+    block_rows = jnp.where(g < block_end[-1], jnp.clip(rows, 0, bm), 0).astype(jnp.int32)
+    return slot, block_expert, block_rows
+
+
+def _grouped(x, gates, experts, w1, wv, w2, bm, pallas=False):
+    n, k = experts.shape
+    slot, block_expert, block_rows = route_blocks(experts, w1.shape[0], bm)
+    groups = block_expert.shape[0]
+    # The token in each block row (n for none: read as a zero row).
+    source = jnp.full((groups * bm,), n, jnp.int32).at[slot].set(
+        jnp.arange(n * k, dtype=jnp.int32) // k)
+    xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(groups, bm, -1)
+    mlp = _pallas_mlp if pallas else _xla_mlp
+    y = mlp(xb, block_expert, block_rows, w1, wv, w2)                      # [G, bm, D]
+    y = y.reshape(groups * bm, -1)[slot].reshape(n, k, -1)                 # [N, k, D]
+    return dot("nk,nkd->nd", gates, y)
+
+
+def _expert(w, e):
+    """Expert e's weight [In, Out], sliced from the stacked weight (the XLA path)."""
+    if is_quantized(w):
+        return QuantizedWeight8bit(w.weight[e], w.scales[e])
+    return w[e]
+
+
+def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2):
+    """Each non-empty block through its expert's MLP, one block per scan step."""
+    f32 = jnp.float32
+
+    def mlp(xg, e):
+        hidden = jax.nn.gelu(qlinear(xg, _expert(w1, e), f32)) * qlinear(xg, _expert(wv, e), f32)
+        return qlinear(hidden.astype(BF16), _expert(w2, e), f32)
+
+    def skip(xg, e):
+        return jnp.zeros((xg.shape[0], w2.shape[-1]), f32)
+
+    def step(_, args):
+        xg, e, rows = args
+        return None, jax.lax.cond(rows > 0, mlp, skip, xg, e)
+
+    _, y = jax.lax.scan(step, None, (xb, block_expert, block_rows))
+    return y
+
+
+def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2):
+    """The three matmuls as Pallas kernels reading the int8 experts in place."""
+    if not all(map(is_quantized, (w1, wv, w2))):
+        return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2)
+    from grok.kernels.moe import block_matmul
+    interpret = not _on_gpu()
+
+    def mm(x, w):
+        return block_matmul(x, block_expert, block_rows, w.weight, w.scales, interpret=interpret)
+
+    hidden = jax.nn.gelu(mm(xb, w1)) * mm(xb, wv)
+    return mm(hidden.astype(BF16), w2)

@@ -138,6 +138,15 @@ def abstract_flat(config: GrokConfig, embed_dtype: Any = jnp.bfloat16) -> dict[s
     return map_entries(config, make)
 
 
+def abstract_params(config: GrokConfig, scan: bool = True) -> dict[str, Any]:
+    """The model's tree as ShapeDtypeStructs: lower and compile Grok-1 with no weights in memory."""
+    tree = to_model_params(abstract_flat(config), config, scan=False)
+    if scan:
+        stack = lambda x: jax.ShapeDtypeStruct((config.num_layers, *x.shape), x.dtype)
+        tree["layers"] = jax.tree.map(stack, tree["layers"][0])
+    return tree
+
+
 def random_flat(config: GrokConfig, seed: int = 0, weight_scale: float = 1.0) -> dict[str, Any]:
     """Random float weights quantized like a release checkpoint (numpy; for tests and benchmarks).
 

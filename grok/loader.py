@@ -1,0 +1,603 @@
+"""Streaming, sharded checkpoint loading: each file is read once, by offset, straight onto the
+devices that own its pieces.
+
+1. `read_header(file)` walks a checkpoint pickle's opcodes with the allow-list of
+   grok/checkpoint.py (same globals, same inert stand-ins) but never materialises array data: a
+   raw-bytes opcode outside the pickle's frames is replaced by its (offset, length) in the file.
+   The result says each array's shape, dtype and where its bytes are.
+2. `load_params(path, config, mesh)` builds every leaf of the model's params tree as a global
+   jax.Array sharded by grok/sharding.py's rules. For each file, worker threads memory-map it and
+   copy out only the slices this process's devices own (`make_array_from_callback` hands them to
+   those devices); a layer's piece is written into its slot of the stacked [L, ...] leaf on device
+   (a donated in-place update), so the host never holds more than `max_inflight` files' slices.
+   In a multi-process run each process reads only its own devices' slices.
+3. `verify(path, config)` checks a checkpoint without loading it (headers, sizes, scales, samples).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import math
+import mmap
+import os
+import pickle
+import struct
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from grok import checkpoint as ck
+from grok import sharding as sh
+from grok.config import GrokConfig
+from grok.params import Entry, checkpoint_entries
+from grok.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+# --- header parsing ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RawRef:
+    """Raw array bytes in a file: `length` bytes at `offset` (or held `inline`, when the bytes sat
+    inside a pickle frame; those are small)."""
+
+    offset: int
+    length: int
+    inline: bytes | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRef:
+    """One C- or Fortran-ordered array inside a checkpoint file."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    raw: RawRef
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What a checkpoint file holds: a float32 `array`, or a QuantizedWeight8bit (`weight`,
+    `scales`). `end` is where the pickle stops (the file's size when it is well formed)."""
+
+    path: str
+    parts: dict[str, ArrayRef]   # {"array": ...} or {"weight": ..., "scales": ...}
+    end: int
+
+    @property
+    def quantized(self) -> bool:
+        return "weight" in self.parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+
+INLINE = 1 << 16   # bytes objects up to this size are read, not skipped
+
+
+class _HeaderUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler with checkpoint.py's allow-list, whose bytes opcodes record
+    where out-of-frame data lies and skip over it instead of reading it."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    find_class = ck._SafeUnpickler.find_class
+    persistent_load = ck._SafeUnpickler.persistent_load
+
+    def __init__(self, file: Any, where: str, size: int) -> None:
+        super().__init__(file)
+        self.file = file
+        self.where = where
+        self.size = size
+
+    def _bytes(self, length: int) -> None:
+        frame = self._unframer.current_frame
+        if (frame is not None and frame.tell() < len(frame.getbuffer())) or length <= INLINE:
+            self.append(self.read(length))   # inside a frame, or small: read as usual
+            return
+        self._unframer.current_frame = None
+        offset = self.file.tell()
+        if offset + length > self.size:
+            raise ck._BadPickle(f"truncated: array data needs bytes {offset}..{offset + length} "
+                                f"but the file has {self.size}")
+        self.file.seek(length, os.SEEK_CUR)
+        self.append(RawRef(offset, length))
+
+    def _load_binbytes(self) -> None:
+        self._bytes(struct.unpack("<I", self.read(4))[0])
+
+    def _load_binbytes8(self) -> None:
+        self._bytes(struct.unpack("<Q", self.read(8))[0])
+
+    def _load_short_binbytes(self) -> None:
+        self._bytes(self.read(1)[0])
+
+    dispatch[pickle.BINBYTES[0]] = _load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = _load_binbytes8
+    dispatch[pickle.SHORT_BINBYTES[0]] = _load_short_binbytes
+    dispatch[pickle.BYTEARRAY8[0]] = _load_binbytes8
+
+
+def _array_ref(stub: Any, what: str) -> ArrayRef:
+    """checkpoint._to_array's checks, on a RawRef instead of the bytes."""
+    if not isinstance(stub, ck._ArrayStub):
+        raise ck._BadPickle(f"{what} is {ck._kind(stub)}, not a numpy array")
+    state = stub.state
+    if not (type(state) is tuple and len(state) == 5 and type(state[0]) is int and state[0] == 1):
+        raise ck._BadPickle(f"malformed numpy {what} state")
+    _, shape, dtype_stub, fortran, raw = state
+    if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
+        raise ck._BadPickle(f"malformed {what} shape")
+    dtype = ck._to_dtype(dtype_stub)
+    if isinstance(raw, (bytes, bytearray)):
+        raw = RawRef(-1, len(raw), bytes(raw))
+    if type(fortran) is not bool or not isinstance(raw, RawRef):
+        raise ck._BadPickle(f"{what} data is not raw bytes")
+    needed = math.prod(shape) * dtype.itemsize
+    if raw.length != needed:
+        raise ck._BadPickle(f"{what} holds {raw.length} bytes but {dtype}{list(shape)} "
+                            f"needs {needed}")
+    if dtype.byteorder == ">":
+        raise ck._BadPickle(f"{what} is big-endian")
+    return ArrayRef(shape, dtype, fortran, raw)
+
+
+def _parts(obj: Any) -> dict[str, ArrayRef]:
+    """checkpoint._materialize's checks, on references."""
+    if isinstance(obj, ck._QWStub):
+        if obj.state is None:
+            raise ck._BadPickle("QuantizedWeight8bit without weight and scales")
+        weight = _array_ref(obj.state["weight"], "weight")
+        scales = _array_ref(obj.state["scales"], "scales")
+        if weight.dtype != ck.I8:
+            raise ck._BadPickle(f"QuantizedWeight8bit weight dtype {weight.dtype}, expected int8")
+        if scales.dtype != ck.BF16:
+            raise ck._BadPickle(f"QuantizedWeight8bit scales dtype {scales.dtype}, "
+                                "expected bfloat16")
+        ws, ss = weight.shape, scales.shape
+        if (len(ws) < 2 or len(ss) != len(ws) or ss[-2] < 1 or ss[:-2] != ws[:-2]
+                or ss[-1] != ws[-1] or ws[-2] % ss[-2]):
+            raise ck._BadPickle(f"QuantizedWeight8bit scales shape {list(ss)} does not fit "
+                                f"weight shape {list(ws)}")
+        return {"weight": weight, "scales": scales}
+    if isinstance(obj, ck._ArrayStub):
+        array = _array_ref(obj, "array")
+        if array.dtype != ck.F32:
+            raise ck._BadPickle(f"dtype {array.dtype}, expected float32")
+        return {"array": array}
+    raise ck._BadPickle(f"holds {ck._kind(obj)}, expected a float32 array or QuantizedWeight8bit")
+
+
+def read_header(path: ck.PathLike) -> Header:
+    """Parse one checkpoint file's pickle through the allow-list without reading array data.
+    Any problem (missing, hostile, malformed, truncated, trailing bytes) -> CheckpointError."""
+    where = os.fspath(path)
+    try:
+        size = os.path.getsize(where)
+        with open(where, "rb") as f:
+            obj = _HeaderUnpickler(f, where, size).load()
+            end = f.tell()
+        if end != size:
+            raise ck._BadPickle(f"{size - end} trailing bytes after the pickle "
+                                f"(file is {size} bytes, the pickle ends at {end})")
+        return Header(where, _parts(obj), end)
+    except ck.CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise ck.CheckpointError(f"{where}: missing") from None
+    except OSError as err:
+        raise ck.CheckpointError(f"{where}: cannot read ({err.strerror or err})") from None
+    except ck._BadPickle as err:
+        raise ck.CheckpointError(f"{where}: {err}") from None
+    except EOFError:
+        empty = os.path.getsize(where) == 0
+        raise ck.CheckpointError(f"{where}: {'empty file' if empty else 'truncated pickle'}") \
+            from None
+    except Exception as err:   # UnpicklingError, struct.error, ValueError, ...
+        raise ck.CheckpointError(f"{where}: truncated or unreadable pickle "
+                                 f"({type(err).__name__}: {ck._one_line(err, 120)})") from None
+
+
+def header_problem(header: Header, entry: Entry) -> str | None:
+    """Why the file cannot be `entry` (type / shape / dtype), or None."""
+    if entry.quantized:
+        if not header.quantized:
+            return (f"expected QuantizedWeight8bit (int8 weight {list(entry.shape)}, bfloat16 "
+                    f"scales {list(entry.scales_shape)}), got float32 array "
+                    f"{list(header.parts['array'].shape)}")
+        want = {"weight": entry.shape, "scales": entry.scales_shape}
+    else:
+        if header.quantized:
+            return f"expected a float32 array {list(entry.shape)}, got a QuantizedWeight8bit"
+        want = {"array": entry.shape}
+    for part, shape in want.items():
+        if header.parts[part].shape != tuple(shape):
+            return f"{part} shape {list(header.parts[part].shape)}, expected {list(shape)}"
+    return None
+
+
+# --- reading slices ----------------------------------------------------------------------------
+class _Mapped:
+    """A read-only memory map of one file; arrays are views into it until `close`."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def array(self, ref: ArrayRef) -> np.ndarray:
+        if ref.raw.inline is not None:
+            buf = np.frombuffer(ref.raw.inline, ref.dtype)
+        else:
+            buf = np.frombuffer(self._map, ref.dtype, math.prod(ref.shape), ref.raw.offset)
+        return buf.reshape(ref.shape, order="F" if ref.fortran else "C")
+
+    def advise(self, ref: ArrayRef) -> None:
+        """Ask the kernel to read ahead the pages of `ref` (the whole array is wanted)."""
+        if self._map is None or ref.raw.inline is not None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        start = ref.raw.offset - ref.raw.offset % mmap.PAGESIZE
+        try:
+            self._map.madvise(mmap.MADV_WILLNEED, start, ref.raw.offset + ref.raw.length - start)
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+
+
+Index = tuple[slice, ...]
+
+
+def _key(index: Index) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _is_whole(index: Index, shape: tuple[int, ...]) -> bool:
+    return all(s.indices(n) == (0, n, 1) for s, n in zip(index, shape))
+
+
+@dataclasses.dataclass
+class LoadStats:
+    """What a load did: bytes copied out of files by this process, files opened, and the most
+    tensors (files) / bytes held in host memory at once."""
+
+    bytes_read: int = 0
+    files: int = 0
+    max_inflight_tensors: int = 0
+    max_inflight_bytes: int = 0
+    seconds: float = 0.0
+    _inflight_tensors: int = 0
+    _inflight_bytes: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def acquire(self, nbytes: int) -> None:
+        with self._lock:
+            self.files += 1
+            self.bytes_read += nbytes
+            self._inflight_tensors += 1
+            self._inflight_bytes += nbytes
+            self.max_inflight_tensors = max(self.max_inflight_tensors, self._inflight_tensors)
+            self.max_inflight_bytes = max(self.max_inflight_bytes, self._inflight_bytes)
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._inflight_tensors -= 1
+            self._inflight_bytes -= nbytes
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
+
+
+# --- the plan: which leaf, which file, which slices ---------------------------------------------
+@dataclasses.dataclass
+class _Target:
+    """One leaf of the params tree (a whole array or one part of a QuantizedWeight8bit)."""
+
+    path: str                    # rule path, e.g. layers/decoder_layer/moe/linear/w/weight
+    part: str                    # "array", "weight" or "scales"
+    layer_shape: tuple[int, ...]  # shape of one file's part
+    dtype: np.dtype              # dtype on device
+    stacked: bool                # has a leading [L] axis filled layer by layer
+    sharding: Any = None         # of the whole leaf
+    piece_sharding: Any = None   # of one layer's piece (stacked leaves)
+    array: Any = None            # the global jax.Array being filled
+
+
+def _targets(config: GrokConfig, mesh: Any, layout: str, scan: bool, embed_dtype: Any
+             ) -> tuple[dict[str, _Target], list[tuple[Entry, list[_Target]]]]:
+    """The leaves to build, and for each checkpoint file (in file order) the targets it feeds."""
+    sizes = sh.mesh_shape(mesh)
+    sh.check_layout(config, sizes, layout)
+    targets: dict[str, _Target] = {}
+    per_file = []
+    for entry in checkpoint_entries(config):
+        top = "embed" if entry.layer is None else "layers"
+        base = f"{top}/{entry.module}/{entry.param}"
+        parts = ([("weight", entry.shape, ck.I8), ("scales", entry.scales_shape, ck.BF16)]
+                 if entry.quantized else
+                 [("array", entry.shape,
+                   np.dtype(embed_dtype) if entry.param == "embeddings" else ck.F32)])
+        feeds = []
+        for part, shape, dtype in parts:
+            path = base if part == "array" else f"{base}/{part}"
+            stacked = entry.layer is not None and scan
+            key = path if entry.layer is None or scan else f"{path}@{entry.layer}"
+            if key not in targets:
+                full = (config.num_layers, *shape) if stacked else tuple(shape)
+                wshape = None
+                if part == "scales":
+                    wshape = (config.num_layers, *entry.shape) if stacked else entry.shape
+                spec = sh.param_spec(path, full, sizes, config, layout, stacked, wshape)
+                targets[key] = _Target(path, part, tuple(shape), dtype, stacked,
+                                       sh.named(mesh, spec),
+                                       sh.named(mesh, spec[1:]) if stacked else None)
+            feeds.append(targets[key])
+        per_file.append((entry, feeds))
+    return targets, per_file
+
+
+def _local_indices(sharding: Any, shape: tuple[int, ...]) -> dict[tuple, Index]:
+    """The distinct slices this process's devices hold of an array of `shape`."""
+    out: dict[tuple, Index] = {}
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        out.setdefault(_key(index), index)
+    return out
+
+
+def _read_file(file: Path, entry: Entry, feeds: list[_Target], stats: LoadStats
+               ) -> tuple[Header, dict[str, dict[tuple, np.ndarray]], int]:
+    """Worker: parse the header, check it, copy out this process's slices of each part."""
+    header = read_header(file)
+    problem = header_problem(header, entry)
+    if problem:
+        raise ck.CheckpointError(f"{file}: {problem} (leaf {entry.name})")
+    held = 0
+    try:
+        mapped = _Mapped(str(file))
+        try:
+            slices: dict[str, dict[tuple, np.ndarray]] = {}
+            wanted = []
+            for target in feeds:
+                sharding = target.piece_sharding if target.stacked else target.sharding
+                wanted.append((target, _local_indices(sharding, target.layer_shape)))
+            nbytes = sum(math.prod(len(range(*s.indices(n))) for s, n in
+                                   zip(index, t.layer_shape)) * header.parts[t.part].dtype.itemsize
+                         for t, indices in wanted for index in indices.values())
+            stats.acquire(nbytes)
+            held = nbytes
+            for target, indices in wanted:
+                ref = header.parts[target.part]
+                if any(_is_whole(i, ref.shape) for i in indices.values()) or len(indices) > 1:
+                    mapped.advise(ref)
+                source = mapped.array(ref)
+                got = {}
+                for key, index in indices.items():
+                    piece = source[index]
+                    got[key] = (piece.astype(target.dtype) if piece.dtype != target.dtype
+                                else np.array(piece, order="C"))
+                    del piece
+                slices[target.part] = got
+                del source
+        finally:
+            mapped.close()
+        return header, slices, held
+    except BaseException:
+        if held:
+            stats.release(held)
+        raise
+
+
+def _put_layer(stacked: Any, piece: Any, layer: Any) -> Any:
+    """Write one layer's piece into slot `layer` of the stacked leaf (jitted with donation, so
+    in place; the result keeps the stacked leaf's sharding)."""
+    import jax
+    return jax.lax.dynamic_update_index_in_dim(stacked, piece, layer, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_put() -> Callable:
+    import jax
+    return jax.jit(_put_layer, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> Callable:
+    import jax
+    import jax.numpy as jnp
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+def load_params(path: ck.PathLike, config: GrokConfig, mesh: Any, *, layout: str = "tensor",
+                scan: bool = True, workers: int = 4, max_inflight: int | None = None,
+                progress: bool = True, stats: LoadStats | None = None,
+                embed_dtype: Any = None) -> dict[str, Any]:
+    """The model's params tree ({"embed": ..., "layers": ...}, as grok.api.device_params builds
+    it) as global jax.Arrays sharded over `mesh` by the layout's rules, streamed from the
+    checkpoint at `path` (a dir holding ckpt-0/, or ckpt-0 itself).
+
+    At most `max_inflight` files' slices (default workers + 1) are in host memory at once; `stats`
+    (a LoadStats) receives bytes read and the in-flight peaks. Errors are CheckpointErrors."""
+    import jax
+    import ml_dtypes
+
+    embed_dtype = np.dtype(ml_dtypes.bfloat16) if embed_dtype is None else np.dtype(embed_dtype)
+    mesh = sh.make_mesh(mesh)
+    stats = LoadStats() if stats is None else stats
+    ckpt = ck._ckpt_dir(path)
+    entries = checkpoint_entries(config)
+    ck._check_files(ckpt, entries)
+    targets, per_file = _targets(config, mesh, layout, scan, embed_dtype)
+    workers = max(1, int(workers))
+    max_inflight = max(1, int(max_inflight or workers + 1))
+    workers = min(workers, max_inflight)
+    for target in targets.values():
+        if target.stacked:
+            target.array = _zeros_fn((config.num_layers, *target.layer_shape), target.dtype,
+                                     target.sharding)()
+    start = time.monotonic()
+    desc = f"loading {ckpt} onto a {mesh.shape[sh.DATA]}x{mesh.shape[sh.MODEL]} mesh"
+    with Progress(len(per_file), desc, enabled=progress, logger=log) as bar, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load") as pool:
+        pending: collections.deque[tuple[Entry, list[_Target], Future]] = collections.deque()
+        files = iter(per_file)
+
+        def submit_next() -> None:
+            item = next(files, None)
+            if item is not None:
+                entry, feeds = item
+                pending.append((entry, feeds, pool.submit(
+                    _read_file, ckpt / entry.filename, entry, feeds, stats)))
+        try:
+            # At most max_inflight files are submitted and not yet on device: that bounds the
+            # slices held in host memory.
+            for _ in range(max_inflight):
+                submit_next()
+            # Device work happens here, in file order, on this thread only: every process issues
+            # the same computations in the same order (needed when the mesh spans processes).
+            while pending:
+                entry, feeds, future = pending.popleft()
+                _, slices, held = future.result()
+                try:
+                    for target in feeds:
+                        got = slices.pop(target.part)
+                        sharding = target.piece_sharding if target.stacked else target.sharding
+                        piece = jax.make_array_from_callback(
+                            target.layer_shape, sharding,
+                            lambda index, got=got, shape=target.layer_shape:
+                                got[_key(tuple(index) + (slice(None),) * (len(shape) - len(index)))])
+                        if target.stacked:
+                            target.array = _jitted_put()(target.array, piece,
+                                                         np.int32(entry.layer))
+                        else:
+                            target.array = piece
+                        del got, piece
+                    for target in feeds:
+                        if target.stacked:
+                            target.array.block_until_ready()
+                finally:
+                    stats.release(held)
+                bar.update(1, held)
+                submit_next()
+        except BaseException:
+            for _, _, future in pending:
+                future.cancel()
+            raise
+    stats.seconds += time.monotonic() - start
+    log.info("read %.2f GB in %.1f s (%.2f GB/s), at most %d files / %.2f GB in host memory",
+             stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s, stats.max_inflight_tensors,
+             stats.max_inflight_bytes / 1e9)
+    return _assemble(config, targets, scan)
+
+
+def _assemble(config: GrokConfig, targets: dict[str, _Target], scan: bool) -> dict[str, Any]:
+    from grok.quant import QuantizedWeight8bit
+
+    def tree(layer: int | None) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for entry in checkpoint_entries(config):
+            if (entry.layer is None) != (layer is None) or (layer not in (None, entry.layer)):
+                continue
+            top = "embed" if entry.layer is None else "layers"
+            base = f"{top}/{entry.module}/{entry.param}"
+            suffix = "" if layer is None or scan else f"@{layer}"
+            if entry.quantized:
+                leaf = QuantizedWeight8bit(targets[f"{base}/weight{suffix}"].array,
+                                           targets[f"{base}/scales{suffix}"].array)
+            else:
+                leaf = targets[base + suffix].array
+            out.setdefault(entry.module, {})[entry.param] = leaf
+        return out
+    layers = tree(0) if scan else tuple(tree(i) for i in range(config.num_layers))
+    return {"embed": tree(None), "layers": layers}
+
+
+# --- verification --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FileReport:
+    file: str
+    leaf: str
+    ok: bool
+    message: str
+
+
+SAMPLE_BYTES = 1 << 16
+
+
+def _verify_file(file: Path, entry: Entry, sample_bytes: int) -> FileReport:
+    try:
+        header = read_header(file)
+        problem = header_problem(header, entry)
+        if problem:
+            return FileReport(file.name, entry.name, False, problem)
+        mapped = _Mapped(str(file))
+        try:
+            notes = []
+            for part, ref in header.parts.items():
+                data = mapped.array(ref).reshape(-1, order="A")
+                if part == "scales" or ref.nbytes <= sample_bytes:
+                    values = np.asarray(data, np.float32)
+                else:   # samples: the first, a middle and the last stretch of the data
+                    k = max(1, sample_bytes // (3 * ref.dtype.itemsize))
+                    mid = data.size // 2
+                    values = np.concatenate([data[:k], data[mid:mid + k], data[-k:]]
+                                            ).astype(np.float32)
+                bad = ~np.isfinite(values)
+                if bad.any():
+                    return FileReport(file.name, entry.name, False,
+                                      f"{part}: {int(bad.sum())} non-finite value(s)")
+                if part == "scales" and (values <= 0).any():
+                    return FileReport(file.name, entry.name, False,
+                                      f"scales: {int((values <= 0).sum())} value(s) <= 0")
+                del data, values
+            notes = [f"{p} {r.dtype}{list(r.shape)}" for p, r in header.parts.items()]
+        finally:
+            mapped.close()
+        return FileReport(file.name, entry.name, True,
+                          f"{', '.join(notes)}, {header.end / 1e9:.3f} GB")
+    except ck.CheckpointError as err:
+        text = str(err)
+        prefix = f"{file}: "
+        return FileReport(file.name, entry.name, False,
+                          text[len(prefix):] if text.startswith(prefix) else text)
+
+
+def verify(path: ck.PathLike, config: GrokConfig, *, workers: int = 4,
+           sample_bytes: int = SAMPLE_BYTES) -> Iterator[FileReport]:
+    """Check every file of the checkpoint at `path` against `config` without loading it: present,
+    header parses under the allow-list, shapes and dtypes as the config says, file size equal to
+    the size the header implies, scales (read fully) finite and > 0, float samples finite.
+    Yields one FileReport per expected file (in file order), then one per unexpected file."""
+    ckpt = ck._ckpt_dir(path)
+    entries = checkpoint_entries(config)
+    present = set(os.listdir(ckpt))
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
+        futures = []
+        for entry in entries:
+            file = ckpt / entry.filename
+            if entry.filename not in present:
+                futures.append(None)
+            else:
+                futures.append(pool.submit(_verify_file, file, entry, sample_bytes))
+        for entry, future in zip(entries, futures):
+            yield (FileReport(entry.filename, entry.name, False, "missing") if future is None
+                   else future.result())
+    expected = {e.filename for e in entries}
+    for name in sorted(n for n in present if n.startswith("tensor") and n not in expected):
+        yield FileReport(name, "-", False, f"unexpected file: the config has {len(entries)} "
+                         "tensors (wrong config?)")

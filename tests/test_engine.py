@@ -1,0 +1,147 @@
+"""Generation: cached decoding, batching, stopping and request validation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from grok.api import from_flat
+from grok.engine import Engine, Request, bucket
+from grok.params import random_flat
+from grok.sampling import SamplingParams
+
+CONFIG = tiny_config(num_layers=3, sequence_len=128)
+PROMPTS = [[3, 17, 29, 4, 8, 11, 50, 6, 7, 9, 12, 40, 33][:n] for n in (1, 2, 3, 5, 7, 9, 11, 13)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return from_flat(random_flat(CONFIG, seed=7, weight_scale=1.5), CONFIG, max_batch=8)
+
+
+def _recompute_greedy(model, prompt, steps):
+    seq, out = list(prompt), []
+    for _ in range(steps):
+        token = int(np.argmax(model.logits([seq])[0, -1]))
+        out.append(token)
+        seq.append(token)
+        if token == model.config.eos_token:
+            break
+    return out
+
+
+def test_cached_greedy_equals_full_recompute(model):
+    outputs = model.generate(PROMPTS[::3], max_new_tokens=10)
+    for prompt, out in zip(PROMPTS[::3], outputs):
+        assert out == _recompute_greedy(model, prompt, 10)
+    assert len(set(map(tuple, outputs))) > 1, "degenerate model: outputs all equal"
+
+
+def test_batch_invariance_alone_batched_and_admitted_mid_flight(model):
+    alone = [model.generate([p], max_new_tokens=8)[0] for p in PROMPTS]
+    batched = model.generate(PROMPTS, max_new_tokens=8)
+    assert batched == alone
+    # Three slots for eight requests: five are prefilled while others are decoding.
+    engine = Engine(model.runner, batch_size=3, max_len=64)
+    ids = [engine.submit(Request(p, max_new_tokens=8)) for p in PROMPTS]
+    list(engine.run())
+    assert [engine.results[i].tokens for i in ids] == alone
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    kwargs = dict(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.95, seed=11)
+    alone = model.generate([PROMPTS[4]], **kwargs)[0]
+    assert model.generate([PROMPTS[4]], **kwargs)[0] == alone
+    assert model.generate([PROMPTS[0], PROMPTS[4], PROMPTS[7]], **kwargs)[1] == alone
+    others = {tuple(model.generate([PROMPTS[4]], **{**kwargs, "seed": s})[0]) for s in range(4)}
+    assert len(others) > 1, "the seed changes nothing"
+
+
+def test_generation_stops_at_eos_stop_ids_and_max_new_tokens(model):
+    prompt = PROMPTS[5]
+    free = model.generate([prompt], max_new_tokens=12)[0]
+    assert len(free) == 12
+    # stop id: ends right after the first occurrence of that token, which is kept
+    stop = free[4]
+    out = model.generate([prompt], max_new_tokens=12, stop_ids=[stop])[0]
+    assert out == free[:free.index(stop) + 1]
+    # eos: the same weights with eos_token set to a token the model produces
+    eos_model = from_flat(random_flat(CONFIG, seed=7, weight_scale=1.5),
+                          CONFIG.replace(eos_token=free[6]))
+    out = eos_model.generate([prompt], max_new_tokens=12)[0]
+    assert out == free[:free.index(free[6]) + 1]
+    assert model.generate([prompt], max_new_tokens=3)[0] == free[:3]
+
+
+class _CharTokenizer:
+    """Token t decodes to chr(ord('a') + t % 26): enough to exercise stop strings."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+def test_stop_strings_cut_the_text(model):
+    free = model.generate([PROMPTS[5]], max_new_tokens=12)[0]
+    tok = _CharTokenizer()
+    stop = tok.decode(free[5:7])
+    engine = Engine(model.runner, batch_size=1, max_len=64, tokenizer=tok)
+    rid = engine.submit(Request(PROMPTS[5], max_new_tokens=12, stop_strings=(stop,)))
+    list(engine.run())
+    result = engine.results[rid]
+    assert result.finish_reason == "stop"
+    text = tok.decode(free)
+    assert result.text == text[:text.index(stop)]
+    assert tok.decode(result.tokens).endswith(stop)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(temperature=-0.1), "temperature must be a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(max_new_tokens=100, prompts=[list(range(1, 40))]), "exceeds the context of 128"),
+    (dict(prompts=[[]]), "token list 0 is empty"),
+    (dict(prompts=[[1, 64]]), r"id 64 is outside \[0, 64\)"),
+    (dict(truncate="right"), "truncate must be None or 'left'"),
+])
+def test_bad_requests_are_refused_with_clear_errors(model, kwargs, words):
+    prompts = kwargs.pop("prompts", [PROMPTS[2]])
+    with pytest.raises(ValueError, match=words):
+        model.generate(prompts, **kwargs)
+
+
+def test_left_truncation_keeps_the_prompt_end(model):
+    long = [1 + i % 60 for i in range(120)]
+    out = model.generate([long], max_new_tokens=16, truncate="left")[0]
+    assert out == model.generate([long[-112:]], max_new_tokens=16)[0]
+
+
+def test_hundreds_of_requests_drain_with_bounded_compiles(model):
+    engine = Engine(model.runner, batch_size=8, max_len=64)
+    rng = np.random.default_rng(0)
+    before = dict(model.runner.compiles)
+    ids = []
+    for i in range(200):
+        prompt = rng.integers(1, CONFIG.vocab_size, rng.integers(1, 40)).tolist()
+        ids.append(engine.submit(Request(prompt, max_new_tokens=int(rng.integers(1, 6)),
+                                         sampling=SamplingParams(temperature=0.8), seed=i)))
+    list(engine.run())
+    assert engine.idle and all(slot is None for slot in engine.slots)
+    assert all(engine.results[i].done for i in ids)
+    assert all(1 <= len(engine.results[i].tokens) <= engine.results[i].request.max_new_tokens
+               for i in ids)
+    buckets = int(math.log2(64 // 16)) + 1           # 16, 32, 64
+    new = {k: v - before.get(k, 0) for k, v in model.runner.compiles.items()}
+    assert new.get("prefill", 0) <= buckets and new.get("decode", 0) <= buckets
+
+
+def test_stream_yields_the_generated_tokens(model):
+    streamed = [tok for tok, _ in model.stream(PROMPTS[3], max_new_tokens=6)]
+    assert streamed == model.generate([PROMPTS[3]], max_new_tokens=6)[0]
+
+
+def test_bucket_sizes():
+    assert [bucket(n, 100) for n in (1, 16, 17, 33, 64, 65, 99)] == [16, 16, 32, 64, 64, 100, 100]
