@@ -41,6 +41,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     p.add_argument("--unrolled", action="store_true",
                    help="unroll the layers instead of scanning (slower compile)")
+    p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
+                   help="shard over a (data, model) device mesh, e.g. 1,8; weights stream from "
+                        "the files onto the devices that own them (default: one device, or "
+                        "PROCESSES,LOCAL_DEVICES in a multi-host run)")
+    p.add_argument("--layout", choices=("tensor", "expert"), default="tensor",
+                   help="partition rules on a mesh: tensor-parallel (default) or experts over "
+                        "the model axis")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process's index (or JAX_PROCESS_ID)")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -53,6 +66,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--top-k must be >= 0, got {args.top_k}")
     if args.max_batch < 1:
         p.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.mesh is not None:
+        from grok.sharding import ShardingError, parse_mesh
+        try:
+            args.mesh = parse_mesh(args.mesh)
+        except ShardingError as err:
+            p.error(f"--mesh: {err}")
+    if args.num_processes is not None and args.num_processes < 1:
+        p.error(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and args.process_id < 0:
+        p.error(f"--process-id must be >= 0, got {args.process_id}")
     return args
 
 
@@ -79,6 +102,22 @@ def _check_files(args: argparse.Namespace) -> None:
     args.tokenizer = tok
 
 
+def _distributed_mesh(args: argparse.Namespace):
+    """Join a multi-host run when asked (flags or JAX_* variables); the mesh to load onto.
+    Every process runs the same program; only process 0 prints."""
+    import os
+
+    import jax
+
+    from grok import distributed
+    if distributed.initialize(args.coordinator, args.num_processes, args.process_id):
+        if not distributed.is_leader():
+            sys.stdout = open(os.devnull, "w")
+        if args.mesh is None:
+            return (jax.process_count(), jax.local_device_count())
+    return args.mesh
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -89,10 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import grok  # deferred: importing jax takes a moment, and bad flags should fail fast
         from grok.checkpoint import CheckpointError
         from grok.config import ConfigError
+        from grok.sharding import ShardingError
         from grok.tokenizer import TokenizerError
         try:
-            model = grok.load(args.checkpoint, tokenizer=args.tokenizer, scan=not args.unrolled,
-                              max_batch=args.max_batch)
+            mesh = _distributed_mesh(args)
+            model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
+                              scan=not args.unrolled, max_batch=args.max_batch,
+                              layout=args.layout)
             settings = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed)
             if args.stream:
@@ -104,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             ids = [model.tokenizer.encode(p) for p in prompts]
             outputs = model.generate(ids, args.max_new_tokens, **settings)
-        except (CheckpointError, ConfigError, TokenizerError, ValueError) as err:
+        except (CheckpointError, ConfigError, ShardingError, TokenizerError, ValueError) as err:
             raise CliError(str(err)) from None
         for prompt, out in zip(prompts, outputs):
             print(prompt + model.tokenizer.decode(out))

@@ -80,13 +80,10 @@ class ModelRunner:
         fwd = dict(config=config, moe_impl=moe_impl)
 
         def prefill(params, cache, tokens, slot, length):
-            # Run one prompt [1, P] through a fresh copy of cache row `slot`, then put the row back.
-            row = _cache_row(cache, slot)
-            row = KVCache(row.k, row.v, jnp.zeros_like(row.valid))
-            logits, row = forward(params, tokens, row, jnp.zeros((1,), jnp.int32),
-                                  attend_len=tokens.shape[1], logit_index=length - 1, **fwd)
-            return (place.constrain("logits", logits[0]),
-                    place.cache(_set_cache_row(cache, slot, row)))
+            # One prompt [1, P] as a fresh sequence, written straight into cache row `slot`.
+            logits, cache = forward(params, tokens, cache, jnp.zeros((1,), jnp.int32),
+                                    attend_len=0, rows=slot[None], logit_index=length - 1, **fwd)
+            return place.constrain("logits", logits[0]), place.cache(cache)
 
         def decode(params, cache, tokens, positions, attend_len):
             logits, cache = forward(params, tokens[:, None], cache, positions,
@@ -97,7 +94,7 @@ class ModelRunner:
         def full(params, tokens):
             cache = init_cache(config, tokens.shape[0], tokens.shape[1], self.scan)
             logits, _ = forward(params, tokens, cache, jnp.zeros(tokens.shape[:1], jnp.int32),
-                                **fwd)
+                                attend_len=0, **fwd)
             return place.constrain("logits", logits)
 
         self._prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
@@ -122,22 +119,6 @@ class ModelRunner:
             return np.asarray(self._full(self.params, self.place.put(
                 "tokens", np.asarray(tokens, np.int32))))
         return np.asarray(self._full(self.params, jnp.asarray(tokens, jnp.int32)))
-
-
-def _cache_row(cache: KVCache, slot: jax.Array) -> KVCache:
-    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)
-    axis = 1 if not isinstance(cache.k, tuple) else 0
-    k = jax.tree.map(lambda x: take(x, axis), cache.k)
-    v = jax.tree.map(lambda x: take(x, axis), cache.v)
-    return KVCache(k, v, take(cache.valid, 0))
-
-
-def _set_cache_row(cache: KVCache, slot: jax.Array, row: KVCache) -> KVCache:
-    put = lambda x, r, axis: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis)
-    axis = 1 if not isinstance(cache.k, tuple) else 0
-    k = jax.tree.map(lambda x, r: put(x, r, axis), cache.k, row.k)
-    v = jax.tree.map(lambda x, r: put(x, r, axis), cache.v, row.v)
-    return KVCache(k, v, put(cache.valid, row.valid, 0))
 
 
 class Engine:

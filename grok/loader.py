@@ -303,6 +303,9 @@ class LoadStats:
         return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
 
 
+last_stats: LoadStats | None = None   # of the latest load_params in this process
+
+
 # --- the plan: which leaf, which file, which slices ---------------------------------------------
 @dataclasses.dataclass
 class _Target:
@@ -499,6 +502,8 @@ def load_params(path: ck.PathLike, config: GrokConfig, mesh: Any, *, layout: str
                 future.cancel()
             raise
     stats.seconds += time.monotonic() - start
+    global last_stats
+    last_stats = stats
     log.info("read %.2f GB in %.1f s (%.2f GB/s), at most %d files / %.2f GB in host memory",
              stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s, stats.max_inflight_tensors,
              stats.max_inflight_bytes / 1e9)

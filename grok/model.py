@@ -98,13 +98,18 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class Attention(hk.Module):
-    """Grouped-query attention with RoPE and a tanh-capped score, reading and writing a KV cache."""
+    """Grouped-query attention with RoPE and a tanh-capped score.
+
+    The new tokens attend to the cache's first A slots (`k_old`, `v_old` [B, A, Hkv, K], read
+    only, None for fresh sequences) and causally to each other. Their own keys and values are
+    returned for the caller to write into the cache, so no layer copies its cache.
+    """
 
     def __init__(self, config: GrokConfig):
         super().__init__(name="multi_head_attention")
         self.config = config
 
-    def __call__(self, x, k_cache, v_cache, positions, valid, attend_len):
+    def __call__(self, x, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
         b, t, _ = x.shape
         groups = c.num_q_heads // c.num_kv_heads
@@ -116,21 +121,23 @@ class Attention(hk.Module):
         q = q.reshape(b, t, c.num_kv_heads, groups, c.key_size)
         k = rope(k, positions, c.rope_base).astype(BF16)
 
-        rows = jnp.arange(b)[:, None]
-        k_cache = k_cache.at[rows, positions].set(k, mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v, mode="drop")
-        keys, values = k_cache[:, :attend_len], v_cache[:, :attend_len]
-
-        scores = dot("bthgk,bshk->bhgts", q, keys)
-        scores = scores * c.attn_output_multiplier
+        causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]               # [T, U]
+        scores = [dot("bthgk,buhk->bhgtu", q, k)]
+        masks = [new_valid[:, None, :] & causal[None]]                             # [B, T, U]
+        if k_old is not None:
+            slots = jnp.arange(k_old.shape[1])
+            scores.insert(0, dot("bthgk,bshk->bhgts", q, k_old))
+            old = old_valid[:, :k_old.shape[1]] & (slots[None, :] < start[:, None])
+            masks.insert(0, jnp.broadcast_to(old[:, None, :], (b, t, k_old.shape[1])))
+        scores = jnp.concatenate(scores, axis=-1) * c.attn_output_multiplier
         scores = c.attn_logit_cap * jnp.tanh(scores / c.attn_logit_cap)
-        slots = jnp.arange(attend_len)
-        mask = valid[:, None, :attend_len] & (slots[None, None, :] <= positions[:, :, None])
-        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-        weights = jax.nn.softmax(scores, axis=-1).astype(BF16)
-        out = dot("bhgts,bshk->bthgk", weights, values)
+        mask = jnp.concatenate(masks, axis=-1)[:, None, None]
+        weights = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(BF16)
+        out = dot("bhgtu,buhk->bthgk", weights[..., -t:], v)
+        if v_old is not None:
+            out = out + dot("bhgts,bshk->bthgk", weights[..., :-t], v_old)
         out = out.astype(BF16).reshape(b, t, c.q_size)
-        return Linear8(c.emb_size, name="linear")(out, jnp.float32), k_cache, v_cache
+        return Linear8(c.emb_size, name="linear")(out, jnp.float32), k, v
 
 
 class DecoderLayer(hk.Module):
@@ -141,19 +148,20 @@ class DecoderLayer(hk.Module):
         self.config = config
         self.moe_impl = moe_impl
 
-    def __call__(self, h, k_cache, v_cache, positions, valid, attend_len):
+    def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
         eps = c.rms_norm_eps
         with jax.named_scope("attention"):
             x = RMSNorm(eps, name="rms_norm")(h)
-            o, k_cache, v_cache = Attention(c)(x, k_cache, v_cache, positions, valid, attend_len)
+            o, k_new, v_new = Attention(c)(x, k_old, v_old, positions, start, old_valid,
+                                           new_valid)
             h = h + RMSNorm(eps, name="rms_norm_1")(o).astype(jnp.float32)
         with jax.named_scope("moe"):
             x = RMSNorm(eps, name="rms_norm_2")(h)
             gates, experts = Router(c)(x)
             m = MoE(c, self.moe_impl)(x, gates, experts)
             h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
-        return h, k_cache, v_cache
+        return h, k_new, v_new
 
 
 class InOutEmbed(hk.Module):
@@ -191,45 +199,60 @@ def _logits_fn(config: GrokConfig, h: jax.Array) -> jax.Array:
 # --- pure functions -----------------------------------------------------------------------------
 
 def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
-            config: GrokConfig, attend_len: int | None = None, logit_index: jax.Array | None = None,
-            moe_impl: str = "auto") -> tuple[jax.Array, KVCache]:
-    """Run `tokens` [B, T] through the model, writing their keys and values into `cache` at
-    slots start[b] .. start[b] + T - 1 (which are also their RoPE positions).
+            config: GrokConfig, attend_len: int | None = None, rows: jax.Array | None = None,
+            logit_index: jax.Array | None = None, moe_impl: str = "auto"
+            ) -> tuple[jax.Array, KVCache]:
+    """Run `tokens` [B, T] at positions start[b] .. start[b] + T - 1 and write their keys and
+    values into those cache slots.
 
-    Attention reads the first `attend_len` cache slots (default: all), so decoding costs follow the
-    live context. Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given,
-    and the updated cache.
+    The tokens attend to the first `attend_len` cache slots (default: all; bucket it to the live
+    context when decoding) and to each other, causally. `attend_len=0` starts fresh sequences
+    (prefill): the old cache is not read, and the rows are cleared before the write. `rows` [B]
+    picks the cache rows to write (default: row b for token row b; only with attend_len=0).
+    Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given, and the cache.
     """
     b, t = tokens.shape
     attend_len = cache.length if attend_len is None else attend_len
-    positions = start[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
-    rows = jnp.arange(b)[:, None]
-    valid = cache.valid.at[rows, positions].set(tokens > config.pad_token, mode="drop")
+    if rows is not None and attend_len:
+        raise ValueError("rows= is for prefilling fresh sequences (attend_len=0)")
+    rows = jnp.arange(b) if rows is None else rows.astype(jnp.int32)
+    start = start.astype(jnp.int32)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    new_valid = tokens > config.pad_token
 
     embed = hk.without_apply_rng(hk.transform(lambda x: _embed_fn(config, x)))
-    layer = hk.without_apply_rng(hk.transform(
-        lambda *args: DecoderLayer(config, moe_impl)(*args, attend_len=attend_len)))
+    layer = hk.without_apply_rng(hk.transform(lambda *a: DecoderLayer(config, moe_impl)(*a)))
     unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
+
+    def one_layer(h, layer_params, k_cache, v_cache):
+        k_old = k_cache[:, :attend_len] if attend_len else None
+        v_old = v_cache[:, :attend_len] if attend_len else None
+        return layer.apply(layer_params, h, k_old, v_old, positions, start, cache.valid,
+                           new_valid)
 
     with jax.named_scope("embed"):
         h = embed.apply(params["embed"], tokens)
-
-    def one_layer(h, layer_params, k, v):
-        return layer.apply(layer_params, h, k, v, positions, valid)
 
     with jax.named_scope("layers"):
         if is_scanned(params):
             def body(h, xs):
                 h, k, v = one_layer(h, *xs)
                 return h, (k, v)
-            h, (k_all, v_all) = jax.lax.scan(body, h, (params["layers"], cache.k, cache.v))
+            h, (k_new, v_new) = jax.lax.scan(body, h, (params["layers"], cache.k, cache.v))
+            write = lambda c, new: c.at[:, rows[:, None], positions].set(new, mode="drop")
         else:
-            k_all, v_all = [], []
-            for layer_params, k, v in zip(params["layers"], cache.k, cache.v):
-                h, k, v = one_layer(h, layer_params, k, v)
-                k_all.append(k)
-                v_all.append(v)
-            k_all, v_all = tuple(k_all), tuple(v_all)
+            k_new, v_new = [], []
+            for layer_params, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
+                h, k, v = one_layer(h, layer_params, k_cache, v_cache)
+                k_new.append(k)
+                v_new.append(v)
+            write = lambda cs, news: tuple(c.at[rows[:, None], positions].set(n, mode="drop")
+                                           for c, n in zip(cs, news))
+
+    with jax.named_scope("cache_write"):
+        valid = cache.valid if attend_len else cache.valid.at[rows].set(False)
+        valid = valid.at[rows[:, None], positions].set(new_valid, mode="drop")
+        cache = KVCache(write(cache.k, k_new), write(cache.v, v_new), valid)
 
     with jax.named_scope("logits"):
         if logit_index is not None:
@@ -237,4 +260,4 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
         logits = unembed.apply(params["embed"], h)
         if logit_index is not None:
             logits = logits[:, 0]
-    return logits, KVCache(k_all, v_all, valid)
+    return logits, cache
