@@ -84,27 +84,35 @@ class Grok:
             pass
         return [engine.results[i].tokens for i in ids]
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, **kwargs: Any
-               ) -> Iterator[tuple[int, str | None]]:
-        """Yield (token id, text piece or None) for one prompt as each token is produced."""
-        ids = self._encode(prompt)
-        requests = self._requests([ids], max_new_tokens, kwargs.pop("temperature", 0.0),
-                                  kwargs.pop("top_p", 1.0), kwargs.pop("top_k", 0),
-                                  kwargs.pop("seed", 0), kwargs.pop("stop_ids", ()),
-                                  kwargs.pop("stop_strings", ()), kwargs.pop("truncate", None))
-        if kwargs:
-            raise TypeError(f"unknown argument(s): {', '.join(kwargs)}")
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+               stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+               truncate: str | None = None) -> Iterator[tuple[int, str | None]]:
+        """Yield (token id, new text or None without a tokenizer) for one prompt as each token is
+        produced. The request is checked before the first token: bad input raises here."""
+        requests = self._requests([self._encode(prompt)], max_new_tokens, temperature, top_p,
+                                  top_k, seed, stop_ids, stop_strings, truncate)
         engine = self._engine(requests)
         rid = engine.submit(requests[0])
+        return self._stream_tokens(engine, rid, max((len(s) for s in stop_strings), default=0))
+
+    def _stream_tokens(self, engine: Engine, rid: int, longest_stop: int
+                       ) -> Iterator[tuple[int, str | None]]:
         shown = ""
         for _, token in engine.run():
             if self.tokenizer is None:
                 yield token, None
                 continue
             result = engine.results[rid]
-            text = result.text if result.done and result.text is not None \
-                else self.tokenizer.decode(result.tokens)
-            piece, shown = text[len(shown):], text
+            if result.done and result.text is not None:
+                text = result.text
+            else:
+                # Hold back what may still change: a partial UTF-8 character, or the start of a
+                # stop string that the next tokens could complete.
+                text = self.tokenizer.decode(result.tokens).rstrip("\ufffd")
+                text = text[:len(text) - max(longest_stop - 1, 0)]
+            piece = text[len(shown):] if text.startswith(shown) else ""
+            shown = shown + piece
             yield token, piece
 
     def complete(self, text: str, max_new_tokens: int = 64, **kwargs: Any) -> str:

@@ -39,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--max-batch", type=int, default=8, help="prompts decoded together")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p.add_argument("--interactive", action="store_true",
+                   help="after any prompts given, read prompts from stdin, one per line, "
+                        "until EOF")
     p.add_argument("--unrolled", action="store_true",
                    help="unroll the layers instead of scanning (slower compile)")
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
@@ -87,8 +90,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         except OSError as err:
             raise CliError(f"cannot read --prompts-file {args.prompts_file}: {err.strerror}")
         prompts += [line for line in lines if line.strip()]
-    if not prompts:
-        raise CliError("no prompt given: pass one as an argument or use --prompts-file")
+    if not prompts and not args.interactive:
+        raise CliError("no prompt given: pass one as an argument, use --prompts-file or "
+                       "--interactive")
     return prompts
 
 
@@ -118,6 +122,24 @@ def _distributed_mesh(args: argparse.Namespace):
     return args.mesh
 
 
+def _complete(model, prompts: list[str], args: argparse.Namespace, settings: dict) -> None:
+    """Print each prompt with its continuation: streamed token by token, or batched."""
+    if not prompts:
+        return
+    if args.stream:
+        for prompt in prompts:
+            pieces = model.stream(prompt, args.max_new_tokens, **settings)  # checks the prompt
+            print(prompt, end="", flush=True)
+            for _, piece in pieces:
+                print(piece or "", end="", flush=True)
+            print(flush=True)
+        return
+    outputs = model.generate([model.tokenizer.encode(p) for p in prompts], args.max_new_tokens,
+                             **settings)
+    for prompt, out in zip(prompts, outputs):
+        print(prompt + model.tokenizer.decode(out), flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -137,19 +159,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                               layout=args.layout)
             settings = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed)
-            if args.stream:
-                for prompt in prompts:
-                    print(prompt, end="", flush=True)
-                    for _, piece in model.stream(prompt, args.max_new_tokens, **settings):
-                        print(piece or "", end="", flush=True)
-                    print()
-                return 0
-            ids = [model.tokenizer.encode(p) for p in prompts]
-            outputs = model.generate(ids, args.max_new_tokens, **settings)
+            _complete(model, prompts, args, settings)
+            if args.interactive:
+                for line in sys.stdin:
+                    if not line.strip():
+                        continue
+                    try:
+                        _complete(model, [line.rstrip("\n")], args, settings)
+                    except ValueError as err:   # one bad prompt does not end the session
+                        print(f"run.py: error: {err}", file=sys.stderr, flush=True)
         except (CheckpointError, ConfigError, ShardingError, TokenizerError, ValueError) as err:
             raise CliError(str(err)) from None
-        for prompt, out in zip(prompts, outputs):
-            print(prompt + model.tokenizer.decode(out))
         return 0
     except CliError as err:
         print(f"run.py: error: {err}", file=sys.stderr)

@@ -53,7 +53,7 @@ VOCAB_SIZE = 4096
 def demo_config(vocab_size: int = VOCAB_SIZE) -> GrokConfig:
     """The demo architecture: Grok-1's shape (GQA, RoPE, logit cap, 8 experts top-2, sandwich
     norms, tied embeddings) at a size that trains on two CPU cores."""
-    d, k = 256, 32
+    d, k = 128, 32
     return GrokConfig(vocab_size=vocab_size, sequence_len=256, emb_size=d, key_size=k,
                       num_q_heads=8, num_kv_heads=2, num_layers=4, widening_factor=2.0,
                       num_experts=8, num_selected_experts=2, attn_output_multiplier=k ** -0.5,
@@ -258,7 +258,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: as many as --minutes allows, measured)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     p.add_argument("--eval-windows", type=int, default=64,

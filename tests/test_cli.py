@@ -15,10 +15,11 @@ from grok.params import random_flat
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def run(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, env=env, input=stdin,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,12 @@ def test_generates_from_a_release_layout_checkpoint(checkpoint, tmp_path):
     out = run("streamed", "--stream", "--checkpoint", str(checkpoint), "--tokenizer", tok,
               "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stdout.startswith("streamed"), out.stderr
+    too_long = "word " * 200
+    out = run("--interactive", "--stream", "--checkpoint", str(checkpoint), "--tokenizer", tok,
+              "--max-new-tokens", "3", stdin=f"one\n{too_long}\n\ntwo\n")
+    assert out.returncode == 0, out.stderr
+    assert [line[:3] for line in out.stdout.splitlines()] == ["one", "two"]
+    assert "exceeds the context" in out.stderr
 
 
 def test_a_truncated_shard_is_named_in_one_line(checkpoint, tmp_path):

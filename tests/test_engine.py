@@ -145,3 +145,15 @@ def test_stream_yields_the_generated_tokens(model):
 
 def test_bucket_sizes():
     assert [bucket(n, 100) for n in (1, 16, 17, 33, 64, 65, 99)] == [16, 16, 32, 64, 64, 100, 100]
+
+
+def test_streamed_text_never_shows_a_stop_string(model):
+    from grok.api import Grok
+    tok = _CharTokenizer()
+    with_tok = Grok(model.params, CONFIG, tokenizer=tok)
+    free = model.generate([PROMPTS[5]], max_new_tokens=12)[0]
+    stop = tok.decode(free[5:8])
+    pieces = [piece for _, piece in with_tok.stream(PROMPTS[5], 12, stop_strings=[stop])]
+    full = tok.decode(free)
+    assert "".join(pieces) == full[:full.index(stop)]
+    assert "".join(p for _, p in with_tok.stream(PROMPTS[5], 12)) == full

@@ -1,0 +1,79 @@
+"""Two local processes x 4 CPU devices on a (2, 4) mesh over JAX's distributed runtime (gloo):
+the same logits and greedy tokens as one process, each process reading only its own slices."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import fixture_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [[1, 5, 9, 13, 40], [7, 3, 22]]
+WORKER = textwrap.dedent(r'''
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    port, pid, path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    from grok import distributed
+    distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+    import jax, numpy as np, grok
+    from grok import loader
+    assert jax.process_count() == 2 and jax.device_count() == 8
+    model = grok.load(path, mesh=(2, 4), progress=False)
+    prompts = json.loads(sys.argv[5])
+    np.save(f"{out}/logits{pid}.npy", model.logits(prompts))
+    result = {"bytes": loader.last_stats.bytes_read,
+              "greedy": model.generate(prompts, max_new_tokens=3)}
+    json.dump(result, open(f"{out}/result{pid}.json", "w"))
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    path = fixture_dir("grok-tiny-top2")
+    port = _free_port()
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(path),
+                               str(tmp_path), json.dumps(PROMPTS)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+
+    import grok
+    from grok.checkpoint import read_config
+    from grok.params import checkpoint_entries
+    one = grok.load(path)
+    want = one.logits(PROMPTS)
+    results = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]
+    for i in range(2):
+        got = np.load(tmp_path / f"logits{i}.npy")
+        rel = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert np.median(rel) < 0.02 and rel.max() < 0.1, rel
+        assert results[i]["greedy"] == results[0]["greedy"]
+    assert results[0]["greedy"] == one.generate(PROMPTS, max_new_tokens=3)
+    # each process read only its own slices: the weights are split over "data" = the processes
+    total = sum(os.path.getsize(path / "ckpt-0" / e.filename)
+                for e in checkpoint_entries(read_config(path)))
+    for r in results:
+        assert r["bytes"] < 0.6 * total, (r["bytes"], total)
+    assert sum(r["bytes"] for r in results) >= 0.95 * total
