@@ -66,7 +66,10 @@ class Grok:
         need = max(min(len(r.prompt), self.config.sequence_len - r.max_new_tokens)
                    + r.max_new_tokens for r in requests)
         max_len = bucket(need, self.config.sequence_len)
-        return Engine(self.runner, batch_size=min(len(requests), self.max_batch), max_len=max_len,
+        slots = 1    # a power of two: few distinct shapes, so few compiles
+        while slots < min(len(requests), self.max_batch):
+            slots *= 2
+        return Engine(self.runner, batch_size=min(slots, self.max_batch), max_len=max_len,
                       tokenizer=self.tokenizer)
 
     def generate(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 64,

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -170,10 +171,20 @@ def prefill_flops(config: GrokConfig, tokens: int) -> float:
 
 # --- measurements --------------------------------------------------------------------------------
 
+_RUNNERS: dict[tuple[int, str], ModelRunner] = {}
+
+
+def runner_for(params, config, moe_impl: str) -> ModelRunner:
+    """One ModelRunner (one set of compiled functions) per parameter tree and evaluation."""
+    key = (id(params), moe_impl)
+    if key not in _RUNNERS or _RUNNERS[key].params is not params:
+        _RUNNERS[key] = ModelRunner(params, config, moe_impl=moe_impl)
+    return _RUNNERS[key]
+
 def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: int,
                repeats: int, bandwidth: float, flops_rate: float) -> list[dict[str, Any]]:
     """Median prefill and decode step times of the jitted model functions (no engine loop)."""
-    runner = ModelRunner(params, config, moe_impl=moe_impl)
+    runner = runner_for(params, config, moe_impl)
     moe_w = [params["layers"][f"decoder_layer/moe/{n}"]["w"] for n in ("linear", "linear_v",
                                                                      "linear_1")]
     runs = lambda tokens: resolve_impl(moe_impl, tokens * config.num_selected_experts,
@@ -223,7 +234,7 @@ def engine_throughput(params, config, moe_impl: str, batch: int, prompt_len: int
     `prompt_len` tokens, `new_tokens` each. Runs twice; the second run (compiled) is timed.
     The first step admits (prefills) every prompt and decodes once; prefill time is that step
     less the median later step."""
-    runner = ModelRunner(params, config, moe_impl=moe_impl)
+    runner = runner_for(params, config, moe_impl)
     rng = np.random.default_rng(batch)
     prompts = [list(rng.integers(3, config.vocab_size, prompt_len)) for _ in range(batch)]
     max_len = bucket(prompt_len + new_tokens, config.sequence_len)
@@ -257,7 +268,7 @@ def check_against_dense(params, config, impls: list[str], batches: list[int],
     prefill of `prompt_len` and a decode step at each batch size."""
     rows = []
     tokens = jnp.asarray(np.arange(prompt_len) % (config.vocab_size - 3) + 3, jnp.int32)[None]
-    runners = {impl: ModelRunner(params, config, moe_impl=impl) for impl in ["dense", *impls]}
+    runners = {impl: runner_for(params, config, impl) for impl in ["dense", *impls]}
     for batch in [None, *batches]:
         outs = {}
         for impl, runner in runners.items():
@@ -384,3 +395,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def dequantized_buffers(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
+    """Instructions of a compiled module's unfused computations whose result is a float (f32,
+    bf16, f16) array with as many elements as `shape` (any layout or reshaping of it): a
+    dequantised weight written to memory. Instructions inside fusion computations stay in
+    registers and are not counted."""
+    size = int(np.prod(shape))
+    pattern = re.compile(r"= (f32|bf16|f16)\[([\d,]+)\]")
+    found, fused = [], False
+    for line in hlo_text.splitlines():
+        head = line.strip()
+        if head.endswith("{") and "->" in head and (head.startswith(("%", "ENTRY"))):
+            name = "ENTRY" if head.startswith("ENTRY") else head.split()[0].lstrip("%")
+            fused = "fused" in name or "fusion" in name or name.startswith("wrapped")
+            continue
+        match = pattern.search(line)
+        if not fused and match and int(np.prod([int(v) for v in match.group(2).split(",")])) \
+                == size:
+            found.append(head)
+    return found

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints"
+DEMO_CHECKPOINT = DEFAULT_CHECKPOINT / "demo"   # the small model `python -m grok.train_demo` ships
 GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
                "tokenizer.model) into that directory")
 
@@ -25,9 +26,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = _Parser(
         prog="run.py", description="Sample a continuation of a prompt from a Grok checkpoint.")
     p.add_argument("prompt", nargs="*", help="prompt text (several prompts are batched)")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    p.add_argument("--checkpoint", type=Path, default=None,
                    help="directory holding ckpt-0/ and optionally config.json and tokenizer.model "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_CHECKPOINT}, or the demo model {DEMO_CHECKPOINT} "
+                        "when that holds no ckpt-0/)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="SentencePiece tokenizer.model (default: CHECKPOINT/tokenizer.model)")
     p.add_argument("--prompts-file", type=Path, default=None,
@@ -97,6 +99,12 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _check_files(args: argparse.Namespace) -> None:
+    if args.checkpoint is None:
+        args.checkpoint = DEFAULT_CHECKPOINT
+        if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_CHECKPOINT / "ckpt-0").is_dir():
+            print(f"run.py: no Grok-1 checkpoint in {DEFAULT_CHECKPOINT} (see checkpoints/README.md); "
+                  f"using the demo model {DEMO_CHECKPOINT}", file=sys.stderr)
+            args.checkpoint = DEMO_CHECKPOINT
     ckpt = args.checkpoint
     if not (ckpt / "ckpt-0").is_dir():
         raise CliError(f"checkpoint not found: {ckpt / 'ckpt-0'} is missing; {GET_WEIGHTS}")

@@ -253,6 +253,28 @@ class _Mapped:
         except (OSError, ValueError):
             pass
 
+    def read_range(self, ref: ArrayRef, index: Index) -> np.ndarray | None:
+        """The slice `index` of a C-ordered `ref` read with one pread when it is one contiguous
+        byte range (the whole array, or a range of its first axis); else None. Faster than
+        faulting the pages of the map in, and leaves nothing mapped."""
+        if ref.raw.inline is not None or ref.fortran or not ref.shape:
+            return None
+        steps = [s.indices(n) for s, n in zip(index, ref.shape)]
+        if any(step != 1 for _, _, step in steps) or \
+                any(steps[d][:2] != (0, n) for d, n in enumerate(ref.shape) if d > 0):
+            return None
+        start, stop = steps[0][0], max(steps[0][0], steps[0][1])
+        row = math.prod(ref.shape[1:]) * ref.dtype.itemsize
+        out = np.empty((stop - start, *ref.shape[1:]), ref.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done, offset = 0, ref.raw.offset + start * row
+        while done < len(view):
+            n = os.preadv(self._file.fileno(), [view[done:done + (1 << 30)]], offset + done)
+            if n <= 0:
+                raise ck.CheckpointError(f"{self._file.name}: truncated while reading")
+            done += n
+        return out
+
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
@@ -264,10 +286,6 @@ Index = tuple[slice, ...]
 
 def _key(index: Index) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
-
-
-def _is_whole(index: Index, shape: tuple[int, ...]) -> bool:
-    return all(s.indices(n) == (0, n, 1) for s, n in zip(index, shape))
 
 
 @dataclasses.dataclass
@@ -386,17 +404,19 @@ def _read_file(file: Path, entry: Entry, feeds: list[_Target], stats: LoadStats
             held = nbytes
             for target, indices in wanted:
                 ref = header.parts[target.part]
-                if any(_is_whole(i, ref.shape) for i in indices.values()) or len(indices) > 1:
-                    mapped.advise(ref)
-                source = mapped.array(ref)
                 got = {}
                 for key, index in indices.items():
-                    piece = source[index]
-                    got[key] = (piece.astype(target.dtype) if piece.dtype != target.dtype
-                                else np.array(piece, order="C"))
+                    piece = mapped.read_range(ref, index)
+                    if piece is None:          # strided: copy it out of the memory map
+                        if not got and len(indices) > 1:
+                            mapped.advise(ref)
+                        source = mapped.array(ref)
+                        piece = np.array(source[index], order="C")
+                        del source
+                    got[key] = piece.astype(target.dtype) if piece.dtype != target.dtype \
+                        else piece
                     del piece
                 slices[target.part] = got
-                del source
         finally:
             mapped.close()
         return header, slices, held
@@ -434,7 +454,7 @@ def load_params(path: ck.PathLike, config: GrokConfig, mesh: Any, *, layout: str
     it) as global jax.Arrays sharded over `mesh` by the layout's rules, streamed from the
     checkpoint at `path` (a dir holding ckpt-0/, or ckpt-0 itself).
 
-    At most `max_inflight` files' slices (default workers + 1) are in host memory at once; `stats`
+    At most `max_inflight` files' slices (default 2) are in host memory at once; `stats`
     (a LoadStats) receives bytes read and the in-flight peaks. Errors are CheckpointErrors."""
     import jax
     import ml_dtypes
@@ -447,7 +467,7 @@ def load_params(path: ck.PathLike, config: GrokConfig, mesh: Any, *, layout: str
     ck._check_files(ckpt, entries)
     targets, per_file = _targets(config, mesh, layout, scan, embed_dtype)
     workers = max(1, int(workers))
-    max_inflight = max(1, int(max_inflight or workers + 1))
+    max_inflight = max(1, int(max_inflight or 2))
     workers = min(workers, max_inflight)
     for target in targets.values():
         if target.stacked:

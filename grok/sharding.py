@@ -176,7 +176,6 @@ def param_spec(path: str, shape: Sequence[int], sizes: Mapping[str, int], config
     lead = 1 if stacked else 0
     spec, units = rule_for(path, layout)
     if path.endswith("/scales") and weight_shape is not None:
-        wpath = path[: -len("scales")] + "weight"
         wspec = fit(spec, weight_shape[lead:], sizes, units, config.key_size)
         # scales [..., S, Out]: every dim but S as the weight; S only with the weight's rows' axis.
         spec = list(wspec)
@@ -185,7 +184,6 @@ def param_spec(path: str, shape: Sequence[int], sizes: Mapping[str, int], config
         size = sizes.get(rows_axis, 1) if rows_axis else 1
         spec[-2] = rows_axis if rows_axis and s % size == 0 else None
         fitted = fit(tuple(spec), shape[lead:], sizes)
-        del wpath
     else:
         fitted = fit(spec, shape[lead:], sizes, units, config.key_size)
     return ((None,) * lead) + fitted
@@ -217,7 +215,6 @@ def check_layout(config: GrokConfig, sizes: Mapping[str, int], layout: str) -> N
 def tree_paths(params: Any) -> Any:
     """A tree like `params` whose leaves are their rule paths (str); QuantizedWeight8bit leaves
     become (weight path, scales path) pairs inside the same pytree node."""
-    import jax
     from grok.quant import QuantizedWeight8bit
 
     def walk(node: Any, prefix: str) -> Any:
@@ -228,7 +225,6 @@ def tree_paths(params: Any) -> Any:
         if isinstance(node, (tuple, list)):   # unrolled layers: the index is not part of the path
             return type(node)(walk(v, prefix) for v in node)
         return prefix
-    del jax
     return walk(params, "")
 
 
@@ -345,7 +341,7 @@ def _local(shape: Sequence[int], spec: Sequence[Any], sizes: Mapping[str, int]) 
 def _leaf_layout(config: GrokConfig) -> Iterable[tuple[str, tuple[int, ...], Any, bool]]:
     """(rule path, per-layer shape, numpy dtype, per-layer?) of every params leaf (embed in bf16)."""
     import ml_dtypes
-    from grok.params import LAYER_MODULE, checkpoint_entries
+    from grok.params import checkpoint_entries
 
     bf16, i8, f32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.int8), np.dtype(np.float32)
     for e in checkpoint_entries(config):
@@ -358,7 +354,6 @@ def _leaf_layout(config: GrokConfig) -> Iterable[tuple[str, tuple[int, ...], Any
             yield f"{path}/scales", e.scales_shape, bf16, e.layer is not None
         else:
             yield path, e.shape, (bf16 if e.param == "embeddings" else f32), e.layer is not None
-    del LAYER_MODULE
 
 
 def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: int | None = None,
