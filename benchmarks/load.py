@@ -1,11 +1,16 @@
 """Loading benchmark: a synthetic release-format checkpoint of Grok-1 width (2 layers by default,
 ~13 GB) streamed by grok.loader, against `cat` of the same files, with peak host RSS.
 
-    python benchmarks/load.py [--dir /tmp/grok-bench] [--layers 2] [--mesh 1,1] [--keep]
+    python benchmarks/load.py [--dir /tmp/grok-bench] [--layers 2] [--mesh 1,1] [--loads 2]
+                              [--keep] [--reuse] [--root CHECKOUT]
 
-Order: write, cat (files as the writer left them in the page cache), load, cat again. Each load
-runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. On a CPU "device" the loaded
-weights live in host memory too, so the RSS the loader itself adds is peak minus the params.
+Order: write (or --reuse an existing one), then `--loads` times: cat (files as the previous step
+left them in the page cache), load. Then cat once more. Each load runs in a fresh subprocess so
+its peak RSS (ru_maxrss) is its own. On a CPU "device" the loaded weights live in host memory
+too, so the RSS the loader itself adds is peak minus the params. `touch` is the rate at which a
+fresh process can first-touch as much new memory as the params take (the page-fault ceiling
+for anything that materialises them in host memory). `--root` measures another checkout's loader
+(e.g. an older commit) on the same files.
 """
 from __future__ import annotations
 
@@ -85,10 +90,28 @@ print(json.dumps({"seconds": seconds, "bytes_read": stats.bytes_read, "params_by
 '''
 
 
-def load(path: Path, mesh: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", LOAD, str(path), mesh, str(ROOT)],
+def load(path: Path, mesh: str, root: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", LOAD, str(path), mesh, str(root)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+TOUCH = r'''
+import mmap, sys, time
+n = int(sys.argv[1])
+start = time.perf_counter()
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_HUGEPAGE)
+for offset in range(0, n, 4096):
+    m[offset] = 1
+print(time.perf_counter() - start)
+'''
+
+
+def touch(nbytes: int) -> float:
+    out = subprocess.run([sys.executable, "-c", TOUCH, str(nbytes)], capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -96,25 +119,35 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("/tmp/grok-load-bench"))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--mesh", default="1,1")
+    p.add_argument("--loads", type=int, default=2, help="cat + load rounds")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    p.add_argument("--reuse", action="store_true", help="use the checkpoint already in --dir")
+    p.add_argument("--root", type=Path, default=ROOT, help="checkout whose grok.loader to run")
     args = p.parse_args()
     try:
         start = time.perf_counter()
-        total = write(args.dir, args.layers)
+        if args.reuse:
+            total = sum(f.stat().st_size for f in (args.dir / "ckpt-0").iterdir())
+        else:
+            total = write(args.dir, args.layers)
+            print(f"wrote {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
         largest = max(f.stat().st_size for f in (args.dir / "ckpt-0").iterdir())
-        print(f"wrote {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s "
-              f"(largest file {largest / 1e9:.2f} GB)", flush=True)
+        print(f"{total / 1e9:.2f} GB, largest file {largest / 1e9:.2f} GB; loader of {args.root}",
+              flush=True)
         rows = []
-        t = cat(args.dir)
-        rows.append(("cat (after write)", total / t / 1e9, t, None))
-        r = load(args.dir, args.mesh)
-        rows.append(("grok.loader (after cat)", r["bytes_read"] / r["seconds"] / 1e9,
-                     r["seconds"], r))
+        previous = "reuse" if args.reuse else "write"
+        for _ in range(args.loads):
+            t = cat(args.dir)
+            rows.append((f"cat (after {previous})", total / t / 1e9, t, None))
+            r = load(args.dir, args.mesh, args.root)
+            rows.append(("grok.loader (after cat)", r["bytes_read"] / r["seconds"] / 1e9,
+                         r["seconds"], r))
+            previous = "load"
         t = cat(args.dir)
         rows.append(("cat (after load)", total / t / 1e9, t, None))
-        r = load(args.dir, args.mesh)
-        rows.append(("grok.loader (after cat)", r["bytes_read"] / r["seconds"] / 1e9,
-                     r["seconds"], r))
+        t = touch(r["params_bytes"])
+        rows.append((f"touch {r['params_bytes'] / 1e9:.2f} GB", r["params_bytes"] / t / 1e9, t,
+                     None))
         for name, rate, seconds, r in rows:
             extra = ""
             if r:

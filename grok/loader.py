@@ -228,6 +228,13 @@ def header_problem(header: Header, entry: Entry) -> str | None:
 
 
 # --- reading slices ----------------------------------------------------------------------------
+Index = tuple[slice, ...]
+
+
+def _key(index: Index) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
 class _Mapped:
     """A read-only memory map of one file; arrays are views into it until `close`."""
 
@@ -243,49 +250,181 @@ class _Mapped:
             buf = np.frombuffer(self._map, ref.dtype, math.prod(ref.shape), ref.raw.offset)
         return buf.reshape(ref.shape, order="F" if ref.fortran else "C")
 
-    def advise(self, ref: ArrayRef) -> None:
-        """Ask the kernel to read ahead the pages of `ref` (the whole array is wanted)."""
-        if self._map is None or ref.raw.inline is not None or not hasattr(mmap, "MADV_WILLNEED"):
-            return
-        start = ref.raw.offset - ref.raw.offset % mmap.PAGESIZE
-        try:
-            self._map.madvise(mmap.MADV_WILLNEED, start, ref.raw.offset + ref.raw.length - start)
-        except (OSError, ValueError):
-            pass
-
-    def read_range(self, ref: ArrayRef, index: Index) -> np.ndarray | None:
-        """The slice `index` of a C-ordered `ref` read with one pread when it is one contiguous
-        byte range (the whole array, or a range of its first axis); else None. Faster than
-        faulting the pages of the map in, and leaves nothing mapped."""
-        if ref.raw.inline is not None or ref.fortran or not ref.shape:
-            return None
-        steps = [s.indices(n) for s, n in zip(index, ref.shape)]
-        if any(step != 1 for _, _, step in steps) or \
-                any(steps[d][:2] != (0, n) for d, n in enumerate(ref.shape) if d > 0):
-            return None
-        start, stop = steps[0][0], max(steps[0][0], steps[0][1])
-        row = math.prod(ref.shape[1:]) * ref.dtype.itemsize
-        out = np.empty((stop - start, *ref.shape[1:]), ref.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        done, offset = 0, ref.raw.offset + start * row
-        while done < len(view):
-            n = os.preadv(self._file.fileno(), [view[done:done + (1 << 30)]], offset + done)
-            if n <= 0:
-                raise ck.CheckpointError(f"{self._file.name}: truncated while reading")
-            done += n
-        return out
-
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
         self._file.close()
 
 
-Index = tuple[slice, ...]
+class _Source:
+    """One open checkpoint file that worker threads copy slices out of: by `pread` when a slice
+    is one contiguous byte range, else out of a memory map (made on first need)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self._mapped: _Mapped | None = None
+        self._lock = threading.Lock()
+
+    def array(self, ref: ArrayRef) -> np.ndarray:
+        with self._lock:
+            if self._mapped is None:
+                self._mapped = _Mapped(self.path)
+            return self._mapped.array(ref)
+
+    def pread(self, out: np.ndarray, offset: int) -> None:
+        """Fill the C-contiguous `out` with the file's bytes from `offset` on."""
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:done + (1 << 30)]], offset + done)
+            if n <= 0:
+                raise ck.CheckpointError(f"{self.path}: truncated while reading")
+            done += n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._mapped is not None:
+            try:
+                self._mapped.close()
+            except BufferError:   # a worker still holds a view (only after an error)
+                pass
+            self._mapped = None
 
 
-def _key(index: Index) -> tuple:
-    return tuple((s.start, s.stop, s.step) for s in index)
+def _byte_range(ref: ArrayRef, index: Index) -> tuple[int, int] | None:
+    """(file offset, length) of the slice `index` of `ref` when it is one contiguous byte range
+    of the file (dims before some k select one element, dims after k are whole), else None."""
+    if ref.raw.inline is not None or ref.fortran:
+        return None
+    ranges = [s.indices(n) for s, n in zip(index, ref.shape)]
+    if any(step != 1 for _, _, step in ranges):
+        return None
+    lengths = [max(0, stop - start) for start, stop, _ in ranges]
+    k = next((d for d, n in enumerate(lengths) if n != 1), len(lengths))
+    if any(lengths[d] != ref.shape[d] for d in range(k + 1, len(lengths))):
+        return None
+    offset, stride = 0, ref.dtype.itemsize
+    for d in reversed(range(len(ref.shape))):
+        offset += ranges[d][0] * stride
+        stride *= ref.shape[d]
+    return ref.raw.offset + offset, math.prod(lengths) * ref.dtype.itemsize
+
+
+_ALIGN = 64            # XLA's CPU client aliases host memory aligned to this instead of copying
+_MMAP_MIN = 1 << 20    # host arrays from this size on get their own (page-aligned) mapping
+CHUNK = 32 << 20       # bytes one worker copies at a time
+STAGE = 8 << 20        # per-thread staging buffer (dtype conversions)
+
+
+def _host_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-ordered host array, 64-byte aligned; large ones in their own private
+    anonymous mapping, advised for transparent huge pages (fewer first-touch page faults), whose
+    memory goes back to the system when the array (and any device buffer aliasing it) is freed."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _MMAP_MIN:
+        raw = np.empty(nbytes + _ALIGN, np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        return raw[start:start + nbytes].view(dtype).reshape(shape)
+    mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mem.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return np.frombuffer(mem, dtype).reshape(shape)
+
+
+_stage = threading.local()
+
+
+def _staging(nbytes: int) -> np.ndarray:
+    """This thread's reusable (so already page-faulted) staging buffer, at least `nbytes`."""
+    buf = getattr(_stage, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _stage.buf = _host_array((max(nbytes, STAGE),), np.uint8)
+    return buf
+
+
+def _copy(src: _Source, ref: ArrayRef, index: Index, out: np.ndarray) -> None:
+    """Worker: the slice `index` of the file's array `ref` -> `out` (C-contiguous; its dtype may
+    differ from the file's, e.g. float32 -> bfloat16), copying each byte once where it can."""
+    where = _byte_range(ref, index)
+    if where is None:      # strided: copy the elements out of the memory map
+        np.copyto(out, src.array(ref)[index], casting="unsafe")
+        return
+    offset, nbytes = where
+    if out.dtype == ref.dtype:
+        src.pread(out, offset)
+        return
+    flat = out.reshape(-1)
+    step = max(1, STAGE // ref.dtype.itemsize)
+    for start in range(0, flat.size, step):
+        n = min(step, flat.size - start)
+        stage = _staging(n * ref.dtype.itemsize)[:n * ref.dtype.itemsize].view(ref.dtype)
+        src.pread(stage, offset + start * ref.dtype.itemsize)
+        np.copyto(flat[start:start + n], stage, casting="unsafe")
+
+
+def _chunks(index: Index, shape: tuple[int, ...], itemsize: int) -> Iterator[tuple[Index, slice]]:
+    """Split the slice `index` of an array of `shape` along its first axis into pieces of about
+    CHUNK bytes: (the piece's index into the array, its rows within the slice)."""
+    if not shape:
+        yield index, slice(None)
+        return
+    start, stop, _ = index[0].indices(shape[0])
+    rows = max(0, stop - start)
+    row_bytes = math.prod(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:])) \
+        * itemsize
+    step = max(1, CHUNK // max(1, row_bytes))
+    if rows == 0:
+        yield index, slice(0, 0)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        yield (slice(start + a, start + b), *index[1:]), slice(a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _aliases(device: Any) -> bool:
+    """Whether jax.device_put onto `device` aliases aligned host memory instead of copying it
+    (XLA's CPU client does): then a buffer handed over must never be written again."""
+    import jax
+    probe = _host_array((4096,), np.int8)
+    probe[:] = 0
+    try:
+        return jax.device_put(probe, device, may_alias=True).unsafe_buffer_pointer() == \
+            probe.ctypes.data
+    except Exception:   # no unsafe_buffer_pointer on this backend: assume a copy
+        return False
+
+
+class _Pool:
+    """Reusable host buffers for the copying path (a device that does not alias host memory):
+    once touched, reading into one again costs no page faults. At most `cap` bytes stay free."""
+
+    def __init__(self) -> None:
+        self.free: list[np.ndarray] = []
+        self.cap = 0
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(the raw buffer to `put` back later, a `shape` `dtype` view of it)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        fits = [b for b in self.free if nbytes <= b.nbytes <= 2 * nbytes + _MMAP_MIN]
+        if fits:
+            raw = min(fits, key=lambda b: b.nbytes)
+            self.free = [b for b in self.free if b is not raw]
+        else:
+            raw = _host_array((nbytes,), np.uint8)
+        return raw, raw[:nbytes].view(dtype).reshape(shape)
+
+    def put(self, raws: list[np.ndarray]) -> None:
+        self.free.extend(raws)
+        while self.free and sum(b.nbytes for b in self.free) > self.cap:
+            smallest = min(self.free, key=lambda b: b.nbytes)
+            self.free = [b for b in self.free if b is not smallest]
 
 
 @dataclasses.dataclass
@@ -337,6 +476,8 @@ class _Target:
     sharding: Any = None         # of the whole leaf
     piece_sharding: Any = None   # of one layer's piece (stacked leaves)
     array: Any = None            # the global jax.Array being filled
+    buffers: dict[tuple, np.ndarray] | None = None   # aliasing path: the final host arrays
+    layers_done: int = 0
 
 
 def _targets(config: GrokConfig, mesh: Any, layout: str, scan: bool, embed_dtype: Any
@@ -381,49 +522,25 @@ def _local_indices(sharding: Any, shape: tuple[int, ...]) -> dict[tuple, Index]:
     return out
 
 
-def _read_file(file: Path, entry: Entry, feeds: list[_Target], stats: LoadStats
-               ) -> tuple[Header, dict[str, dict[tuple, np.ndarray]], int]:
-    """Worker: parse the header, check it, copy out this process's slices of each part."""
-    header = read_header(file)
-    problem = header_problem(header, entry)
-    if problem:
-        raise ck.CheckpointError(f"{file}: {problem} (leaf {entry.name})")
-    held = 0
-    try:
-        mapped = _Mapped(str(file))
-        try:
-            slices: dict[str, dict[tuple, np.ndarray]] = {}
-            wanted = []
-            for target in feeds:
-                sharding = target.piece_sharding if target.stacked else target.sharding
-                wanted.append((target, _local_indices(sharding, target.layer_shape)))
-            nbytes = sum(math.prod(len(range(*s.indices(n))) for s, n in
-                                   zip(index, t.layer_shape)) * header.parts[t.part].dtype.itemsize
-                         for t, indices in wanted for index in indices.values())
-            stats.acquire(nbytes)
-            held = nbytes
-            for target, indices in wanted:
-                ref = header.parts[target.part]
-                got = {}
-                for key, index in indices.items():
-                    piece = mapped.read_range(ref, index)
-                    if piece is None:          # strided: copy it out of the memory map
-                        if not got and len(indices) > 1:
-                            mapped.advise(ref)
-                        source = mapped.array(ref)
-                        piece = np.array(source[index], order="C")
-                        del source
-                    got[key] = piece.astype(target.dtype) if piece.dtype != target.dtype \
-                        else piece
-                    del piece
-                slices[target.part] = got
-        finally:
-            mapped.close()
-        return header, slices, held
-    except BaseException:
-        if held:
-            stats.release(held)
-        raise
+@dataclasses.dataclass
+class _Piece:
+    """This process's slice `index` of one part of a file, copied into `host`."""
+
+    target: _Target
+    key: tuple        # of the slice, as the device map of the piece's sharding says it
+    index: Index
+    host: np.ndarray
+
+
+@dataclasses.dataclass
+class _File:
+    entry: Entry
+    feeds: list[_Target]
+    source: _Source
+    pieces: list[_Piece]
+    futures: list[Future]
+    held: int                                   # bytes of slices, for LoadStats
+    raws: list[np.ndarray] = dataclasses.field(default_factory=list)   # pool buffers taken
 
 
 def _put_layer(stacked: Any, piece: Any, layer: Any) -> Any:
@@ -446,16 +563,58 @@ def _zeros_fn(shape: tuple[int, ...], dtype: np.dtype, sharding: Any) -> Callabl
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
+def _full(index: Any, ndim: int) -> Index:
+    return tuple(index) + (slice(None),) * (ndim - len(tuple(index)))
+
+
+def _to_device(host: np.ndarray, device: Any) -> Any:
+    """One device's shard from host memory (on XLA's CPU client this aliases aligned memory)."""
+    import jax
+    return jax.device_put(host, device)
+
+
+def _aliased(array: Any, host: np.ndarray) -> bool:
+    try:
+        return array.unsafe_buffer_pointer() == host.ctypes.data
+    except Exception:   # a backend without buffer pointers: it copied
+        return False
+
+
+def _device_array(shape: tuple[int, ...], sharding: Any, host: dict[tuple, np.ndarray]
+                  ) -> tuple[Any, bool]:
+    """The global array of `shape` whose addressable shards are the host arrays `host` (by slice
+    key), and whether any device took over host memory (then it must never be written again).
+    A slice that several devices hold is handed over once; the others get copies."""
+    import jax
+    arrays, taken = [], set()
+    aliased = False
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = _key(_full(index, len(shape)))
+        source = host[key] if key not in taken else np.array(host[key])
+        array = _to_device(source, device)
+        aliased |= key not in taken and _aliased(array, source)
+        arrays.append(array)
+        taken.add(key)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays), aliased
+
+
 def load_params(path: ck.PathLike, config: GrokConfig, mesh: Any, *, layout: str = "tensor",
                 scan: bool = True, workers: int = 4, max_inflight: int | None = None,
                 progress: bool = True, stats: LoadStats | None = None,
-                embed_dtype: Any = None) -> dict[str, Any]:
+                embed_dtype: Any = None, zero_copy: bool | None = None) -> dict[str, Any]:
     """The model's params tree ({"embed": ..., "layers": ...}, as grok.api.device_params builds
     it) as global jax.Arrays sharded over `mesh` by the layout's rules, streamed from the
     checkpoint at `path` (a dir holding ckpt-0/, or ckpt-0 itself).
 
-    At most `max_inflight` files' slices (default 2) are in host memory at once; `stats`
-    (a LoadStats) receives bytes read and the in-flight peaks. Errors are CheckpointErrors."""
+    Files are read in order, at most `max_inflight` (default 2) at once, each split into chunks
+    that `workers` threads copy with pread (or out of a memory map when a slice is strided).
+    Where the devices alias host memory (XLA's CPU client; `zero_copy=None` probes it) each slice
+    is read straight into the host array that becomes its device buffer (a stacked leaf's layer
+    into its slot of the [L, ...] array), so every byte is copied once. Elsewhere (GPUs, TPUs)
+    slices are read into a pool of reused host buffers, handed to the devices, and a layer's piece
+    is written in place into its slot of the stacked leaf on device: at most `max_inflight`
+    files' slices are in host memory at once. `stats` (a LoadStats) receives the bytes read and
+    the in-flight peaks. Errors are CheckpointErrors."""
     import jax
     import ml_dtypes
 
@@ -468,65 +627,123 @@ def load_params(path: ck.PathLike, config: GrokConfig, mesh: Any, *, layout: str
     targets, per_file = _targets(config, mesh, layout, scan, embed_dtype)
     workers = max(1, int(workers))
     max_inflight = max(1, int(max_inflight or 2))
-    workers = min(workers, max_inflight)
-    for target in targets.values():
-        if target.stacked:
-            target.array = _zeros_fn((config.num_layers, *target.layer_shape), target.dtype,
-                                     target.sharding)()
+    if zero_copy is None:
+        zero_copy = all(_aliases(d) for d in mesh.local_devices)
+    pool = _Pool()
+    if not zero_copy:
+        for target in targets.values():
+            if target.stacked:
+                target.array = _zeros_fn((config.num_layers, *target.layer_shape), target.dtype,
+                                         target.sharding)()
+
+    def start_file(entry: Entry, feeds: list[_Target]) -> _File:
+        file = ckpt / entry.filename
+        header = read_header(file)
+        problem = header_problem(header, entry)
+        if problem:
+            raise ck.CheckpointError(f"{file}: {problem} (leaf {entry.name})")
+        pieces, raws = [], []
+        for target in feeds:
+            if zero_copy and target.stacked:
+                full = (config.num_layers, *target.layer_shape)
+                indices = _local_indices(target.sharding, full)
+                if target.buffers is None:
+                    target.buffers = {}
+                    for key, index in indices.items():
+                        shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, full))
+                        target.buffers[key] = _host_array(shape, target.dtype)
+                pieces += [_Piece(target, key, index[1:], target.buffers[key][entry.layer])
+                           for key, index in indices.items()]
+                continue
+            sharding = target.piece_sharding if target.stacked else target.sharding
+            for key, index in _local_indices(sharding, target.layer_shape).items():
+                shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, target.layer_shape))
+                if zero_copy:
+                    host = _host_array(shape, target.dtype)
+                else:
+                    raw, host = pool.get(shape, target.dtype)
+                    raws.append(raw)
+                pieces.append(_Piece(target, key, index, host))
+        held = sum(p.host.size * header.parts[p.target.part].dtype.itemsize for p in pieces)
+        pool.cap = max(pool.cap, max_inflight * held)
+        item = _File(entry, feeds, _Source(str(file)), pieces, [], held, raws)
+        stats.acquire(held)
+        window.append(item)   # from here on, an error closes it (see below)
+        for p in pieces:
+            ref = header.parts[p.target.part]
+            for index, rows in _chunks(p.index, ref.shape, ref.dtype.itemsize):
+                item.futures.append(threads.submit(_copy, item.source, ref, index,
+                                                   p.host[rows] if p.host.ndim else p.host))
+        return item
+
+    def finish_file(item: _File) -> None:
+        for future in item.futures:
+            future.result()
+        item.source.close()
+        arrays, keep = [], False
+        for target in item.feeds:
+            pieces = {p.key: p.host for p in item.pieces if p.target is target}
+            if zero_copy and target.stacked:
+                target.layers_done += 1
+                if target.layers_done == config.num_layers:
+                    target.array, _ = _device_array((config.num_layers, *target.layer_shape),
+                                                    target.sharding, target.buffers)
+                    target.buffers = None
+            elif zero_copy:
+                target.array, _ = _device_array(target.layer_shape, target.sharding, pieces)
+            else:
+                sharding = target.piece_sharding if target.stacked else target.sharding
+                piece, aliased = _device_array(target.layer_shape, sharding, pieces)
+                keep |= aliased
+                arrays.append(piece)
+                if target.stacked:
+                    target.array = _jitted_put()(target.array, piece, np.int32(item.entry.layer))
+                    arrays.append(target.array)
+                else:
+                    target.array = piece
+        if arrays:   # the host buffers are reused: the transfers must be done
+            jax.block_until_ready(arrays)
+            if not keep:   # (unless a device aliases them: then they are its memory now)
+                pool.put(item.raws)
+            item.raws = []
+
     start = time.monotonic()
     desc = f"loading {ckpt} onto a {mesh.shape[sh.DATA]}x{mesh.shape[sh.MODEL]} mesh"
-    with Progress(len(per_file), desc, enabled=progress, logger=log) as bar, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load") as pool:
-        pending: collections.deque[tuple[Entry, list[_Target], Future]] = collections.deque()
-        files = iter(per_file)
-
-        def submit_next() -> None:
-            item = next(files, None)
-            if item is not None:
-                entry, feeds = item
-                pending.append((entry, feeds, pool.submit(
-                    _read_file, ckpt / entry.filename, entry, feeds, stats)))
-        try:
-            # At most max_inflight files are submitted and not yet on device: that bounds the
-            # slices held in host memory.
-            for _ in range(max_inflight):
-                submit_next()
-            # Device work happens here, in file order, on this thread only: every process issues
-            # the same computations in the same order (needed when the mesh spans processes).
-            while pending:
-                entry, feeds, future = pending.popleft()
-                _, slices, held = future.result()
-                try:
-                    for target in feeds:
-                        got = slices.pop(target.part)
-                        sharding = target.piece_sharding if target.stacked else target.sharding
-                        piece = jax.make_array_from_callback(
-                            target.layer_shape, sharding,
-                            lambda index, got=got, shape=target.layer_shape:
-                                got[_key(tuple(index) + (slice(None),) * (len(shape) - len(index)))])
-                        if target.stacked:
-                            target.array = _jitted_put()(target.array, piece,
-                                                         np.int32(entry.layer))
-                        else:
-                            target.array = piece
-                        del got, piece
-                    for target in feeds:
-                        if target.stacked:
-                            target.array.block_until_ready()
-                finally:
-                    stats.release(held)
-                bar.update(1, held)
-                submit_next()
-        except BaseException:
-            for _, _, future in pending:
+    window: collections.deque[_File] = collections.deque()
+    threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="load")
+    try:
+        with Progress(len(per_file), desc, enabled=progress, logger=log) as bar:
+            # Device work happens on this thread only, in file order: every process issues the
+            # same computations in the same order (needed when the mesh spans processes).
+            for entry, feeds in per_file:
+                while len(window) >= max_inflight:
+                    finish_file(window[0])
+                    done = window.popleft()
+                    stats.release(done.held)
+                    bar.update(1, done.held)
+                start_file(entry, feeds)
+            while window:
+                finish_file(window[0])
+                done = window.popleft()
+                stats.release(done.held)
+                bar.update(1, done.held)
+    except BaseException:
+        for item in window:
+            for future in item.futures:
                 future.cancel()
-            raise
+        raise
+    finally:
+        threads.shutdown(wait=True)
+        for item in window:
+            item.source.close()
+            stats.release(item.held)
     stats.seconds += time.monotonic() - start
     global last_stats
     last_stats = stats
-    log.info("read %.2f GB in %.1f s (%.2f GB/s), at most %d files / %.2f GB in host memory",
-             stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s, stats.max_inflight_tensors,
-             stats.max_inflight_bytes / 1e9)
+    log.info("read %.2f GB in %.1f s (%.2f GB/s), at most %d files / %.2f GB in host memory "
+             "(%s)", stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s,
+             stats.max_inflight_tensors, stats.max_inflight_bytes / 1e9,
+             "read straight into device memory" if zero_copy else "via reused host buffers")
     return _assemble(config, targets, scan)
 
 

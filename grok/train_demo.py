@@ -362,11 +362,11 @@ def main(argv=None) -> int:
     rows = windows(held_stream, seq, args.eval_windows)
     model = grok.load(out)
     shipped = perplexities(model.logits, rows, unigram)
-    float_eval = perplexities(
-        lambda r: jax.jit(lambda p, t: forward(p, t, init_cache(config, t.shape[0], t.shape[1]),
-                                               jnp.zeros((t.shape[0],), jnp.int32),
-                                               config=config, moe_impl="dense")[0])(
-            params, jnp.asarray(r, jnp.int32)), rows, unigram)
+    float_logits = jax.jit(lambda p, t: forward(p, t, init_cache(config, t.shape[0], t.shape[1]),
+                                                jnp.zeros((t.shape[0],), jnp.int32),
+                                                config=config, moe_impl="dense")[0])
+    float_eval = perplexities(lambda r: float_logits(params, jnp.asarray(r, jnp.int32)),
+                              rows, unigram)
     sample_rows = windows(encode_stream(tokenizer, [sample], config.eos_token)[:-1], seq, 4)
     sample_eval = perplexities(model.logits, sample_rows, unigram)
     metrics = {
