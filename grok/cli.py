@@ -148,6 +148,25 @@ def _complete(model, prompts: list[str], args: argparse.Namespace, settings: dic
         print(prompt + model.tokenizer.decode(out), flush=True)
 
 
+def _enable_compile_cache() -> None:
+    """Keep compiled steps on disk so that later runs skip XLA compiles: GROK_COMPILE_CACHE names
+    the folder (default ~/.cache/grok/xla; "off" disables it)."""
+    import os
+
+    import jax
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grok" / "xla"
+    path = os.environ.get("GROK_COMPILE_CACHE", str(default))
+    if path.strip().lower() in ("", "0", "off", "none"):
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        logging.getLogger(__name__).warning("compile cache %s not writable; not caching", path)
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -156,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = _prompts(args)
         _check_files(args)
         import grok  # deferred: importing jax takes a moment, and bad flags should fail fast
+        _enable_compile_cache()
         from grok.checkpoint import CheckpointError
         from grok.config import ConfigError
         from grok.sharding import ShardingError

@@ -23,12 +23,13 @@ from grok.sampling import SamplingParams, row_keys, sample
 from grok.sharding import Placement
 
 log = logging.getLogger(__name__)
-MIN_BUCKET = 16
+MIN_BUCKET = 16          # prompt lengths
+MIN_ATTEND_BUCKET = 256  # decode attention spans: below this a wider span costs less than a compile
 
 
-def bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
-    size = MIN_BUCKET
+def bucket(n: int, limit: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= n (at least `minimum`), capped at `limit`."""
+    size = minimum
     while size < n:
         size *= 2
     return min(size, limit)
@@ -140,6 +141,7 @@ class Engine:
         self.results: dict[int, Result] = {}
         self.waiting: collections.deque[int] = collections.deque()
         self.slots: list[int | None] = [None] * batch_size
+        self.attend_spans: collections.Counter[int] = collections.Counter()  # decode steps by span
         self._next_id = 0
 
     # --- requests -----------------------------------------------------------------------------
@@ -204,7 +206,9 @@ class Engine:
             seeds[slot], steps[slot] = res.request.seed, len(res.tokens)
             s = res.request.sampling
             settings[:, slot] = (s.temperature, s.top_p, s.top_k)
-        attend = bucket(int(max(positions[s] for s, _ in live)) + 1, self.max_len)
+        attend = bucket(int(max(positions[s] for s, _ in live)) + 1, self.max_len,
+                        MIN_ATTEND_BUCKET)
+        self.attend_spans[attend] += 1
         logits, self.cache = self.runner._decode(self.runner.params, self.cache,
                                                  jnp.asarray(tokens), jnp.asarray(positions),
                                                  attend)

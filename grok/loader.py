@@ -317,6 +317,7 @@ _ALIGN = 64            # XLA's CPU client aliases host memory aligned to this in
 _MMAP_MIN = 1 << 20    # host arrays from this size on get their own (page-aligned) mapping
 CHUNK = 32 << 20       # bytes one worker copies at a time
 STAGE = 8 << 20        # per-thread staging buffer (dtype conversions)
+HUGE_PAGES = True      # advise large host arrays for transparent huge pages
 
 
 def _host_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -330,7 +331,7 @@ def _host_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         start = -raw.ctypes.data % _ALIGN
         return raw[start:start + nbytes].view(dtype).reshape(shape)
     mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mem.madvise(mmap.MADV_HUGEPAGE)
         except OSError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from grok.checkpoint import write_checkpoint
 from grok.params import random_flat
 
 ROOT = Path(__file__).resolve().parents[1]
+COMPILE_CACHE = tempfile.mkdtemp(prefix="grok-test-xla-")   # not the user's cache
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GROK_COMPILE_CACHE": COMPILE_CACHE}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, input=stdin,
                           stdin=None if stdin is not None else subprocess.DEVNULL)

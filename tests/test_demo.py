@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,10 @@ def test_cli_uses_the_demo_model():
     if (ROOT / "checkpoints" / "ckpt-0").is_dir():
         pytest.skip("a Grok-1 checkpoint is in checkpoints/: run.py would load it")
     prompt = "def fibonacci(n):"
+    env = {**os.environ, "GROK_COMPILE_CACHE": "off"}
     proc = subprocess.run([sys.executable, "run.py", prompt, "--max-new-tokens", "8"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(prompt)
     assert len(proc.stdout.rstrip("\n")) > len(prompt)

@@ -157,3 +157,16 @@ def test_streamed_text_never_shows_a_stop_string(model):
     full = tok.decode(free)
     assert "".join(pieces) == full[:full.index(stop)]
     assert "".join(p for _, p in with_tok.stream(PROMPTS[5], 12)) == full
+
+
+def test_decode_attends_over_the_live_context_not_the_whole_cache(model):
+    config = CONFIG.replace(sequence_len=1024)
+    runner = from_flat(random_flat(config, seed=7, weight_scale=1.5), config).runner
+    engine = Engine(runner, batch_size=2, max_len=1024)
+    short = engine.submit(Request(PROMPTS[3], max_new_tokens=4))
+    list(engine.run())
+    assert set(engine.attend_spans) == {256}
+    assert engine.results[short].tokens == model.generate([PROMPTS[3]], max_new_tokens=4)[0]
+    engine.submit(Request([5] * 300, max_new_tokens=3))
+    list(engine.run())
+    assert set(engine.attend_spans) == {256, 512}
