@@ -4,10 +4,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from grok.bench import dequantized_buffers
 from grok.moe import moe
-from grok.quant import QuantizedWeight8bit, dequantize, qlinear, quantize
+from grok.quant import QuantizedWeight8bit, dequantize, expert_qlinear, qlinear, quantize
 
 from conftest import tiny_config
 
@@ -68,3 +69,51 @@ def test_attend_len_shorter_than_cache_is_identical():
     live, live_cache = forward(params, step, cache, start, config=config, attend_len=16)
     np.testing.assert_array_equal(np.asarray(live), np.asarray(full))
     np.testing.assert_array_equal(np.asarray(live_cache.k), np.asarray(full_cache.k))
+
+
+def test_quantize_error_is_at_most_half_a_scale_step():
+    rng = np.random.default_rng(1)
+    for shape, blocks in (((64, 24), 1), ((64, 24), 8), ((3, 48, 16), 4), ((2, 32, 8), 2)):
+        w = (rng.standard_normal(shape) * rng.uniform(0.01, 10, shape[-1])).astype(np.float32)
+        q = quantize(w, blocks)
+        assert q.weight.dtype == np.int8 and q.scales.dtype == jnp.bfloat16
+        assert q.scales.shape == (*shape[:-2], blocks, shape[-1])
+        assert np.abs(q.weight).max() <= 127
+        step = np.repeat(np.asarray(q.scales, np.float32), shape[-2] // blocks, axis=-2)
+        assert (np.abs(w - dequantize(q)) <= step / 2 + 1e-7).all()
+        # each block's largest weight uses (nearly) the whole int8 range
+        assert np.abs(q.weight).reshape(*shape[:-2], blocks, -1, shape[-1]).max(axis=-2).min() >= 126
+
+
+def test_quantize_zero_blocks_and_bad_block_counts():
+    w = np.zeros((8, 4), np.float32)
+    w[:4, 1] = 1.0
+    q = quantize(w, 2)
+    assert (np.asarray(q.scales, np.float32) > 0).all()
+    assert (dequantize(q)[:, [0, 2, 3]] == 0).all() and (dequantize(q)[4:] == 0).all()
+    np.testing.assert_allclose(dequantize(q)[:4, 1], 1.0, rtol=4e-3)
+    with pytest.raises(ValueError, match="3 scale blocks do not divide the 8 input rows"):
+        quantize(w, 3)
+    with pytest.raises(ValueError, match="matrix"):
+        quantize(np.zeros(5, np.float32))
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 8])
+def test_scale_after_the_dot_path_matches_dequantised_weights(monkeypatch, blocks):
+    """The accelerator path (row blocks scaled after the int8 dot) is exercised here on CPU too."""
+    import grok.quant
+    monkeypatch.setattr(grok.quant, "_cpu", lambda: False)
+    rng = np.random.default_rng(blocks)
+    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
+    xf = np.asarray(x, np.float64)
+    w = _q(rng, (64, 24), blocks)
+    np.testing.assert_allclose(jax.jit(qlinear, static_argnums=2)(x, w, jnp.float32),
+                               xf @ dequantize(w, np.float64), rtol=1e-4, atol=1e-3)
+    we = _q(rng, (3, 64, 24), blocks)
+    want = np.einsum("ni,eio->neo", xf, dequantize(we, np.float64))
+    got = jax.jit(expert_qlinear, static_argnums=2)(x, we, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    xe = jnp.asarray(rng.standard_normal((5, 3, 64)), jnp.bfloat16)
+    want = np.einsum("nei,eio->neo", np.asarray(xe, np.float64), dequantize(we, np.float64))
+    got = jax.jit(expert_qlinear, static_argnums=2)(xe, we, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
