@@ -6,11 +6,16 @@ devices that own its pieces.
    raw-bytes opcode outside the pickle's frames is replaced by its (offset, length) in the file.
    The result says each array's shape, dtype and where its bytes are.
 2. `load_params(path, config, mesh)` builds every leaf of the model's params tree as a global
-   jax.Array sharded by grok/sharding.py's rules. For each file, worker threads memory-map it and
-   copy out only the slices this process's devices own (`make_array_from_callback` hands them to
-   those devices); a layer's piece is written into its slot of the stacked [L, ...] leaf on device
-   (a donated in-place update), so the host never holds more than `max_inflight` files' slices.
-   In a multi-process run each process reads only its own devices' slices.
+   jax.Array sharded by grok/sharding.py's rules. Files are read in order, a bounded number at a
+   time, each split into chunks that worker threads copy with `pread` (releases the GIL; strided
+   slices are copied out of a memory map), only the slices this process's devices own.
+   Where the devices alias 64-byte-aligned host memory (XLA's CPU client) each slice is read
+   straight into the host array that becomes its device buffer -- a layer's slice into its slot
+   of the stacked [L, ...] array -- so each byte is copied once. Elsewhere (GPUs) slices are read
+   into a pool of reused host buffers, handed to the devices, and a layer's piece is written
+   into its slot of the stacked leaf on device (a donated in-place update), so the host never
+   holds more than `max_inflight` files' slices. In a multi-process run each process reads only
+   its own devices' slices.
 3. `verify(path, config)` checks a checkpoint without loading it (headers, sizes, scales, samples).
 """
 from __future__ import annotations

@@ -57,8 +57,11 @@ def test_header_finds_raw_bytes_by_offset(ckpt):
     assert big.raw.inline is None and big.raw.offset > 0     # the embedding is not read
 
 
-def test_streaming_is_bit_identical_and_bounded(ckpt):
+def test_streaming_is_bit_identical_and_bounded(ckpt, monkeypatch):
     want = device_params(read_checkpoint(ckpt, CONFIG, progress=False), CONFIG)
+    # small chunks and staging buffers: files split over the workers, conversions in pieces
+    monkeypatch.setattr(loader, "CHUNK", 3000)
+    monkeypatch.setattr(loader, "STAGE", 1000)
     stats = loader.LoadStats()
     got = loader.load_params(ckpt, CONFIG, (1, 1), workers=2, max_inflight=2, stats=stats,
                              progress=False)
@@ -77,6 +80,78 @@ def test_streaming_is_bit_identical_and_bounded(ckpt):
     w = unrolled["layers"][1]["decoder_layer/moe/linear_1"]["w"]
     np.testing.assert_array_equal(bits(w.weight),
                                   bits(want["layers"]["decoder_layer/moe/linear_1"]["w"].weight[1]))
+
+
+def _same(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(bits(a), bits(b))
+
+
+def test_cpu_path_reads_straight_into_device_buffers(ckpt, monkeypatch):
+    """On a CPU device the arrays the files are read into become the device buffers (each byte
+    is copied once): every loaded leaf's buffer is one of the loader's host arrays."""
+    made = []
+    real = loader._host_array
+
+    def spy(shape, dtype):
+        array = real(shape, dtype)
+        made.append(array)
+        return array
+    monkeypatch.setattr(loader, "_host_array", spy)
+    got = loader.load_params(ckpt, CONFIG, (1, 1), progress=False)
+    assert loader.last_stats.max_inflight_tensors <= 2
+    pointers = {a.ctypes.data for a in made}
+    assert all(leaf.unsafe_buffer_pointer() in pointers for leaf in jax.tree.leaves(got))
+
+
+def test_copying_path_reuses_host_buffers(ckpt, monkeypatch):
+    """The path for devices that copy host memory (GPUs): slices read into a pool of reused host
+    buffers, handed over, and written in place into the stacked leaves on device."""
+    import jax.numpy as jnp
+    want = device_params(read_checkpoint(ckpt, CONFIG, progress=False), CONFIG)
+    # On a CPU device handing a host buffer over aliases it: the pool must then not reuse it.
+    _same(loader.load_params(ckpt, CONFIG, (1, 1), zero_copy=False, progress=False), want)
+    # A device that copies (as a GPU does): the buffers are reused, the results still exact.
+    made = []
+    real = loader._host_array
+    monkeypatch.setattr(loader, "_host_array",
+                        lambda shape, dtype: made.append(shape) or real(shape, dtype))
+    monkeypatch.setattr(loader, "_to_device",
+                        lambda host, device: jax.device_put(jnp.array(host), device))
+    stats = loader.LoadStats()
+    _same(loader.load_params(ckpt, CONFIG, (1, 1), zero_copy=False, max_inflight=2, stats=stats,
+                             progress=False), want)
+    assert stats.max_inflight_tensors <= 2
+    files = len(checkpoint_entries(CONFIG))
+    assert len(made) < files // 2, (len(made), files)     # buffers were reused
+
+
+@pytest.mark.parametrize("index,contiguous", [
+    ((slice(None), slice(None), slice(None)), True),
+    ((slice(1, 3), slice(None), slice(None)), True),
+    ((slice(2, 3), slice(4, 8), slice(None)), True),
+    ((slice(1, 2), slice(2, 3), slice(1, 5)), True),
+    ((slice(None), slice(0, 4), slice(None)), False),
+    ((slice(None), slice(None), slice(3, 6)), False)])
+def test_copy_slices(tmp_path, index, contiguous):
+    """Contiguous slices are read by offset, strided ones copied out of a memory map, float32
+    converted on the way: all equal numpy's slicing."""
+    array = np.random.default_rng(0).standard_normal((4, 64, 80)).astype(np.float32)
+    save_tensor(tmp_path / "t", array)
+    ref = loader.read_header(tmp_path / "t").parts["array"]
+    assert ref.raw.inline is None
+    assert (loader._byte_range(ref, index) is not None) == contiguous
+    source = loader._Source(str(tmp_path / "t"))
+    try:
+        for dtype in (np.float32, ml_dtypes.bfloat16):
+            want = array[index].astype(dtype)
+            out = np.empty(want.shape, dtype)
+            loader._copy(source, ref, index, out)
+            np.testing.assert_array_equal(bits(out), bits(want))
+    finally:
+        source.close()
 
 
 def test_fixture_matches_reader():

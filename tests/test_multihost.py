@@ -1,5 +1,6 @@
 """Two local processes x 4 CPU devices on a (2, 4) mesh over JAX's distributed runtime (gloo):
-the same logits and greedy tokens as one process, each process reading only its own slices."""
+the same logits as one process and the reference code's greedy tokens (through the engine: a KV
+cache sharded across processes), each process reading only its own slices."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,12 @@ import numpy as np
 from conftest import fixture_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [[1, 5, 9, 13, 40], [7, 3, 22]]
+PROMPTS = (0, 3)   # fixture prompts with 3 and 2 greedy steps before a near-tie (fixtures README)
+# XLA's backend optimisation is off in the workers: compiles are what costs, the model is tiny.
 WORKER = textwrap.dedent(r'''
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
+                               "--xla_backend_optimization_level=0")
     os.environ["JAX_PLATFORMS"] = "cpu"
     port, pid, path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     from grok import distributed
@@ -43,10 +46,12 @@ def _free_port() -> int:
 
 def test_two_processes_match_one(tmp_path):
     path = fixture_dir("grok-tiny-top2")
+    expected = np.load(path / "expected.npz")
+    prompts = [expected[f"prompt_{i}"].tolist() for i in PROMPTS]
     port = _free_port()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), str(path),
-                               str(tmp_path), json.dumps(PROMPTS)], cwd=ROOT, env=env,
+                               str(tmp_path), json.dumps(prompts)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:
@@ -61,15 +66,25 @@ def test_two_processes_match_one(tmp_path):
     import grok
     from grok.checkpoint import read_config
     from grok.params import checkpoint_entries
-    one = grok.load(path)
-    want = one.logits(PROMPTS)
+    want = grok.load(path).logits(prompts)
     results = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]
     for i in range(2):
         got = np.load(tmp_path / f"logits{i}.npy")
-        rel = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+        rel = np.concatenate([np.linalg.norm(got[j, :len(p)] - want[j, :len(p)], axis=-1)
+                              / np.linalg.norm(want[j, :len(p)], axis=-1)
+                              for j, p in enumerate(prompts)])
         assert np.median(rel) < 0.02 and rel.max() < 0.1, rel
         assert results[i]["greedy"] == results[0]["greedy"]
-    assert results[0]["greedy"] == one.generate(PROMPTS, max_new_tokens=3)
+    # greedy tokens: the reference code's, up to each prompt's first near-tie
+    checked = 0
+    for i, tokens in zip(PROMPTS, results[0]["greedy"]):
+        gaps, tgaps = expected[f"gaps_{i}"], expected[f"tgaps_{i}"]
+        steps = 0
+        while steps < len(tokens) and gaps[steps] >= 1.0 and tgaps[steps] >= 1.0:
+            steps += 1
+        assert tokens[:steps] == expected[f"greedy_{i}"].tolist()[:steps], (i, tokens)
+        checked += steps
+    assert checked >= 5
     # each process read only its own slices: the weights are split over "data" = the processes
     total = sum(os.path.getsize(path / "ckpt-0" / e.filename)
                 for e in checkpoint_entries(read_config(path)))

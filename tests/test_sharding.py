@@ -1,9 +1,9 @@
 """Sharding rules, the memory planner, and sharded inference on 8 virtual CPU devices.
 
-The multi-device checks run in one subprocess (XLA_FLAGS must be set before jax is imported):
-meshes (1,8), (2,4), (4,2), (8,1) must give one device's logits and greedy tokens, with the
-weights really sharded; the blocked int8 matmul must be right whatever the scales' row blocks S
-are against the model axis.
+The multi-device checks run in subprocesses (XLA_FLAGS must be set before jax is imported), one
+per checkpoint: meshes (1,8), (2,4), (4,2), (8,1) must give one device's logits and greedy tokens,
+with the weights really sharded and streamed bit for bit; the blocked int8 matmul must be right
+whatever the scales' row blocks S are against the model axis.
 """
 from __future__ import annotations
 
@@ -104,40 +104,47 @@ def test_make_mesh_errors():
 
 
 # --- 8 virtual devices ---------------------------------------------------------------------------
-SCRIPT = textwrap.dedent(r'''
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+# One subprocess per checkpoint, both running at once (XLA compiles dominate; each compile is
+# mostly one thread). Each compiles one forward per mesh plus the one-device reference; the
+# engine (prefill + decode over a sharded KV cache) runs on one mesh, the expert layout once, and
+# the blocked matmul's four block counts in the fixture's process. XLA's backend optimisation is
+# off: these models are tiny, the compiles are what costs, and the one-device reference is
+# compiled the same way.
+XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+SCRIPT = textwrap.dedent(r"""
+    import sys, json
     import numpy as np, jax, jax.numpy as jnp
     import grok
-    from grok import sharding as sh
+    from grok import loader, sharding as sh
+    from grok.checkpoint import read_config
     from grok.quant import QuantizedWeight8bit, qlinear, quantize
+    name, path, prompts, out_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     out = {}
 
-    # blocked int8 matmul with the rows sharded 8 ways and S = 1, 2, 4, 8 row blocks
-    mesh = sh.make_mesh((1, 8))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    w = rng.standard_normal((64, 16)).astype(np.float32)
-    path = "layers/decoder_layer/multi_head_attention/linear/w/"
-    cfg = grok.GrokConfig(key_size=8, num_q_heads=8, num_kv_heads=8)
-    for s in (1, 2, 4, 8):
-        q = quantize(w, s)
-        want = np.asarray(qlinear(jnp.asarray(x), QuantizedWeight8bit(jnp.asarray(q.weight),
-                                  jnp.asarray(q.scales)), jnp.float32))
-        sizes = {"data": 1, "model": 8}
-        ws = sh.param_spec(path + "weight", q.weight.shape, sizes, cfg)
-        ss = sh.param_spec(path + "scales", q.scales.shape, sizes, cfg,
-                           weight_shape=q.weight.shape)
-        qs = QuantizedWeight8bit(jax.device_put(q.weight, sh.named(mesh, ws)),
-                                 jax.device_put(q.scales, sh.named(mesh, ss)))
-        got = np.asarray(jax.jit(lambda a, b: qlinear(a, b, jnp.float32))(jnp.asarray(x), qs))
-        out[f"qlinear_S{s}"] = [float(np.abs(got - want).max()), str(ws), str(ss)]
-
-    all_prompts = json.loads(sys.argv[3])
+    if name == "fixture":
+        # blocked int8 matmul with the rows sharded 8 ways and S = 1, 2, 4, 8 row blocks
+        mesh = sh.make_mesh((1, 8))
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((3, 64)).astype(np.float32)
+        w = rng.standard_normal((64, 16)).astype(np.float32)
+        wpath = "layers/decoder_layer/multi_head_attention/linear/w/"
+        cfg = grok.GrokConfig(key_size=8, num_q_heads=8, num_kv_heads=8)
+        matmul = jax.jit(lambda a, b: qlinear(a, b, jnp.float32))
+        for s in (1, 2, 4, 8):
+            q = quantize(w, s)
+            want = np.asarray(matmul(jnp.asarray(x), QuantizedWeight8bit(jnp.asarray(q.weight),
+                                                                      jnp.asarray(q.scales))))
+            sizes = {"data": 1, "model": 8}
+            ws = sh.param_spec(wpath + "weight", q.weight.shape, sizes, cfg)
+            ss = sh.param_spec(wpath + "scales", q.scales.shape, sizes, cfg,
+                               weight_shape=q.weight.shape)
+            qs = QuantizedWeight8bit(jax.device_put(q.weight, sh.named(mesh, ws)),
+                                     jax.device_put(q.scales, sh.named(mesh, ss)))
+            got = np.asarray(matmul(jnp.asarray(x), qs))
+            out[f"qlinear_S{s}"] = [float(np.abs(got - want).max()), str(ws), str(ss)]
 
     def greedy(m, prompts, steps=3):
-        # greedy by full recompute: one compile (every length stays in the first bucket)
+        # greedy by full recompute: no new compile (every length stays in the first bucket)
         seqs = [list(p) for p in prompts]
         for _ in range(steps):
             logits = m.logits(seqs)
@@ -145,39 +152,52 @@ SCRIPT = textwrap.dedent(r'''
                 seq.append(int(np.argmax(row[len(seq) - 1])))
         return [seq[len(p):] for seq, p in zip(seqs, prompts)]
 
-    engine_mesh = {"random": (2, 4), "fixture": (4, 2)}
-    for name, path in (("random", sys.argv[1]), ("fixture", sys.argv[2])):
-        prompts = all_prompts[name]
-        ref = grok.load(path, progress=False)
-        res = {"ref_logits": ref.logits(prompts).tolist(), "ref_greedy": greedy(ref, prompts)}
-        del ref
-        for mesh in ((1, 8), (2, 4), (4, 2), (8, 1)):
-            m = grok.load(path, mesh, progress=False)
-            layers = m.params["layers"]
-            w1 = layers["decoder_layer/moe/linear_1"]["w"]
-            q = layers["decoder_layer/multi_head_attention/query"]["w"]
-            emb = m.params["embed"]["language_model/in_out_embed"]["embeddings"]
-            shard_shapes = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
-            cache = m.runner.new_cache(8, 16)
-            res[str(mesh)] = {
-                "logits": m.logits(prompts).tolist(),
-                "greedy": greedy(m, prompts),
-                # the engine (sharded KV cache, prefill + decode) on one mesh per checkpoint
-                "engine": (m.generate(prompts, max_new_tokens=3) if mesh == engine_mesh[name]
-                           else None),
-                "specs": [str(a.sharding.spec) for a in (w1.weight, w1.scales, q.weight, emb,
-                                                          cache.k)],
-                "shards": [shard_shapes(a) for a in (w1.weight, q.weight, emb, cache.k)],
-                "full": [list(a.shape) for a in (w1.weight, q.weight, emb, cache.k)],
-            }
-            del m
-        out[name] = res
-    m = grok.load(sys.argv[1], (1, 8), layout="expert", progress=False)
-    w1 = m.params["layers"]["decoder_layer/moe/linear"]["w"].weight
-    out["expert"] = {"logits": m.logits(all_prompts["random"]).tolist(),
-                     "spec": str(w1.sharding.spec)}
-    json.dump(out, open(sys.argv[4], "w"))
-''')
+    def bits(x):
+        x = np.asarray(x)
+        return x.view(np.dtype(f"u{x.dtype.itemsize}"))
+
+    def same_bits(a, b):
+        a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+        return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and
+                                        np.array_equal(bits(x), bits(y)) for x, y in zip(a, b))
+
+    engine_mesh = {"random": (2, 4)}.get(name)
+    ref = grok.load(path, progress=False)
+    out["ref_logits"] = ref.logits(prompts).tolist()
+    out["ref_greedy"] = greedy(ref, prompts)
+    for mesh in ((1, 8), (2, 4), (4, 2), (8, 1)):
+        m = grok.load(path, mesh, progress=False)
+        layers = m.params["layers"]
+        w1 = layers["decoder_layer/moe/linear_1"]["w"]
+        q = layers["decoder_layer/multi_head_attention/query"]["w"]
+        emb = m.params["embed"]["language_model/in_out_embed"]["embeddings"]
+        shard_shapes = lambda a: sorted({tuple(s.data.shape) for s in a.addressable_shards})
+        cache = m.runner.new_cache(8, 16)
+        out[str(mesh)] = {
+            "logits": m.logits(prompts).tolist(),
+            "greedy": greedy(m, prompts),
+            # the engine (sharded KV cache, prefill + decode) on one mesh
+            "engine": m.generate(prompts, max_new_tokens=3) if mesh == engine_mesh else None,
+            "specs": [str(a.sharding.spec) for a in (w1.weight, w1.scales, q.weight, emb,
+                                                      cache.k)],
+            "shards": [shard_shapes(a) for a in (w1.weight, q.weight, emb, cache.k)],
+            "full": [list(a.shape) for a in (w1.weight, q.weight, emb, cache.k)],
+            # the streamed, sharded params are the one-device params, bit for bit; on one
+            # mesh also through the loader's copying path (reused host buffers, on-device
+            # in-place layer updates: what a GPU takes)
+            "params_equal": same_bits(m.params, ref.params),
+            "copy_path_equal": (same_bits(loader.load_params(path, read_config(path), m.mesh,
+                                                             zero_copy=False, progress=False),
+                                          ref.params) if mesh == (2, 4) else None),
+        }
+        del m
+    if name == "random":
+        m = grok.load(path, (1, 8), layout="expert", progress=False)
+        w1 = m.params["layers"]["decoder_layer/moe/linear"]["w"].weight
+        out["expert"] = {"logits": m.logits(prompts).tolist(), "spec": str(w1.sharding.spec),
+                         "params_equal": same_bits(m.params, ref.params)}
+    json.dump(out, open(out_file, "w"))
+""")
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +213,25 @@ def results(tmp_path_factory):
     expected = np.load(fixture / "expected.npz")
     prompts = {"random": RANDOM_PROMPTS,
                "fixture": [expected[f"prompt_{i}"].tolist() for i in FIXTURE_PROMPTS]}
-    out = tmp / "out.json"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "random"), str(fixture),
-                           json.dumps(prompts), str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text()), prompts, expected
+    paths = {"random": tmp / "random", "fixture": fixture}
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+    procs = {name: subprocess.Popen([sys.executable, "-c", SCRIPT, name, str(paths[name]),
+                                     json.dumps(prompts[name]), str(tmp / f"{name}.json")],
+                                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+             for name in paths}
+    try:
+        errors = {name: p.communicate(timeout=900)[1] for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}: {errors[name][-3000:]}"
+    out = {name: json.loads((tmp / f"{name}.json").read_text()) for name in paths}
+    out.update((k, v) for k, v in out["fixture"].items() if k.startswith("qlinear"))
+    out["expert"] = out["random"]["expert"]
+    return out, prompts, expected
 
 
 RANDOM_PROMPTS = [[5, 9, 17, 33, 65], [100, 7, 3, 12, 44, 90, 21, 8, 16], [77, 6, 50]]
@@ -263,6 +296,9 @@ def test_mesh_matches_one_device(results, name, mesh):
         assert "model" in got["specs"][0] and "model" in got["specs"][2]
     if d > 1:
         assert "data" in got["specs"][4]          # KV cache batch over "data"
+    assert got["params_equal"]
+    assert got["copy_path_equal"] in (None, True)
+    assert mesh != "(2, 4)" or got["copy_path_equal"]
 
 
 def test_random_greedy_identical_everywhere(results):
@@ -280,3 +316,4 @@ def test_expert_layout(results):
                                   np.asarray(out["random"]["ref_logits"])[i, :len(p)])
                              for i, p in enumerate(prompts)])
     assert np.median(errors) < 0.02
+    assert out["expert"]["params_equal"]
