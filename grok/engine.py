@@ -18,7 +18,8 @@ import numpy as np
 
 from grok.config import GrokConfig
 from grok.model import KVCache, forward, init_cache
-from grok.params import is_scanned
+from grok.params import EMBED_MODULE, is_scanned
+from grok.quant import embedding_dtype
 from grok.sampling import SamplingParams, row_keys, sample
 from grok.sharding import Placement
 
@@ -64,12 +65,22 @@ class Result:
         return self.finish_reason is not None
 
 
+def _with_compute_embedding(params: dict[str, Any]) -> dict[str, Any]:
+    """The params with the embedding in `embedding_dtype()`: on CPU its bfloat16 values widened to
+    float32 once here, instead of by every logits dot."""
+    table = params["embed"][EMBED_MODULE]["embeddings"]
+    if table.dtype == embedding_dtype():
+        return params
+    embed = {**params["embed"], EMBED_MODULE: {"embeddings": table.astype(embedding_dtype())}}
+    return {**params, "embed": embed}
+
+
 class ModelRunner:
     """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
                  shardings: Any = None, mesh: Any = None):
-        self.params = params
+        self.params = _with_compute_embedding(params)
         self.config = config
         self.scan = is_scanned(params)
         self.compiles: collections.Counter[str] = collections.Counter()

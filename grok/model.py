@@ -174,7 +174,8 @@ class InOutEmbed(hk.Module):
     def _table(self) -> jax.Array:
         c = self.config
         shape = [c.vocab_size, c.emb_size]
-        return hk.get_parameter("embeddings", shape, BF16, init=_no_init).astype(BF16)
+        table = hk.get_parameter("embeddings", shape, BF16, init=_no_init)
+        return table if table.dtype == jnp.float32 else table.astype(BF16)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         rows = self._table()[tokens].astype(jnp.float32)

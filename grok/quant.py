@@ -97,6 +97,12 @@ def _cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def embedding_dtype() -> Any:
+    """The embedding's dtype in compute: bfloat16, or on CPU its bfloat16 values widened to float32
+    (CPU dots widen bf16 operands, which would cost a full copy of the table at every step)."""
+    return jnp.float32 if _cpu() else BF16
+
+
 def _dequantize_f32(q: QuantizedWeight8bit) -> jax.Array:
     """weight * scales in float32: exact (an int8 times a bfloat16 needs 16 significant bits).
 
