@@ -14,7 +14,6 @@ from grok import checkpoint
 from grok.config import GrokConfig
 from grok.engine import Engine, ModelRunner, Request, bucket
 from grok.params import to_model_params
-from grok.quant import is_quantized
 from grok.sampling import SamplingParams
 from grok.tokenizer import Tokenizer
 
