@@ -28,8 +28,11 @@ class Grok:
         self.config = config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.mesh = mesh
         self.runner = ModelRunner(params, config, moe_impl=moe_impl, mesh=mesh)
+
+    @property
+    def mesh(self) -> Any:
+        return self.runner.mesh
 
     @property
     def params(self) -> dict[str, Any]:
@@ -65,10 +68,9 @@ class Grok:
         need = max(min(len(r.prompt), self.config.sequence_len - r.max_new_tokens)
                    + r.max_new_tokens for r in requests)
         max_len = bucket(need, self.config.sequence_len)
-        slots = 1    # a power of two: few distinct shapes, so few compiles
-        while slots < min(len(requests), self.max_batch):
-            slots *= 2
-        return Engine(self.runner, batch_size=min(slots, self.max_batch), max_len=max_len,
+        # Slots in powers of two: few distinct shapes, so few compiles.
+        slots = bucket(min(len(requests), self.max_batch), self.max_batch, minimum=1)
+        return Engine(self.runner, batch_size=slots, max_len=max_len,
                       tokenizer=self.tokenizer)
 
     def generate(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 64,

@@ -79,12 +79,11 @@ class ModelRunner:
     """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
-                 shardings: Any = None, mesh: Any = None):
+                 mesh: Any = None):
         self.params = _with_compute_embedding(params)
         self.config = config
         self.scan = is_scanned(params)
         self.compiles: collections.Counter[str] = collections.Counter()
-        self.shardings = shardings
         # On a mesh (grok.sharding): params arrive sharded, the cache is made sharded, and the
         # jitted functions pin the cache / logits layouts of their outputs (identity without one).
         self.mesh = mesh
