@@ -2,7 +2,7 @@
 ~13 GB) streamed by grok.loader, against `cat` of the same files, with peak host RSS.
 
     python benchmarks/load.py [--dir /tmp/grok-bench] [--layers 2] [--mesh 1,1] [--loads 2]
-                              [--keep] [--reuse] [--root CHECKOUT]
+                              [--keep] [--reuse] [--root CHECKOUT] [--cold]
 
 Order: write (or --reuse an existing one), then `--loads` times: cat (files as the previous step
 left them in the page cache), load. Then cat once more. Each load runs in a fresh subprocess so
@@ -10,7 +10,9 @@ its peak RSS (ru_maxrss) is its own. On a CPU "device" the loaded weights live i
 too, so the RSS the loader itself adds is peak minus the params. `touch` is the rate at which a
 fresh process can first-touch as much new memory as the params take (the page-fault ceiling
 for anything that materialises them in host memory). `--root` measures another checkout's loader
-(e.g. an older commit) on the same files.
+(e.g. an older commit) on the same files. `--cold` empties the page cache before every `cat` and
+every load (Linux, as root), so both read from the disk: the case of a checkpoint too large for
+the host's memory, like Grok-1's 318 GB.
 """
 from __future__ import annotations
 
@@ -59,6 +61,17 @@ def write(path: Path, layers: int) -> int:
         save_tensor(ckpt / entry.filename, leaf)
         del leaf
     return sum(f.stat().st_size for f in ckpt.iterdir())
+
+
+def drop_caches() -> None:
+    """Empty the page cache (clean pages only; needs root)."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:
+        raise SystemExit(f"--cold: cannot write /proc/sys/vm/drop_caches ({err.strerror}); "
+                         "run as root") from None
+    time.sleep(1)
 
 
 def cat(path: Path) -> float:
@@ -123,6 +136,8 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     p.add_argument("--reuse", action="store_true", help="use the checkpoint already in --dir")
     p.add_argument("--root", type=Path, default=ROOT, help="checkout whose grok.loader to run")
+    p.add_argument("--cold", action="store_true",
+                   help="empty the page cache before each cat and load (root)")
     args = p.parse_args()
     try:
         start = time.perf_counter()
@@ -136,15 +151,20 @@ def main() -> None:
               flush=True)
         rows = []
         previous = "reuse" if args.reuse else "write"
+        cold = drop_caches if args.cold else (lambda: None)
         for _ in range(args.loads):
+            cold()
             t = cat(args.dir)
-            rows.append((f"cat (after {previous})", total / t / 1e9, t, None))
+            rows.append(("cat (cold)" if args.cold else f"cat (after {previous})",
+                         total / t / 1e9, t, None))
+            cold()
             r = load(args.dir, args.mesh, args.root)
-            rows.append(("grok.loader (after cat)", r["bytes_read"] / r["seconds"] / 1e9,
-                         r["seconds"], r))
+            rows.append(("grok.loader (cold)" if args.cold else "grok.loader (after cat)",
+                         r["bytes_read"] / r["seconds"] / 1e9, r["seconds"], r))
             previous = "load"
-        t = cat(args.dir)
-        rows.append(("cat (after load)", total / t / 1e9, t, None))
+        if not args.cold:
+            t = cat(args.dir)
+            rows.append(("cat (after load)", total / t / 1e9, t, None))
         t = touch(r["params_bytes"])
         rows.append((f"touch {r['params_bytes'] / 1e9:.2f} GB", r["params_bytes"] / t / 1e9, t,
                      None))
