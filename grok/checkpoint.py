@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from grok import loader, sharding
+    from grok import sharding
+    from grok.verify import verify
     from grok.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
@@ -493,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if fits else 1
         config = GrokConfig.from_json(args.config) if args.config else read_config(args.directory)
         bad = total = 0
-        for report in loader.verify(args.directory, config, workers=args.workers):
+        for report in verify(args.directory, config, workers=args.workers):
             total += 1
             bad += not report.ok
             if not report.ok or not args.quiet:
