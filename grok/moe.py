@@ -25,6 +25,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from grok import quant
 from grok.config import GrokConfig
 from grok.quant import (BF16, QuantizedWeight8bit, _dequantize_f32, dot, expert_qlinear,
                         is_quantized, qlinear)
@@ -143,7 +144,7 @@ def _per_token_qlinear(x: jax.Array, w) -> jax.Array:  # float32 out
     """x [N, k, In] times per-(token, choice) int8 weights [N, k, In, Out], scaled per row block."""
     if not is_quantized(w):
         return dot("nki,nkio->nko", x, w.astype(x.dtype))
-    if jax.default_backend() == "cpu":
+    if quant.on_cpu():
         return dot("nki,nkio->nko", x, _dequantize_f32(w))
     n, k, rows, cols = w.weight.shape
     blocks = w.scales.shape[-2]

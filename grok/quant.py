@@ -93,14 +93,17 @@ def dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _cpu() -> bool:
+def on_cpu() -> bool:
+    """Whether computations run on XLA's CPU backend, whose dots take no int8 or bfloat16
+    operands in some layouts: weights are then widened to float32 before the dot (elsewhere the
+    conversion happens inside the dot and scales are applied per row block after it)."""
     return jax.default_backend() == "cpu"
 
 
 def embedding_dtype() -> Any:
     """The embedding's dtype in compute: bfloat16, or on CPU its bfloat16 values widened to float32
     (CPU dots widen bf16 operands, which would cost a full copy of the table at every step)."""
-    return jnp.float32 if _cpu() else BF16
+    return jnp.float32 if on_cpu() else BF16
 
 
 def _dequantize_f32(q: QuantizedWeight8bit) -> jax.Array:
@@ -129,7 +132,7 @@ def qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array, out_dtype: Any = B
     tests) is used as it is."""
     if not is_quantized(q):
         return dot("...i,io->...o", x, q.astype(x.dtype)).astype(out_dtype)
-    if _cpu():
+    if on_cpu():
         return dot("...i,io->...o", x, _dequantize_f32(q)).astype(out_dtype)
     blocks = q.scale_blocks
     rows, cols = q.weight.shape
@@ -145,7 +148,7 @@ def expert_qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array,
     if not is_quantized(q):
         spec = "ni,eio->neo" if x.ndim == 2 else "nei,eio->neo"
         return dot(spec, x, q.astype(x.dtype)).astype(out_dtype)
-    if _cpu():
+    if on_cpu():
         spec = "ni,eio->neo" if x.ndim == 2 else "nei,eio->neo"
         return dot(spec, x, _dequantize_f32(q)).astype(out_dtype)
     blocks = q.scale_blocks

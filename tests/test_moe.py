@@ -41,6 +41,27 @@ def test_fast_paths_equal_dense(experts, k, n, impl):
     np.testing.assert_allclose(out, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
+@pytest.mark.parametrize("impl", ["gather", "grouped"])
+def test_accelerator_int8_path_equals_dense(monkeypatch, impl):
+    """The GPU/TPU path of the selected-experts matmuls (int8 converted inside the dot, scales per
+    row block after it) run on CPU: the same numbers as dense."""
+    import grok.moe
+    import grok.quant
+    monkeypatch.setattr(grok.quant, "on_cpu", lambda: False)
+
+    def widened(*_):
+        raise AssertionError("the CPU path (weights widened before the dot) ran")
+    monkeypatch.setattr(grok.moe, "_dequantize_f32", widened)
+    monkeypatch.setattr(grok.quant, "_dequantize_f32", widened)
+    rng = np.random.default_rng(11)
+    w1, wv, w2 = _weights(rng, 4, 32, 48, 4)
+    x = jnp.asarray(rng.standard_normal((3, 32)), jnp.bfloat16)
+    gates, chosen = _routing(rng, 3, 4, 2)
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
+    out = np.asarray(jax.jit(lambda *a: moe(*a, impl=impl))(x, gates, chosen, w1, wv, w2))
+    np.testing.assert_allclose(out, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+
+
 def test_float_weights_grouped_and_gradients():
     """Float (training) weights take the same paths; gradients flow through the grouped scan."""
     rng = np.random.default_rng(7)

@@ -102,7 +102,7 @@ def test_quantize_zero_blocks_and_bad_block_counts():
 def test_scale_after_the_dot_path_matches_dequantised_weights(monkeypatch, blocks):
     """The accelerator path (row blocks scaled after the int8 dot) is exercised here on CPU too."""
     import grok.quant
-    monkeypatch.setattr(grok.quant, "_cpu", lambda: False)
+    monkeypatch.setattr(grok.quant, "on_cpu", lambda: False)
     rng = np.random.default_rng(blocks)
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
     xf = np.asarray(x, np.float64)
