@@ -78,7 +78,7 @@ class Grok:
                  stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
                  truncate: str | None = None) -> list[list[int]]:
         """The new tokens of each prompt: greedy at temperature 0, ending after eos (included),
-        a stop id or string, or `max_new_tokens`. Uses the KV cache: one prefill per prompt,
+        a stop id or string, or `max_new_tokens`. Uses the KV cache: prompts prefilled together,
         then one token per step, with up to `max_batch` prompts decoding together."""
         requests = self._requests(token_lists, max_new_tokens, temperature, top_p, top_k, seed,
                                   stop_ids, stop_strings, truncate)

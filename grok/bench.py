@@ -197,7 +197,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
 
     def prefill():
         logits, state["cache"] = runner._prefill(runner.params, state["cache"], tokens,
-                                                 jnp.int32(0), jnp.asarray([prefill_len]))
+                                                 jnp.asarray([0]), jnp.asarray([prefill_len]))
         return logits
     t = median_time(prefill, repeats)
     flops = prefill_flops(config, prefill_len)

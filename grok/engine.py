@@ -1,9 +1,10 @@
 """Generation: a continuous-batching engine over fixed batch slots and a shared KV cache.
 
 A finished request frees its slot and the next waiting request is prefilled into it while the
-others keep decoding. Prompts are prefilled alone in power-of-two length buckets, and decode
-steps attend over the cache up to the longest live sequence (also bucketed), so the number of
-compiles stays bounded by the number of buckets.
+others keep decoding. Prompts admitted together are prefilled together, grouped by power-of-two
+length bucket, in power-of-two row counts (at most `prefill_tokens` tokens per call); decode steps
+attend over the cache up to the longest live sequence (also bucketed), so the number of compiles
+stays bounded by the number of buckets.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from grok.model import KVCache, forward, init_cache
 from grok.params import EMBED_MODULE, is_scanned
 from grok.quant import embedding_dtype
 from grok.sampling import SamplingParams, row_keys, sample
-from grok.sharding import Placement
+from grok.sharding import PREFILL_TOKENS, Placement
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16          # prompt lengths
@@ -90,11 +91,12 @@ class ModelRunner:
         self.place = place = Placement(mesh, config)
         fwd = dict(config=config, moe_impl=moe_impl)
 
-        def prefill(params, cache, tokens, slot, length):
-            # One prompt [1, P] as a fresh sequence, written straight into cache row `slot`.
-            logits, cache = forward(params, tokens, cache, jnp.zeros((1,), jnp.int32),
-                                    attend_len=0, rows=slot[None], logit_index=length - 1, **fwd)
-            return place.constrain("logits", logits[0]), place.cache(cache)
+        def prefill(params, cache, tokens, rows, lengths):
+            # Prompts [R, P] as fresh sequences, prompt r written straight into cache row
+            # rows[r] (a row index past the cache's batch writes nothing: padding).
+            logits, cache = forward(params, tokens, cache, jnp.zeros(tokens.shape[:1], jnp.int32),
+                                    attend_len=0, rows=rows, logit_index=lengths - 1, **fwd)
+            return place.constrain("logits", logits), place.cache(cache)
 
         def decode(params, cache, tokens, positions, attend_len):
             logits, cache = forward(params, tokens[:, None], cache, positions,
@@ -140,7 +142,7 @@ class Engine:
     """
 
     def __init__(self, runner: ModelRunner, batch_size: int = 8, max_len: int | None = None,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, prefill_tokens: int = PREFILL_TOKENS):
         config = runner.config
         self.runner = runner
         self.config = config
@@ -151,7 +153,9 @@ class Engine:
         self.results: dict[int, Result] = {}
         self.waiting: collections.deque[int] = collections.deque()
         self.slots: list[int | None] = [None] * batch_size
+        self.prefill_tokens = prefill_tokens
         self.attend_spans: collections.Counter[int] = collections.Counter()  # decode steps by span
+        self.prefill_shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (R, P)
         self._next_id = 0
 
     # --- requests -----------------------------------------------------------------------------
@@ -234,24 +238,45 @@ class Engine:
                                               jnp.asarray(settings[2], jnp.int32)))
 
     def _admit(self) -> list[tuple[int, int]]:
-        events = []
+        """Move waiting requests into free slots, prefilling those of one length bucket together."""
+        groups: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
         for slot in range(self.batch_size):
-            if self.slots[slot] is not None or not self.waiting:
-                continue
-            rid = self.waiting.popleft()
+            if self.slots[slot] is None and self.waiting:
+                rid = self.waiting.popleft()
+                groups[bucket(len(self.results[rid].prompt), self.max_len)].append((slot, rid))
+        events = []
+        for length, group in sorted(groups.items()):
+            most = max(1, self.prefill_tokens // length)
+            for start in range(0, len(group), most):
+                events += self._prefill(group[start:start + most], length)
+        return events
+
+    def _prefill(self, group: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+        """Prefill the (slot, request id) pairs of `group` in one call, padded to `length` tokens
+        and a power-of-two row count (pad rows repeat the first prompt and write nothing), then
+        draw each request's first token."""
+        rows = min(bucket(len(group), self.batch_size, minimum=1), self.batch_size)
+        tokens = np.full((rows, length), self.config.pad_token, np.int32)
+        cache_rows = np.full(rows, self.batch_size, np.int32)   # past the cache: dropped
+        lengths = np.ones(rows, np.int32)
+        seeds = np.zeros(rows, np.uint32)
+        settings = np.zeros((3, rows), np.float32)
+        for i, (slot, rid) in enumerate(group):
             res = self.results[rid]
-            length = len(res.prompt)
-            padded = np.full((1, bucket(length, self.max_len)), self.config.pad_token, np.int32)
-            padded[0, :length] = res.prompt
-            logits, self.cache = self.runner._prefill(
-                self.runner.params, self.cache, jnp.asarray(padded), jnp.int32(slot),
-                jnp.asarray([length], jnp.int32))
+            tokens[i, :len(res.prompt)] = res.prompt
+            cache_rows[i], lengths[i], seeds[i] = slot, len(res.prompt), res.request.seed
             s = res.request.sampling
-            settings = np.array([[s.temperature], [s.top_p], [s.top_k]], np.float32)
-            token = self._draw(logits[None], np.array([res.request.seed], np.uint32),
-                               np.zeros(1, np.int32), settings)[0]
+            settings[:, i] = (s.temperature, s.top_p, s.top_k)
+        tokens[len(group):], lengths[len(group):] = tokens[0], lengths[0]
+        self.prefill_shapes[(rows, length)] += 1
+        logits, self.cache = self.runner._prefill(
+            self.runner.params, self.cache, jnp.asarray(tokens), jnp.asarray(cache_rows),
+            jnp.asarray(lengths))
+        chosen = self._draw(logits, seeds, np.zeros(rows, np.int32), settings)
+        events = []
+        for i, (slot, rid) in enumerate(group):
             self.slots[slot] = rid
-            events.append((rid, self._append(slot, rid, int(token))))
+            events.append((rid, self._append(slot, rid, int(chosen[i]))))
         return events
 
     def _append(self, slot: int, rid: int, token: int) -> int:

@@ -356,9 +356,13 @@ def _leaf_layout(config: GrokConfig) -> Iterable[tuple[str, tuple[int, ...], Any
             yield path, e.shape, (bf16 if e.param == "embeddings" else f32), e.layer is not None
 
 
+PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
+
+
 def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: int | None = None,
                     layout: str = "tensor", capacity_gb: float | None = None,
-                    overhead_gb: float = 1.0) -> MemoryEstimate:
+                    overhead_gb: float = 1.0, prefill_tokens: int = PREFILL_TOKENS
+                    ) -> MemoryEstimate:
     """Per-device bytes on `mesh` ((data, model), a dict or a Mesh) for `batch` sequences of
     `length` tokens (default: the full context):
 
@@ -367,8 +371,9 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
       they divide;
     - workspace: one layer's weights gathered over "data" (the scan gathers a layer at a time)
       with a bfloat16 copy of the largest weight shard (int8 -> bf16 in the matmul), the
-      activations of a one-prompt prefill of `length` tokens or a batch decode step (MoE hidden
-      [N, E, F] float32 x2, attention scores, logits), and `overhead_gb` for the runtime.
+      activations of a prefill of `length`-token prompts (as many rows as the engine batches
+      within `prefill_tokens`, at least one) or a batch decode step (MoE hidden [N, E, F] float32
+      x2, attention scores, logits), and `overhead_gb` for the runtime.
     """
     sizes = mesh_shape(mesh)
     check_layout(config, sizes, layout)
@@ -395,13 +400,14 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
     kv_heads = config.num_kv_heads // m if config.num_kv_heads % m == 0 else config.num_kv_heads
     local_batch = batch // d if batch % d == 0 else batch
     kv = 2 * config.num_layers * local_batch * length * kv_heads * config.key_size * 2
-    # activations (float32), per device, for the larger of prefill (1 x T) and decode (B x 1)
+    # activations (float32), per device, for the larger of prefill (R x T) and decode (B x 1)
+    prefill_rows = max(1, min(batch, prefill_tokens // max(1, length)))
     f_local = config.ffn_size // m if config.ffn_size % m == 0 else config.ffn_size
     e_local = config.num_experts // m if layout == "expert" else config.num_experts
     hq_local = config.num_q_heads // m if config.num_q_heads % m == 0 else config.num_q_heads
     v_local = config.vocab_size // m if config.vocab_size % m == 0 else config.vocab_size
     acts = 0
-    for n_tokens, keys in ((length, length), (local_batch, length)):
+    for n_tokens, keys in ((prefill_rows * length, length), (local_batch, length)):
         moe = 2 * n_tokens * e_local * f_local * 4 + n_tokens * config.num_experts * \
             config.emb_size * 4
         scores = 2 * n_tokens * hq_local * keys * 4

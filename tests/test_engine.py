@@ -133,9 +133,29 @@ def test_hundreds_of_requests_drain_with_bounded_compiles(model):
     assert all(engine.results[i].done for i in ids)
     assert all(1 <= len(engine.results[i].tokens) <= engine.results[i].request.max_new_tokens
                for i in ids)
-    buckets = int(math.log2(64 // 16)) + 1           # 16, 32, 64
+    buckets = int(math.log2(64 // 16)) + 1           # lengths 16, 32, 64
+    row_buckets = int(math.log2(8)) + 1              # prefill rows 1, 2, 4, 8
     new = {k: v - before.get(k, 0) for k, v in model.runner.compiles.items()}
-    assert new.get("prefill", 0) <= buckets and new.get("decode", 0) <= buckets
+    assert new.get("prefill", 0) <= buckets * row_buckets and new.get("decode", 0) <= buckets
+    assert set(engine.prefill_shapes) <= {(r, p) for r in (1, 2, 4, 8) for p in (16, 32, 64)}
+
+
+def test_prompts_admitted_together_are_prefilled_together(model):
+    """Eight prompts of two length buckets: one prefill call per bucket (rows padded to a power
+    of two, pad rows writing nothing), and the same tokens as each prompt alone."""
+    prompts = [p for p in PROMPTS if len(p) <= 13] + [list(range(3, 23)), list(range(5, 30))]
+    alone = [model.generate([p], max_new_tokens=5)[0] for p in prompts]
+    engine = Engine(model.runner, batch_size=16, max_len=64)
+    ids = [engine.submit(Request(p, max_new_tokens=5)) for p in prompts]
+    list(engine.run())
+    assert [engine.results[i].tokens for i in ids] == alone
+    assert engine.prefill_shapes == {(8, 16): 1, (2, 32): 1}
+    # a token budget splits a bucket's group into several calls
+    engine = Engine(model.runner, batch_size=16, max_len=64, prefill_tokens=64)
+    ids = [engine.submit(Request(p, max_new_tokens=5)) for p in prompts[:8]]
+    list(engine.run())
+    assert [engine.results[i].tokens for i in ids] == alone[:8]
+    assert engine.prefill_shapes == {(4, 16): 2}
 
 
 def test_stream_yields_the_generated_tokens(model):

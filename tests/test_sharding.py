@@ -81,6 +81,12 @@ def test_plan_grok1():
     assert 38e9 < est.weights < 41e9
     with pytest.raises(sh.ShardingError, match="does not fit.*GB"):
         sh.check_fits(GROK1, (1, 8), int(20e9))
+    # the workspace covers the engine's batched prefill: 8 prompts of 512 take 8x one prompt's
+    # activations (4096 tokens, the default budget); past the budget it stops growing
+    one = sh.estimate_memory(GROK1, (1, 8), batch=1, length=512).workspace
+    eight = sh.estimate_memory(GROK1, (1, 8), batch=8, length=512).workspace
+    many = sh.estimate_memory(GROK1, (1, 8), batch=32, length=512).workspace
+    assert eight - one > 6 * 4096 * GROK1.emb_size * 4 and many - eight < 0.01 * (eight - one)
 
 
 def test_plan_cli():
