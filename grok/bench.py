@@ -120,7 +120,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
     """Bytes/s of an elementwise pass that reads and writes `nbytes` (counted twice)."""
-    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    x = jnp.arange(nbytes // 4, dtype=jnp.float32)   # not zeros: memory may compress them
     fn = jax.jit(lambda a: a + 1.0)
     return 2 * x.nbytes / median_time(lambda: fn(x), repeats)
 
@@ -129,9 +129,9 @@ def matmul_rate(n: int, repeats: int = 5) -> float:
     """FLOP/s of an [n, n] x [n, n] matmul (bfloat16 with float32 accumulation; float32 on CPU,
     whose runtime lacks fast bf16 dots)."""
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    a = jnp.ones((n, n), dtype)
-    fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    return 2 * n ** 3 / median_time(lambda: fn(a, a), repeats)
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), dtype) for i in (1, 2))  # not constants:
+    fn = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))  # they run fast
+    return 2 * n ** 3 / median_time(lambda: fn(a, b), repeats)
 
 
 # --- bytes and FLOPs of a step -------------------------------------------------------------------
@@ -182,8 +182,17 @@ def runner_for(params, config, moe_impl: str) -> ModelRunner:
     return _RUNNERS[key]
 
 def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: int,
-               repeats: int, bandwidth: float, flops_rate: float) -> list[dict[str, Any]]:
-    """Median prefill and decode step times of the jitted model functions (no engine loop)."""
+               repeats: int, bandwidth: float, flops_rate: float,
+               outputs: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Median prefill and decode step times of the jitted model functions (no engine loop).
+    Each step's first logits go to `outputs` (by phase), for comparing evaluations."""
+    outputs = {} if outputs is None else outputs
+
+    def first(name: str, logits: jax.Array) -> jax.Array:
+        if name not in outputs:
+            outputs[name] = np.asarray(logits, np.float32)
+        return logits
+
     runner = runner_for(params, config, moe_impl)
     moe_w = [params["layers"][f"decoder_layer/moe/{n}"]["w"] for n in ("linear", "linear_v",
                                                                      "linear_1")]
@@ -198,7 +207,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
     def prefill():
         logits, state["cache"] = runner._prefill(runner.params, state["cache"], tokens,
                                                  jnp.asarray([0]), jnp.asarray([prefill_len]))
-        return logits
+        return first(f"prefill {prefill_len}", logits)
     t = median_time(prefill, repeats)
     flops = prefill_flops(config, prefill_len)
     rows.append(dict(phase=f"prefill {prefill_len}", moe_impl=moe_impl, batch=1,
@@ -217,7 +226,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
         def decode():
             logits, state["cache"] = runner._decode(runner.params, state["cache"], toks,
                                                     positions, attend)
-            return logits
+            return first(f"decode batch {batch}", logits)
         t = median_time(decode, repeats)
         nbytes = decode_bytes(params, config, batch, attend)
         rows.append(dict(phase="decode", moe_impl=moe_impl, batch=batch,
@@ -262,6 +271,18 @@ def engine_throughput(params, config, moe_impl: str, batch: int, prompt_len: int
     return result
 
 
+def compare_outputs(outputs: dict[str, dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+    """Max |logits - dense logits| relative to max |dense logits|, per step and evaluation."""
+    ref = outputs.get("dense", {})
+    rows = []
+    for impl, steps in outputs.items():
+        for name, logits in steps.items():
+            if impl != "dense" and name in ref:
+                rows.append(dict(check=name, moe_impl=impl, rel_err=float(
+                    np.abs(logits - ref[name]).max() / max(np.abs(ref[name]).max(), 1e-30))))
+    return rows
+
+
 def check_against_dense(params, config, impls: list[str], batches: list[int],
                         prompt_len: int) -> list[dict[str, Any]]:
     """Max |logits - dense logits| (relative to max |dense logits|) of each evaluation, for a
@@ -302,11 +323,43 @@ def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) ->
     return "\n".join(lines)
 
 
+def peak_memory(after: str, weights_gb: float, cache_gb: float) -> dict[str, Any] | None:
+    """The device's peak bytes in use so far against weights + KV cache (None where the backend
+    keeps no statistics, as on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        return None
+    peak = stats["peak_bytes_in_use"] / 1e9
+    return dict(after=after, peak_gb=peak, weights_gb=weights_gb, cache_gb=cache_gb,
+                overhead=peak / (weights_gb + cache_gb) - 1)
+
+
 def machine() -> dict[str, Any]:
     dev = jax.devices()[0]
     return dict(jax=jax.__version__, backend=jax.default_backend(),
                 device=getattr(dev, "device_kind", str(dev)), python=platform.python_version(),
                 host=platform.machine(), cpus=__import__("os").cpu_count())
+
+
+def dequantized_buffers(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
+    """Instructions of a compiled module's unfused computations whose result is a float (f32,
+    bf16, f16) array with as many elements as `shape` (any layout or reshaping of it): a
+    dequantised weight written to memory. Instructions inside fusion computations stay in
+    registers and are not counted."""
+    size = int(np.prod(shape))
+    pattern = re.compile(r"= (f32|bf16|f16)\[([\d,]+)\]")
+    found, fused = [], False
+    for line in hlo_text.splitlines():
+        head = line.strip()
+        if head.endswith("{") and "->" in head and (head.startswith(("%", "ENTRY"))):
+            name = "ENTRY" if head.startswith("ENTRY") else head.split()[0].lstrip("%")
+            fused = "fused" in name or "fusion" in name or name.startswith("wrapped")
+            continue
+        match = pattern.search(line)
+        if not fused and match and int(np.prod([int(v) for v in match.group(2).split(",")])) \
+                == size:
+            found.append(head)
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,10 +427,18 @@ def main(argv: list[str] | None = None) -> int:
         rate = matmul_rate(1024 if on_cpu else 8192)
         print(f"\nmeasured: copy {bandwidth / 1e9:.1f} GB/s, matmul {rate / 1e12:.2f} TFLOP/s",
               flush=True)
-        rows = []
+        rows, outputs, failed, memory = [], {}, [], []
+        max_len = bucket(args.prefill_len + 1, config.sequence_len)
+        cache_gb = 2 * config.num_layers * max(batches) * max_len * config.kv_size * 2 / 1e9
         for impl in impls:
-            rows += step_times(params, config, impl, batches, args.prefill_len, args.repeats,
-                               bandwidth, rate)
+            try:   # one failing evaluation (a kernel that does not build here) spares the rest
+                rows += step_times(params, config, impl, batches, args.prefill_len, args.repeats,
+                                   bandwidth, rate, outputs.setdefault(impl, {}))
+                memory.append(peak_memory(impl, weight_gb, cache_gb))
+            except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+                first_line = (str(err).strip().splitlines() or [""])[0][:300]
+                print(f"moe_impl={impl} FAILED: {type(err).__name__}: {first_line}", flush=True)
+                failed.append(impl)
         print(f"\nSteps ({name}, {weight_gb:.1f} GB of weights, decode after "
               f"{args.prefill_len} tokens)\n")
         print(markdown(rows, [("phase", "phase", "s"), ("moe_impl", "moe_impl", "s"),
@@ -385,34 +446,28 @@ def main(argv: list[str] | None = None) -> int:
                               ("ms", "median ms", ".2f"), ("tokens_per_s", "tok/s", ".1f"),
                               ("roofline_ms", "roofline ms", ".2f"),
                               ("fraction", "of roofline", ".2f")]), flush=True)
-        out.update(steps=rows, copy_gb_s=bandwidth / 1e9, matmul_tflop_s=rate / 1e12)
+        memory = [m for m in memory if m]
+        if memory:
+            print("\nPeak device memory (cumulative: the first evaluation's is its own)\n")
+            print(markdown(memory, [("after", "after moe_impl", "s"), ("peak_gb", "peak GB", ".2f"),
+                                    ("weights_gb", "weights GB", ".2f"),
+                                    ("cache_gb", "largest KV cache GB", ".3f"),
+                                    ("overhead", "over weights + cache", ".1%")]), flush=True)
+        out.update(steps=rows, copy_gb_s=bandwidth / 1e9, matmul_tflop_s=rate / 1e12,
+                   failed=failed, memory=memory)
+        same = compare_outputs(outputs)
+        if same:
+            print("\nThe timed steps' logits against moe_impl='dense'\n")
+            print(markdown(same, [("check", "step", "s"), ("moe_impl", "moe_impl", "s"),
+                                  ("rel_err", "max rel. error vs dense", ".2e")]), flush=True)
+            out["steps_check"] = same
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    return 0
+    return 1 if out.get("failed") else 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def dequantized_buffers(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
-    """Instructions of a compiled module's unfused computations whose result is a float (f32,
-    bf16, f16) array with as many elements as `shape` (any layout or reshaping of it): a
-    dequantised weight written to memory. Instructions inside fusion computations stay in
-    registers and are not counted."""
-    size = int(np.prod(shape))
-    pattern = re.compile(r"= (f32|bf16|f16)\[([\d,]+)\]")
-    found, fused = [], False
-    for line in hlo_text.splitlines():
-        head = line.strip()
-        if head.endswith("{") and "->" in head and (head.startswith(("%", "ENTRY"))):
-            name = "ENTRY" if head.startswith("ENTRY") else head.split()[0].lstrip("%")
-            fused = "fused" in name or "fusion" in name or name.startswith("wrapped")
-            continue
-        match = pattern.search(line)
-        if not fused and match and int(np.prod([int(v) for v in match.group(2).split(",")])) \
-                == size:
-            found.append(head)
-    return found

@@ -89,6 +89,9 @@ class ModelRunner:
         # jitted functions pin the cache / logits layouts of their outputs (identity without one).
         self.mesh = mesh
         self.place = place = Placement(mesh, config)
+        if mesh is not None and mesh.devices.size > 1 and moe_impl == "auto":
+            # The Pallas kernel has no partitioning rule: GSPMD would gather its sharded weights.
+            moe_impl = "grouped"
         fwd = dict(config=config, moe_impl=moe_impl)
 
         def prefill(params, cache, tokens, rows, lengths):

@@ -22,6 +22,9 @@ from grok.params import EMBED_MODULE, FINAL_NORM_MODULE, LAYER_MODULE, is_scanne
 from grok.quant import BF16, dot, qlinear
 
 NEG_INF = -1e30
+# The layer tree's expert weights: the scan passes them whole (stacked over layers) with the
+# layer's index instead of slicing them (a slice of the stack would be copied at every layer).
+EXPERT_WEIGHTS = tuple(f"{LAYER_MODULE}/moe/{name}" for name in ("linear", "linear_v", "linear_1"))
 
 
 class KVCache(NamedTuple):
@@ -148,7 +151,7 @@ class DecoderLayer(hk.Module):
         self.config = config
         self.moe_impl = moe_impl
 
-    def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid):
+    def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid, stacked=None):
         c = self.config
         eps = c.rms_norm_eps
         with jax.named_scope("attention"):
@@ -159,7 +162,7 @@ class DecoderLayer(hk.Module):
         with jax.named_scope("moe"):
             x = RMSNorm(eps, name="rms_norm_2")(h)
             gates, experts = Router(c)(x)
-            m = MoE(c, self.moe_impl)(x, gates, experts)
+            m = MoE(c, self.moe_impl)(x, gates, experts, stacked)
             h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
         return h, k_new, v_new
 
@@ -225,21 +228,27 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     layer = hk.without_apply_rng(hk.transform(lambda *a: DecoderLayer(config, moe_impl)(*a)))
     unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
 
-    def one_layer(h, layer_params, k_cache, v_cache):
+    def one_layer(h, layer_params, k_cache, v_cache, stacked=None):
         k_old = k_cache[:, :attend_len] if attend_len else None
         v_old = v_cache[:, :attend_len] if attend_len else None
         return layer.apply(layer_params, h, k_old, v_old, positions, start, cache.valid,
-                           new_valid)
+                           new_valid, stacked)
 
     with jax.named_scope("embed"):
         h = embed.apply(params["embed"], tokens)
 
     with jax.named_scope("layers"):
         if is_scanned(params):
+            tree = params["layers"]
+            experts = tuple(tree[name]["w"] for name in EXPERT_WEIGHTS)
+            rest = {name: leaf for name, leaf in tree.items() if name not in EXPERT_WEIGHTS}
+
             def body(h, xs):
-                h, k, v = one_layer(h, *xs)
+                layer_params, k_cache, v_cache, index = xs
+                h, k, v = one_layer(h, layer_params, k_cache, v_cache, (*experts, index))
                 return h, (k, v)
-            h, (k_new, v_new) = jax.lax.scan(body, h, (params["layers"], cache.k, cache.v))
+            layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+            h, (k_new, v_new) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers))
             write = lambda c, new: c.at[:, rows[:, None], positions].set(new, mode="drop")
         else:
             k_new, v_new = [], []

@@ -14,6 +14,11 @@ Evaluations with the same results (up to bfloat16 rounding and summation order):
   interpreter, which is slow: tests only).
 "auto" takes "pallas" on GPU for int8 weights of a shape the kernel handles, else "grouped".
 
+Inside the layer scan the expert weights arrive stacked over layers, [L, E, In, Out], with the
+layer's index: slicing a layer out of the stack would copy it (XLA cannot hand a custom call a
+slice in place), so every evaluation indexes (layer, expert) itself, and the kernel reads the
+chosen experts straight out of the stack.
+
 `jax.lax.ragged_dot` is not used: on CPU (jax 0.10) it lowers to a masked dense product over every
 group, and on GPU it was measured reading every expert even for empty groups.
 """
@@ -59,7 +64,10 @@ def _unset(shape, dtype):
 
 
 class MoE(hk.Module):
-    """gelu(x W1) * (x Wv) W2 per chosen expert, summed with the router's gates."""
+    """gelu(x W1) * (x Wv) W2 per chosen expert, summed with the router's gates.
+
+    The weights are the module's parameters, or `stacked` = (w1, wv, w2, layer): the whole
+    layer-stacked expert weights [L, E, In, Out] and this layer's index (the scanned model)."""
 
     def __init__(self, config: GrokConfig, impl: str = "auto"):
         super().__init__(name="moe")
@@ -68,34 +76,49 @@ class MoE(hk.Module):
         self.config = config
         self.impl = impl
 
-    def __call__(self, x: jax.Array, gates: jax.Array, experts: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, gates: jax.Array, experts: jax.Array,
+                 stacked: tuple | None = None) -> jax.Array:
         """x [B, T, D] bfloat16 -> float32 [B, T, D] (rounded by the norm that follows)."""
         c = self.config
         b, t, d = x.shape
         e, f = c.num_experts, c.ffn_size
-        w1 = _ExpertWeight(name="linear")([e, d, f])
-        wv = _ExpertWeight(name="linear_v")([e, d, f])
-        w2 = _ExpertWeight(name="linear_1")([e, f, d])
+        if stacked is None:
+            w1 = _ExpertWeight(name="linear")([e, d, f])
+            wv = _ExpertWeight(name="linear_v")([e, d, f])
+            w2 = _ExpertWeight(name="linear_1")([e, f, d])
+            layer = None
+        else:
+            w1, wv, w2, layer = stacked
         return moe(x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1),
-                   w1, wv, w2, impl=self.impl).reshape(b, t, d)
+                   w1, wv, w2, impl=self.impl, layer=layer).reshape(b, t, d)
 
 
 def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
-        impl: str = "auto") -> jax.Array:
+        impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
     """The MoE block on flat tokens: x [N, D] bfloat16, gates [N, k] float32, experts [N, k] int,
     stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (int8 QuantizedWeight8bit or float)
-    -> float32 [N, D]."""
+    -> float32 [N, D]. With `layer`, the weights are [L, E, In, Out] and layer `layer`'s experts
+    are used, read in place."""
     n, k = experts.shape
-    num_experts = w1.shape[0]
+    num_experts = w1.shape[-3]
     impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2)
     if impl == "dense":
+        if layer is not None:   # the reference evaluation takes the layer's slice
+            w1, wv, w2 = (_at(w, layer) for w in (w1, wv, w2))
         return _dense(x, gates, experts, w1, wv, w2)
     if impl == "gather":
-        return _gather(x, gates, experts, w1, wv, w2)
+        return _gather(x, gates, experts, w1, wv, w2, layer)
     if impl in ("grouped", "pallas"):
         bm = block_rows_for(n * k, num_experts, impl)
-        return _grouped(x, gates, experts, w1, wv, w2, bm, pallas=impl == "pallas")
+        return _grouped(x, gates, experts, w1, wv, w2, bm, layer, pallas=impl == "pallas")
     raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+
+
+def _at(w, *index):
+    """w[index] (leading axes) of a float or int8 weight; index entries may be traced."""
+    if is_quantized(w):
+        return QuantizedWeight8bit(w.weight[index], w.scales[index])
+    return w[index]
 
 
 def _on_gpu() -> bool:
@@ -118,7 +141,8 @@ def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None
     if _on_gpu() and weights and all(map(is_quantized, weights)):
         from grok.kernels.moe import kernel_applies
         bm = block_rows_for(assignments, num_experts, "pallas")
-        if all(kernel_applies(w.shape[-2], w.shape[-1], w.scale_blocks, bm) for w in weights):
+        if all(kernel_applies(w.shape[-2], w.shape[-1], w.scale_blocks, bm,
+                              weight_bytes=math.prod(w.shape)) for w in weights):
             return "pallas"
     return "grouped"
 
@@ -133,11 +157,9 @@ def _dense(x, gates, experts, w1, wv, w2):
     return dot("ne,ned->nd", gate_matrix, y)
 
 
-def _take(w, experts: jax.Array):
+def _take(w, experts: jax.Array, layer=None):
     """The chosen experts' weights [N, k, In, Out], taken by index."""
-    if not is_quantized(w):
-        return w[experts]
-    return QuantizedWeight8bit(w.weight[experts], w.scales[experts])
+    return _at(w, experts) if layer is None else _at(w, layer, experts)
 
 
 def _per_token_qlinear(x: jax.Array, w) -> jax.Array:  # float32 out
@@ -154,11 +176,11 @@ def _per_token_qlinear(x: jax.Array, w) -> jax.Array:  # float32 out
     return jnp.einsum("nkso,nkso->nko", y, w.scales.astype(jnp.float32))
 
 
-def _gather(x, gates, experts, w1, wv, w2):
+def _gather(x, gates, experts, w1, wv, w2, layer=None):
     chosen = jnp.broadcast_to(x[:, None, :], (*experts.shape, x.shape[-1]))    # [N, k, D]
-    hidden = jax.nn.gelu(_per_token_qlinear(chosen, _take(w1, experts))) \
-        * _per_token_qlinear(chosen, _take(wv, experts))                        # [N, k, F]
-    y = _per_token_qlinear(hidden.astype(BF16), _take(w2, experts))             # [N, k, D]
+    hidden = jax.nn.gelu(_per_token_qlinear(chosen, _take(w1, experts, layer))) \
+        * _per_token_qlinear(chosen, _take(wv, experts, layer))                 # [N, k, F]
+    y = _per_token_qlinear(hidden.astype(BF16), _take(w2, experts, layer))      # [N, k, D]
     return dot("nk,nkd->nd", gates, y)
 
 
@@ -197,34 +219,29 @@ def route_blocks(experts: jax.Array, num_experts: int, bm: int):
     return slot, block_expert, block_rows
 
 
-def _grouped(x, gates, experts, w1, wv, w2, bm, pallas=False):
+def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False):
     n, k = experts.shape
-    slot, block_expert, block_rows = route_blocks(experts, w1.shape[0], bm)
+    slot, block_expert, block_rows = route_blocks(experts, w1.shape[-3], bm)
     groups = block_expert.shape[0]
     # The token in each block row (n for none: read as a zero row).
     source = jnp.full((groups * bm,), n, jnp.int32).at[slot].set(
         jnp.arange(n * k, dtype=jnp.int32) // k)
     xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(groups, bm, -1)
     mlp = _pallas_mlp if pallas else _xla_mlp
-    y = mlp(xb, block_expert, block_rows, w1, wv, w2)                      # [G, bm, D]
+    y = mlp(xb, block_expert, block_rows, w1, wv, w2, layer)               # [G, bm, D]
     y = y.reshape(groups * bm, -1)[slot].reshape(n, k, -1)                 # [N, k, D]
     return dot("nk,nkd->nd", gates, y)
 
 
-def _expert(w, e):
-    """Expert e's weight [In, Out], sliced from the stacked weight (the XLA path)."""
-    if is_quantized(w):
-        return QuantizedWeight8bit(w.weight[e], w.scales[e])
-    return w[e]
-
-
-def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2):
-    """Each non-empty block through its expert's MLP, one block per scan step."""
+def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
+    """Each non-empty block through its expert's MLP, one block per scan step (XLA copies each
+    block's expert weight [In, Out] out of the stack before its dot)."""
     f32 = jnp.float32
+    at = (lambda w, e: _at(w, e)) if layer is None else (lambda w, e: _at(w, layer, e))
 
     def mlp(xg, e):
-        hidden = jax.nn.gelu(qlinear(xg, _expert(w1, e), f32)) * qlinear(xg, _expert(wv, e), f32)
-        return qlinear(hidden.astype(BF16), _expert(w2, e), f32)
+        hidden = jax.nn.gelu(qlinear(xg, at(w1, e), f32)) * qlinear(xg, at(wv, e), f32)
+        return qlinear(hidden.astype(BF16), at(w2, e), f32)
 
     def skip(xg, e):
         return jnp.zeros((xg.shape[0], w2.shape[-1]), f32)
@@ -237,15 +254,21 @@ def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2):
     return y
 
 
-def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2):
+def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
     """The three matmuls as Pallas kernels reading the int8 experts in place."""
     if not all(map(is_quantized, (w1, wv, w2))):
-        return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2)
+        return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
     from grok.kernels.moe import block_matmul
     interpret = not _on_gpu()
+    if layer is not None:   # [L, E, In, Out] -> [L*E, In, Out] (free) and ids offset to the layer
+        block_expert = block_expert + layer * w1.shape[-3]
+
+    def flat(a):
+        return a.reshape(-1, *a.shape[-2:])
 
     def mm(x, w):
-        return block_matmul(x, block_expert, block_rows, w.weight, w.scales, interpret=interpret)
+        return block_matmul(x, block_expert, block_rows, flat(w.weight), flat(w.scales),
+                            interpret=interpret)
 
     hidden = jax.nn.gelu(mm(xb, w1)) * mm(xb, wv)
     return mm(hidden.astype(BF16), w2)

@@ -88,7 +88,7 @@ def dequantize(q: QuantizedWeight8bit, dtype: Any = np.float32) -> np.ndarray:
 def dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """einsum with float32 accumulation and result. XLA's CPU runtime lacks some bf16 x bf16 -> f32
     dots, so on CPU the operands are widened first (exact: bfloat16 is a subset of float32)."""
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu":   # the runtime's limit, not a choice of path
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 

@@ -24,3 +24,27 @@ def test_roofline_bytes_count_chosen_experts():
     config = bench.PRESETS["tiny"]
     assert bench.expected_experts(config, 1) == config.num_selected_experts
     assert bench.expected_experts(config, 1000) > config.num_experts - 1e-6
+
+
+def test_step_logits_compared_and_a_failing_evaluation_spares_the_others(tmp_path, capsys,
+                                                                         monkeypatch):
+    real = bench.step_times
+
+    def step_times(params, config, moe_impl, *args, **kwargs):
+        if moe_impl == "gather":
+            raise RuntimeError("kernel does not build here\nsecond line")
+        return real(params, config, moe_impl, *args, **kwargs)
+    monkeypatch.setattr(bench, "step_times", step_times)
+    out = tmp_path / "steps.json"
+    rc = bench.main(["--preset", "tiny", "--batches", "1,4", "--prefill-len", "16",
+                     "--repeats", "1", "--steps", "--no-engine", "--moe-impl",
+                     "gather,grouped,dense", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 1 and "moe_impl=gather FAILED: RuntimeError: kernel does not build here" in text
+    result = json.loads(out.read_text())
+    assert result["failed"] == ["gather"]
+    assert {r["moe_impl"] for r in result["steps"]} == {"grouped", "dense"}
+    checks = {(r["check"], r["moe_impl"]): r["rel_err"] for r in result["steps_check"]}
+    assert set(checks) == {("prefill 16", "grouped"), ("decode batch 1", "grouped"),
+                           ("decode batch 4", "grouped")}
+    assert all(err < 1e-2 for err in checks.values())

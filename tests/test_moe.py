@@ -115,3 +115,21 @@ def test_model_fast_path_matches_dense():
     np.testing.assert_allclose(fast.logits(tokens), ref, atol=1e-4 * np.abs(ref).max())
     assert fast.generate([[5, 9, 3]], max_new_tokens=3) == \
         dense.generate([[5, 9, 3]], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("impl", ["dense", "gather", "grouped", "pallas"])
+def test_layer_of_a_stack_equals_that_layer_alone(impl):
+    """Weights stacked over layers [L, E, In, Out] with a (traced) layer index give exactly what
+    that layer's own [E, In, Out] weights give (the scanned model's in-place path)."""
+    rng = np.random.default_rng(5)
+    layers = [_weights(rng, 4, 32, 48, 4) for _ in range(3)]
+    stack = [QuantizedWeight8bit(jnp.stack([ws[i].weight for ws in layers]),
+                                 jnp.stack([ws[i].scales for ws in layers])) for i in range(3)]
+    x = jnp.asarray(rng.standard_normal((5, 32)), jnp.bfloat16)
+    gates, chosen = _routing(rng, 5, 4, 2)
+    run = jax.jit(lambda x, g, c, w1, wv, w2, layer: moe(x, g, c, w1, wv, w2, impl=impl,
+                                                        layer=layer))
+    for layer in (2, 1):
+        alone = np.asarray(moe(x, gates, chosen, *layers[layer], impl=impl))
+        stacked = np.asarray(run(x, gates, chosen, *stack, jnp.int32(layer)))
+        np.testing.assert_array_equal(stacked, alone)

@@ -7,8 +7,11 @@ the expert id is read inside the kernel and used as an offset into the stacked [
 tiles of int8 are converted in registers, and blocks with no rows (`block_rows[g] == 0`) read
 nothing. Decoding at batch 1 with top-2 routing therefore reads exactly two experts.
 
-Grid: (G, Out / bn). Each program accumulates x[g] [bm, In] @ w[e, :, n*bn:(n+1)*bn] in float32
-over In in steps of `bk` (bk divides the scale row block, so each step has one row of scales).
+Grid: (splits, G, Out / bn). Each program accumulates x[g] [bm, In] @ w[e, :, n*bn:(n+1)*bn] in
+float32 over its 1/splits of In in steps of `bk` (bk divides the scale row block, so each step has
+one row of scales); the splits' partial sums are added after the kernel. Splitting In keeps the
+chip busy when few blocks meet a narrow output (decoding through w2: 2 blocks x 6144 / 128 = 96
+programs for 132 multiprocessors); `splits_for` picks it from the program count.
 
 On GPU the kernel lowers through Pallas' Triton backend; `interpret=True` evaluates it with the
 Pallas interpreter on any backend (slow: tests only). XLA paths in grok.moe are the fallback.
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 F32 = jnp.float32
+SHARED_BYTES = 160 * 1024   # of the 227 KB a Hopper block may use, leaving Triton its scratch
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -37,11 +41,32 @@ def tiles(rows: int, cols: int, blocks: int, bn: int = 128, bk: int = 256) -> tu
     return _pow2_divisor(cols, bn), _pow2_divisor(rows // blocks, bk)
 
 
+def fit_shared(bm: int, bn: int, bk: int, num_stages: int, x_bytes: int = 2) -> int:
+    """bk halved until the pipeline's stages (an x tile and an int8 w tile each) fit in
+    SHARED_BYTES (prefill blocks of 128 rows at bk=256 would need 288 KB)."""
+    while num_stages * (bm * bk * x_bytes + bk * bn) > SHARED_BYTES and bk > 16:
+        bk //= 2
+    return bk
+
+
+def splits_for(groups: int, rows: int, cols: int, bn: int, bk: int,
+               min_programs: int = 264, max_splits: int = 8) -> int:
+    """Split In into the fewest parts (a power of two dividing the In steps) that give at least
+    `min_programs` programs (two per multiprocessor of an H100)."""
+    splits = 1
+    while (groups * (cols // bn) * splits < min_programs and splits < max_splits
+           and (rows // bk) % (splits * 2) == 0):
+        splits *= 2
+    return splits
+
+
 def kernel_applies(rows: int, cols: int, blocks: int, bm: int, interpret: bool = False,
-                   bn: int = 128, bk: int = 256) -> bool:
+                   bn: int = 128, bk: int = 256, weight_bytes: int = 0) -> bool:
     """Whether the kernel handles this shape. Triton needs power-of-two tiles of at least 16 (its
-    dot's minimum); the interpreter takes any tile that divides the weight."""
-    if rows % blocks:
+    dot's minimum); the interpreter takes any tile that divides the weight. JAX's Triton lowering
+    indexes an array of at most 2**32 bytes with 32-bit offsets, which go negative past 2**31:
+    a stacked weight of that size is left to XLA."""
+    if rows % blocks or 2**31 <= weight_bytes <= 2**32:
         return False
     tn, tk = tiles(rows, cols, blocks, bn, bk)
     if interpret:
@@ -51,8 +76,8 @@ def kernel_applies(rows: int, cols: int, blocks: int, bm: int, interpret: bool =
 
 def _kernel(expert_ref, rows_ref, x_ref, w_ref, s_ref, o_ref, *, bk, bn, rows_per_block,
             num_k, interpret):
-    g = pl.program_id(0)
-    n0 = pl.multiple_of(pl.program_id(1) * bn, bn)
+    split, g = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(pl.program_id(2) * bn, bn)
     e = expert_ref[g]
 
     @pl.when(rows_ref[g] == 0)
@@ -62,7 +87,7 @@ def _kernel(expert_ref, rows_ref, x_ref, w_ref, s_ref, o_ref, *, bk, bn, rows_pe
     @pl.when(rows_ref[g] > 0)
     def _():
         def body(i, acc):
-            k0 = pl.multiple_of(i * bk, bk)
+            k0 = pl.multiple_of((split * num_k + i) * bk, bk)
             x = x_ref[g, :, pl.ds(k0, bk)]                        # [bm, bk] bf16
             w = w_ref[e, pl.ds(k0, bk), pl.ds(n0, bn)]            # [bk, bn] int8, in place
             s = s_ref[e, k0 // rows_per_block, pl.ds(n0, bn)]     # [bn] scales of this row block
@@ -76,32 +101,40 @@ def _kernel(expert_ref, rows_ref, x_ref, w_ref, s_ref, o_ref, *, bk, bn, rows_pe
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "interpret", "num_warps", "num_stages",
-                                             "out_dtype"))
+@functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "interpret", "num_warps",
+                                             "num_stages"))
 def block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array, weight: jax.Array,
-                 scales: jax.Array, *, bn: int = 128, bk: int = 256, interpret: bool = False,
-                 num_warps: int = 4, num_stages: int = 3, out_dtype=F32) -> jax.Array:
+                 scales: jax.Array, *, bn: int = 128, bk: int = 256, splits: int | None = None,
+                 interpret: bool = False, num_warps: int = 4, num_stages: int = 3) -> jax.Array:
     """x [G, bm, In] (bfloat16), block_expert [G] int32, block_rows [G] int32 (0: skip the block),
-    weight int8 [E, In, Out], scales [E, S, Out] -> [G, bm, Out] (float32 by default)."""
+    weight int8 [E, In, Out], scales [E, S, Out] -> float32 [G, bm, Out]. `splits` parts of In
+    run as separate programs (default: `splits_for`)."""
     groups, bm, rows = x.shape
     _, _, cols = weight.shape
     blocks = scales.shape[-2]
     bn, bk = tiles(rows, cols, blocks, bn, bk)
+    if not interpret:
+        bk = fit_shared(bm, bn, bk, num_stages, x.dtype.itemsize)
+    if splits is None:
+        splits = splits_for(groups, rows, cols, bn, bk)
+    if (rows // bk) % splits:
+        raise ValueError(f"splits={splits} must divide the {rows // bk} steps of {bk} rows")
     kernel = functools.partial(_kernel, bk=bk, bn=bn, rows_per_block=rows // blocks,
-                               num_k=rows // bk, interpret=interpret)
+                               num_k=rows // bk // splits, interpret=interpret)
     params = {}
-    if not interpret and jax.default_backend() == "gpu":
+    if not interpret:   # name Triton: without it JAX picks its Mosaic GPU backend
         from jax.experimental.pallas import triton as pltriton
         params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                             num_stages=num_stages)
     whole = pl.no_block_spec   # the whole array: the kernel indexes it (by expert id) itself
-    return pl.pallas_call(
+    parts = pl.pallas_call(
         kernel,
-        grid=(groups, cols // bn),
+        grid=(splits, groups, cols // bn),
         in_specs=[whole, whole, whole, whole, whole],
-        out_specs=pl.BlockSpec((None, bm, bn), lambda g, n: (g, 0, n)),
-        out_shape=jax.ShapeDtypeStruct((groups, bm, cols), out_dtype),
+        out_specs=pl.BlockSpec((None, None, bm, bn), lambda s, g, n: (s, g, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((splits, groups, bm, cols), F32),
         interpret=interpret,
         name="grok_moe_block_matmul",
         **params,
     )(block_expert.astype(jnp.int32), block_rows.astype(jnp.int32), x, weight, scales)
+    return parts[0] if splits == 1 else parts.sum(axis=0)

@@ -1,0 +1,174 @@
+"""One MoE layer at Grok-1 width, each evaluation against the roofline, plus a kernel tile sweep.
+
+    python benchmarks/moe_layer.py [--dims 6144,32768] [--layers 4] [--json FILE]
+
+The expert weights are random int8 stacked over `--layers` layers, [L, E, D, F], and the layer in
+the middle is evaluated with `moe(..., layer=l)`, as the scanned model does: the fast paths must
+read the chosen experts out of the stack in place. For 1, 8, 32 and 512 tokens and each
+evaluation this prints the median time, the bytes of the experts the routing chose over that time,
+that time's fraction of the copy-bandwidth roofline, the error against "dense", and how many
+dequantised weights (float arrays of an expert's or the stack's size) the compiled program writes
+outside its fusions. Then the Pallas kernel alone at decode shapes (2 blocks of 16 rows) over a
+few tile choices. On CPU the kernel runs in the Pallas interpreter: use small --dims there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
+                        median_time)
+from grok.kernels.moe import block_matmul, fit_shared, splits_for, tiles
+from grok.moe import moe, resolve_impl
+from grok.quant import QuantizedWeight8bit
+
+EXPERTS, TOP_K, SCALE_BLOCKS = 8, 2, 8
+
+
+def stacked_weight(layers: int, rows: int, cols: int, blocks: int, seed: int):
+    def make():
+        h = _hash_uniform((layers, EXPERTS, rows, cols), seed)
+        return ((h >> 24).astype(jnp.int32) % 255 - 127).astype(jnp.int8)
+    scales = jnp.full((layers, EXPERTS, blocks, cols), 1.0 / (73.3 * rows ** 0.5), jnp.bfloat16)
+    return QuantizedWeight8bit(jax.jit(make)(), scales)
+
+
+def layer_rows(args, weights, bandwidth) -> list[dict]:
+    w1, wv, w2 = weights
+    d, f = w1.shape[-2], w1.shape[-1]
+    layer = jnp.int32(args.layers // 2)
+    expert_bytes = 3 * d * f                           # int8 w1 + wv + w2 of one expert
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in (1, 8, 32, 512):
+        x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+        probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((n, EXPERTS)), jnp.float32))
+        gates, chosen = jax.lax.top_k(probs, TOP_K)
+        used = len(np.unique(np.asarray(chosen)))
+        nbytes = used * expert_bytes
+        impls = ["dense", "pallas", "grouped"] + (["gather"] if n <= 8 else [])
+        ref = None
+        for impl in impls:
+            runs = resolve_impl(impl, n * TOP_K, EXPERTS, *weights)
+            fn = jax.jit(lambda x, g, c, w1, wv, w2, l, impl=impl: moe(x, g, c, w1, wv, w2,
+                                                                     impl=impl, layer=l))
+            row = dict(tokens=n, impl=impl, runs=runs, experts=used)
+            try:
+                start = time.perf_counter()
+                compiled = fn.lower(x, gates, chosen, w1, wv, w2, layer).compile()
+                row["compile_s"] = time.perf_counter() - start
+                text = compiled.as_text() or ""
+                row["dequantised"] = sum(len(dequantized_buffers(text, shape)) for shape in
+                                         {(EXPERTS, d, f), (d, f), (args.layers * EXPERTS, d, f)})
+                out = np.asarray(compiled(x, gates, chosen, w1, wv, w2, layer), np.float32)
+                if impl == "dense":
+                    ref = out
+                row["rel_err"] = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
+                t = median_time(lambda: compiled(x, gates, chosen, w1, wv, w2, layer),
+                                args.repeats)
+                row.update(ms=t * 1e3, gb_s=nbytes / t / 1e9,
+                           fraction=nbytes / bandwidth / t)
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def sweep_rows(args, weights, bandwidth) -> list[dict]:
+    """block_matmul alone at decode shapes: 2 blocks (the 2 chosen experts) of 16 rows."""
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    rng = np.random.default_rng(1)
+    for name, w in (("w1", weights[0]), ("w2", weights[2])):
+        stack_w = w.weight.reshape(-1, *w.weight.shape[-2:])
+        stack_s = w.scales.reshape(-1, *w.scales.shape[-2:])
+        rows_in, cols = stack_w.shape[-2:]
+        x = jnp.asarray(rng.standard_normal((2, 16, rows_in)), jnp.bfloat16)
+        ids = jnp.array([EXPERTS + 1, EXPERTS + 6], jnp.int32)     # layer 1's experts 1 and 6
+        valid = jnp.array([1, 1], jnp.int32)
+        nbytes = 2 * rows_in * cols
+        seen = set()
+        for bn, bk, splits, stages, warps in args.configs:
+            tn, tk = tiles(rows_in, cols, stack_s.shape[-2], bn, bk)
+            tk = tk if interpret else fit_shared(16, tn, tk, stages)
+            s = splits or splits_for(2, rows_in, cols, tn, tk)
+            key = (tn, tk, s, stages, warps)
+            if key in seen or (rows_in // tk) % s:
+                continue
+            seen.add(key)
+            row = dict(weight=name, shape=f"{rows_in}x{cols}", bn=tn, bk=tk, splits=s,
+                       stages=stages, warps=warps, default=splits is None and (bn, bk) == (128, 256)
+                       and (stages, warps) == (3, 4))
+            try:
+                fn = jax.jit(lambda x, key=key: block_matmul(
+                    x, ids, valid, stack_w, stack_s, bn=key[0], bk=key[1], splits=key[2],
+                    num_stages=key[3], num_warps=key[4], interpret=interpret))
+                t = median_time(lambda: fn(x), args.repeats)
+                row.update(us=t * 1e6, gb_s=nbytes / t / 1e9, fraction=nbytes / bandwidth / t)
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+CONFIGS = [  # (bn, bk, splits (None: splits_for), num_stages, num_warps)
+    (128, 256, None, 3, 4), (128, 256, 1, 3, 4), (128, 512, None, 3, 4), (64, 256, None, 3, 4),
+    (256, 256, None, 3, 4), (128, 256, None, 4, 4), (128, 256, None, 3, 8),
+    (64, 512, None, 4, 4), (128, 128, None, 4, 4), (256, 128, None, 4, 8),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dims", default="6144,32768", help="model width D, expert width F")
+    ap.add_argument("--layers", type=int, default=4, help="layers in the stack (4 at Grok-1 "
+                    "width: 6.4 GB per weight, past the 32-bit offsets of a 2-layer stack)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    d, f = (int(v) for v in args.dims.split(","))
+    args.configs = CONFIGS
+    print(f"# MoE layer D={d} F={f}, {EXPERTS} experts, top-{TOP_K}, stack of {args.layers} "
+          f"layers: {machine()}", flush=True)
+    weights = (stacked_weight(args.layers, d, f, 1, 1), stacked_weight(args.layers, d, f, 1, 2),
+               stacked_weight(args.layers, f, d, SCALE_BLOCKS, 3))
+    on_cpu = jax.default_backend() == "cpu"
+    bandwidth = copy_bandwidth(1 << (28 if on_cpu else 31))
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    layer = layer_rows(args, weights, bandwidth)
+    print("\n" + markdown(layer, [("tokens", "tokens", "d"), ("impl", "moe_impl", "s"),
+                                  ("runs", "runs", "s"), ("experts", "experts read", "d"),
+                                  ("ms", "median ms", ".3f"), ("gb_s", "expert GB/s", ".0f"),
+                                  ("fraction", "of roofline", ".2f"),
+                                  ("rel_err", "rel. error vs dense", ".1e"),
+                                  ("dequantised", "dequantised buffers", "d"),
+                                  ("compile_s", "compile s", ".1f"), ("error", "error", "s")]),
+          flush=True)
+    sweep = [] if args.no_sweep else sweep_rows(args, weights, bandwidth)
+    if sweep:
+        print("\n" + markdown(sweep, [("weight", "weight", "s"), ("shape", "In x Out", "s"),
+                                      ("bn", "bn", "d"), ("bk", "bk", "d"),
+                                      ("splits", "splits", "d"), ("stages", "stages", "d"),
+                                      ("warps", "warps", "d"), ("default", "default", ""),
+                                      ("us", "median us", ".1f"), ("gb_s", "GB/s", ".0f"),
+                                      ("fraction", "of roofline", ".2f"), ("error", "error", "s")]),
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(machine=machine(), copy_gb_s=bandwidth / 1e9, layer=layer,
+                           sweep=sweep), fh, indent=1)
+    failed = [r for r in layer if "error" in r or r.get("rel_err", 0) > 2e-2]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
