@@ -23,13 +23,7 @@ log() { echo "== $* ($((SECONDS - START)) s)" | tee -a "$OUT/summary.md"; }
 # Seconds for a section: its cap, or what is left of the budget (less a margin), if smaller.
 left() { local l=$((BUDGET - (SECONDS - START) - 10)); echo $(( l < 1 ? 1 : (l < $1 ? l : $1) )); }
 
-if ! "$PY" -c "import haiku" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/grok-site \
-    benchmarks/wheels/*.whl >>"$OUT/full.log" 2>&1 \
-    || { echo "cannot install benchmarks/wheels (see $OUT/full.log)"; exit 1; }
-  export PYTHONPATH="/tmp/grok-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+source benchmarks/gpu_env.sh
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv,noheader || true

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
-                        pipelined_time)
+                        matmul_rate, pipelined_time)
 from grok.kernels.moe import block_matmul, fit_shared, splits_for, tiles
 from grok.moe import moe, resolve_impl
 from grok.quant import QuantizedWeight8bit
@@ -119,6 +119,45 @@ def sweep_rows(args, weights, bandwidth) -> list[dict]:
     return rows
 
 
+def prefill_sweep_rows(args, weights, rate) -> list[dict]:
+    """block_matmul alone at prefill shapes: 512 tokens x top-2 = 8 full blocks of 128 rows (or
+    16 of 64), one expert each; FLOP/s against the bf16 matmul rate."""
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    rng = np.random.default_rng(2)
+    for name, w in (("w1", weights[0]), ("w2", weights[2])):
+        stack_w = w.weight.reshape(-1, *w.weight.shape[-2:])
+        stack_s = w.scales.reshape(-1, *w.scales.shape[-2:])
+        rows_in, cols = stack_w.shape[-2:]
+        for bm, bn, bk, stages, warps in args.prefill_configs:
+            groups = 1024 // bm
+            x = jnp.asarray(rng.standard_normal((groups, bm, rows_in)), jnp.bfloat16)
+            ids = jnp.asarray(EXPERTS + np.arange(groups) % EXPERTS, jnp.int32)
+            valid = jnp.full((groups,), bm, jnp.int32)
+            tn, tk = tiles(rows_in, cols, stack_s.shape[-2], bn, bk)
+            tk = tk if interpret else fit_shared(bm, tn, tk, stages)
+            flops = 2 * groups * bm * rows_in * cols
+            row = dict(weight=name, bm=bm, bn=tn, bk=tk, stages=stages, warps=warps)
+            try:
+                fn = jax.jit(lambda x, w, s, ids=ids, valid=valid, c=(tn, tk, stages, warps):
+                             block_matmul(x, ids, valid, w, s, bn=c[0], bk=c[1], splits=1,
+                                          num_stages=c[2], num_warps=c[3], interpret=interpret))
+                t = pipelined_time(lambda: fn(x, stack_w, stack_s), calls=5,
+                                   repeats=args.repeats)
+                row.update(us=t * 1e6, tflop_s=flops / t / 1e12, fraction=flops / rate / t)
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+PREFILL_CONFIGS = [  # (bm, bn, bk, num_stages, num_warps)
+    (128, 128, 128, 3, 4), (128, 128, 64, 3, 4), (128, 128, 128, 3, 8), (128, 256, 64, 3, 8),
+    (128, 256, 128, 2, 8), (64, 128, 128, 3, 4), (64, 256, 128, 3, 8), (128, 128, 64, 4, 4),
+    (128, 256, 64, 4, 8), (128, 64, 128, 3, 4),
+]
+
 CONFIGS = [  # (bn, bk, splits (None: splits_for), num_stages, num_warps)
     (128, 256, None, 3, 4), (128, 256, 1, 3, 4), (128, 512, None, 3, 4), (64, 256, None, 3, 4),
     (256, 256, None, 3, 4), (128, 256, None, 4, 4), (128, 256, None, 3, 8),
@@ -133,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     "width: 6.4 GB per weight, past the 32-bit offsets of a 2-layer stack)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-layer", action="store_true", help="skip the per-evaluation table")
+    ap.add_argument("--prefill-sweep", action="store_true", help="also sweep prefill tiles")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     d, f = (int(v) for v in args.dims.split(","))
@@ -144,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     on_cpu = jax.default_backend() == "cpu"
     bandwidth = copy_bandwidth(1 << (28 if on_cpu else 31))
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
-    layer = layer_rows(args, weights, bandwidth)
+    layer = [] if args.no_layer else layer_rows(args, weights, bandwidth)
     print("\n" + markdown(layer, [("tokens", "tokens", "d"), ("impl", "moe_impl", "s"),
                                   ("runs", "runs", "s"), ("experts", "experts read", "d"),
                                   ("ms", "median ms", ".3f"), ("gb_s", "expert GB/s", ".0f"),
@@ -154,6 +195,19 @@ def main(argv: list[str] | None = None) -> int:
                                   ("compile_s", "compile s", ".1f"), ("error", "error", "s")]),
           flush=True)
     sweep = [] if args.no_sweep else sweep_rows(args, weights, bandwidth)
+    prefill = []
+    if args.prefill_sweep:
+        rate = matmul_rate(1024 if on_cpu else 8192)
+        print(f"matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
+        args.prefill_configs = PREFILL_CONFIGS
+        prefill = prefill_sweep_rows(args, weights, rate)
+        print("\n" + markdown(prefill, [("weight", "weight", "s"), ("bm", "bm", "d"),
+                                        ("bn", "bn", "d"), ("bk", "bk", "d"),
+                                        ("stages", "stages", "d"), ("warps", "warps", "d"),
+                                        ("us", "median us", ".1f"),
+                                        ("tflop_s", "TFLOP/s", ".0f"),
+                                        ("fraction", "of matmul rate", ".2f"),
+                                        ("error", "error", "s")]), flush=True)
     if sweep:
         print("\n" + markdown(sweep, [("weight", "weight", "s"), ("shape", "In x Out", "s"),
                                       ("bn", "bn", "d"), ("bk", "bk", "d"),
@@ -165,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(machine=machine(), copy_gb_s=bandwidth / 1e9, layer=layer,
-                           sweep=sweep), fh, indent=1)
+                           sweep=sweep, prefill_sweep=prefill), fh, indent=1)
     failed = [r for r in layer if "error" in r or r.get("rel_err", 0) > 2e-2]
     return 1 if failed else 0
 
