@@ -28,7 +28,7 @@ source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv,noheader || true
   "$PY" -c "import jax, haiku; print('jax', jax.__version__, 'haiku', haiku.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee -a "$OUT/summary.md"
 
 log "1. one Grok-1-width MoE layer: each evaluation vs dense and the roofline; kernel tile sweep"
 timeout "$(left 150)" "$PY" benchmarks/moe_layer.py --json "$OUT/moe_layer.json" \

@@ -10,6 +10,7 @@ g query heads per kv head, k head dim, n tokens, e experts, f expert width, v vo
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -19,12 +20,9 @@ import jax.numpy as jnp
 from grok.config import GrokConfig
 from grok.moe import MoE, Router
 from grok.params import EMBED_MODULE, FINAL_NORM_MODULE, LAYER_MODULE, is_scanned
-from grok.quant import BF16, dot, qlinear
+from grok.quant import BF16, LayerSlice, dot, is_quantized, qlinear
 
 NEG_INF = -1e30
-# The layer tree's expert weights: the scan passes them whole (stacked over layers) with the
-# layer's index instead of slicing them (a slice of the stack would be copied at every layer).
-EXPERT_WEIGHTS = tuple(f"{LAYER_MODULE}/moe/{name}" for name in ("linear", "linear_v", "linear_1"))
 
 
 class KVCache(NamedTuple):
@@ -72,15 +70,17 @@ class RMSNorm(hk.Module):
 
 
 class Linear8(hk.Module):
-    """A bias-free linear layer over a QuantizedWeight8bit parameter `w` [In, Out]."""
+    """A bias-free linear layer over a QuantizedWeight8bit parameter `w` [In, Out] (a LayerSlice
+    in the scanned model; `kernel` as in grok.quant.qlinear)."""
 
-    def __init__(self, out_size: int, name: str):
+    def __init__(self, out_size: int, name: str, kernel: str = "off"):
         super().__init__(name=name)
         self.out_size = out_size
+        self.kernel = kernel
 
     def __call__(self, x: jax.Array, out_dtype: Any = BF16) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.out_size], jnp.int8, init=_no_init)
-        return qlinear(x, w, out_dtype)
+        return qlinear(x, w, out_dtype, self.kernel)
 
 
 def _no_init(shape: Any, dtype: Any) -> Any:
@@ -108,18 +108,20 @@ class Attention(hk.Module):
     returned for the caller to write into the cache, so no layer copies its cache.
     """
 
-    def __init__(self, config: GrokConfig):
+    def __init__(self, config: GrokConfig, kernel: str = "off"):
         super().__init__(name="multi_head_attention")
         self.config = config
+        self.kernel = kernel
 
     def __call__(self, x, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
         b, t, _ = x.shape
         groups = c.num_q_heads // c.num_kv_heads
         # Projections stay float32 through RoPE and are rounded to bfloat16 once.
-        q = Linear8(c.q_size, name="query")(x, jnp.float32).reshape(b, t, c.num_q_heads, -1)
-        k = Linear8(c.kv_size, name="key")(x, jnp.float32).reshape(b, t, c.num_kv_heads, -1)
-        v = Linear8(c.kv_size, name="value")(x).reshape(b, t, c.num_kv_heads, c.key_size)
+        linear = functools.partial(Linear8, kernel=self.kernel)
+        q = linear(c.q_size, name="query")(x, jnp.float32).reshape(b, t, c.num_q_heads, -1)
+        k = linear(c.kv_size, name="key")(x, jnp.float32).reshape(b, t, c.num_kv_heads, -1)
+        v = linear(c.kv_size, name="value")(x).reshape(b, t, c.num_kv_heads, c.key_size)
         q = rope(q, positions, c.rope_base).astype(BF16)
         q = q.reshape(b, t, c.num_kv_heads, groups, c.key_size)
         k = rope(k, positions, c.rope_base).astype(BF16)
@@ -140,7 +142,7 @@ class Attention(hk.Module):
         if v_old is not None:
             out = out + dot("bhgts,bshk->bthgk", weights[..., :-t], v_old)
         out = out.astype(BF16).reshape(b, t, c.q_size)
-        return Linear8(c.emb_size, name="linear")(out, jnp.float32), k, v
+        return linear(c.emb_size, name="linear")(out, jnp.float32), k, v
 
 
 class DecoderLayer(hk.Module):
@@ -151,18 +153,20 @@ class DecoderLayer(hk.Module):
         self.config = config
         self.moe_impl = moe_impl
 
-    def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid, stacked=None):
+    def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
         eps = c.rms_norm_eps
         with jax.named_scope("attention"):
             x = RMSNorm(eps, name="rms_norm")(h)
-            o, k_new, v_new = Attention(c)(x, k_old, v_old, positions, start, old_valid,
-                                           new_valid)
+            # The projections take the Pallas kernel where the MoE may (decoding, in place).
+            kernel = {"auto": "auto", "pallas": "always"}.get(self.moe_impl, "off")
+            o, k_new, v_new = Attention(c, kernel)(x, k_old, v_old, positions, start, old_valid,
+                                                   new_valid)
             h = h + RMSNorm(eps, name="rms_norm_1")(o).astype(jnp.float32)
         with jax.named_scope("moe"):
             x = RMSNorm(eps, name="rms_norm_2")(h)
             gates, experts = Router(c)(x)
-            m = MoE(c, self.moe_impl)(x, gates, experts, stacked)
+            m = MoE(c, self.moe_impl)(x, gates, experts)
             h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
         return h, k_new, v_new
 
@@ -228,24 +232,31 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     layer = hk.without_apply_rng(hk.transform(lambda *a: DecoderLayer(config, moe_impl)(*a)))
     unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
 
-    def one_layer(h, layer_params, k_cache, v_cache, stacked=None):
+    def one_layer(h, layer_params, k_cache, v_cache):
         k_old = k_cache[:, :attend_len] if attend_len else None
         v_old = v_cache[:, :attend_len] if attend_len else None
         return layer.apply(layer_params, h, k_old, v_old, positions, start, cache.valid,
-                           new_valid, stacked)
+                           new_valid)
 
     with jax.named_scope("embed"):
         h = embed.apply(params["embed"], tokens)
 
     with jax.named_scope("layers"):
         if is_scanned(params):
+            # int8 weights go whole, as LayerSlices of their stack (a kernel reads them in place;
+            # a slice through the scan would be copied every layer); the small rest is sliced.
             tree = params["layers"]
-            experts = tuple(tree[name]["w"] for name in EXPERT_WEIGHTS)
-            rest = {name: leaf for name, leaf in tree.items() if name not in EXPERT_WEIGHTS}
+            whole = {m: {p: w for p, w in leaves.items() if is_quantized(w)}
+                     for m, leaves in tree.items()}
+            rest = {m: {p: w for p, w in leaves.items() if not is_quantized(w)}
+                    for m, leaves in tree.items()}
 
             def body(h, xs):
-                layer_params, k_cache, v_cache, index = xs
-                h, k, v = one_layer(h, layer_params, k_cache, v_cache, (*experts, index))
+                rest_params, k_cache, v_cache, index = xs
+                layer_params = {m: {**rest_params[m], **{p: LayerSlice(w, index)
+                                                         for p, w in whole[m].items()}}
+                                for m in tree}
+                h, k, v = one_layer(h, layer_params, k_cache, v_cache)
                 return h, (k, v)
             layers = jnp.arange(config.num_layers, dtype=jnp.int32)
             h, (k_new, v_new) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers))

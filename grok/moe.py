@@ -32,8 +32,8 @@ import jax.numpy as jnp
 
 from grok import quant
 from grok.config import GrokConfig
-from grok.quant import (BF16, QuantizedWeight8bit, _dequantize_f32, dot, expert_qlinear,
-                        is_quantized, qlinear)
+from grok.quant import (BF16, LayerSlice, QuantizedWeight8bit, _dequantize_f32, dot,
+                        expert_qlinear, is_quantized, qlinear)
 
 MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas")
 
@@ -64,10 +64,8 @@ def _unset(shape, dtype):
 
 
 class MoE(hk.Module):
-    """gelu(x W1) * (x Wv) W2 per chosen expert, summed with the router's gates.
-
-    The weights are the module's parameters, or `stacked` = (w1, wv, w2, layer): the whole
-    layer-stacked expert weights [L, E, In, Out] and this layer's index (the scanned model)."""
+    """gelu(x W1) * (x Wv) W2 per chosen expert, summed with the router's gates. In the scanned
+    model the weights arrive as LayerSlices: the whole stack and the layer's index."""
 
     def __init__(self, config: GrokConfig, impl: str = "auto"):
         super().__init__(name="moe")
@@ -76,19 +74,18 @@ class MoE(hk.Module):
         self.config = config
         self.impl = impl
 
-    def __call__(self, x: jax.Array, gates: jax.Array, experts: jax.Array,
-                 stacked: tuple | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, gates: jax.Array, experts: jax.Array) -> jax.Array:
         """x [B, T, D] bfloat16 -> float32 [B, T, D] (rounded by the norm that follows)."""
         c = self.config
         b, t, d = x.shape
         e, f = c.num_experts, c.ffn_size
-        if stacked is None:
-            w1 = _ExpertWeight(name="linear")([e, d, f])
-            wv = _ExpertWeight(name="linear_v")([e, d, f])
-            w2 = _ExpertWeight(name="linear_1")([e, f, d])
-            layer = None
-        else:
-            w1, wv, w2, layer = stacked
+        w1 = _ExpertWeight(name="linear")([e, d, f])
+        wv = _ExpertWeight(name="linear_v")([e, d, f])
+        w2 = _ExpertWeight(name="linear_1")([e, f, d])
+        layer = None
+        if isinstance(w1, LayerSlice):
+            layer = w1.layer
+            w1, wv, w2 = w1.stack, wv.stack, w2.stack
         return moe(x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1),
                    w1, wv, w2, impl=self.impl, layer=layer).reshape(b, t, d)
 
@@ -121,10 +118,6 @@ def _at(w, *index):
     return w[index]
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
-
-
 def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int:
     """Rows per block: about the mean rows per expert as a power of two, at least 16 for the
     kernel (Triton's dot minimum) or 8 for XLA, at most 128."""
@@ -138,7 +131,7 @@ def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None
     if impl != "auto":
         return impl
     weights = [w for w in (w1, wv, w2) if w is not None]
-    if _on_gpu() and weights and all(map(is_quantized, weights)):
+    if quant.on_gpu() and weights and all(map(is_quantized, weights)):
         from grok.kernels.moe import kernel_applies
         bm = block_rows_for(assignments, num_experts, "pallas")
         if all(kernel_applies(w.shape[-2], w.shape[-1], w.scale_blocks, bm,
@@ -259,7 +252,7 @@ def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
     if not all(map(is_quantized, (w1, wv, w2))):
         return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
     from grok.kernels.moe import block_matmul
-    interpret = not _on_gpu()
+    interpret = not quant.on_gpu()
     if layer is not None:   # [L, E, In, Out] -> [L*E, In, Out] (free) and ids offset to the layer
         block_expert = block_expert + layer * w1.shape[-3]
 

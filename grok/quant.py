@@ -55,6 +55,39 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedWeight8bit)
 
 
+@jax.tree_util.register_pytree_node_class
+class LayerSlice:
+    """Layer `layer` of an int8 weight stacked over layers ([L, ..., In, Out]), left unsliced.
+
+    The scanned model hands each layer its quantized weights this way: a Pallas kernel reads the
+    layer straight out of the stack, where a slice would be copied first (XLA cannot pass a
+    custom call a slice in place). `.get()` is the plain slice, for the XLA paths. `shape` is
+    one layer's, so haiku's parameter checks see the layer's weight.
+    """
+
+    def __init__(self, stack: QuantizedWeight8bit, layer: Any):
+        self.stack = stack
+        self.layer = layer
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stack.shape[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.stack.dtype
+
+    def get(self) -> QuantizedWeight8bit:
+        return QuantizedWeight8bit(self.stack.weight[self.layer], self.stack.scales[self.layer])
+
+    def tree_flatten(self):
+        return (self.stack, self.layer), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
 def quantize(w: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
     """Symmetric int8 quantisation of float `w` [..., In, Out] with `blocks` row blocks of In.
 
@@ -100,6 +133,38 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def on_gpu() -> bool:
+    """Whether computations run on a GPU (where the Pallas kernels run through Triton)."""
+    return jax.default_backend() == "gpu"
+
+
+# Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
+# the weight once, in place. Larger ones are compute-bound, where XLA's GEMMs do better.
+KERNEL_ROWS = 64
+KERNEL_MODES = ("off", "auto", "always")   # auto: on GPU only; always: also interpreted elsewhere
+
+
+def _kernel_linear(x: jax.Array, w: LayerSlice, kernel: str) -> jax.Array | None:
+    """x [..., In] times layer w.layer of the stack, by the Pallas kernel (float32 [..., Out]),
+    or None where the kernel is off or does not apply."""
+    if kernel == "off" or not is_quantized(w.stack) or (kernel == "auto" and not on_gpu()):
+        return None
+    from grok.kernels.moe import block_matmul, kernel_applies
+    *lead, rows = x.shape
+    n = int(np.prod(lead))
+    bm = max(16, 1 << (n - 1).bit_length())
+    cols, blocks = w.shape[-1], w.stack.scale_blocks
+    interpret = not on_gpu()
+    if n > KERNEL_ROWS or not kernel_applies(rows, cols, blocks, bm, interpret,
+                                             weight_bytes=int(np.prod(w.stack.shape))):
+        return None
+    xb = jnp.pad(x.reshape(n, rows).astype(BF16), ((0, bm - n), (0, 0)))[None]
+    layer = jnp.reshape(jnp.asarray(w.layer, jnp.int32), (1,))
+    y = block_matmul(xb, layer, jnp.full((1,), n, jnp.int32), w.stack.weight, w.stack.scales,
+                     interpret=interpret)
+    return y[0, :n].reshape(*lead, cols)
+
+
 def embedding_dtype() -> Any:
     """The embedding's dtype in compute: bfloat16, or on CPU its bfloat16 values widened to float32
     (CPU dots widen bf16 operands, which would cost a full copy of the table at every step)."""
@@ -126,10 +191,17 @@ def _blocked(x: jax.Array, blocks: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
 
 
-def qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array, out_dtype: Any = BF16) -> jax.Array:
+def qlinear(x: jax.Array, q: QuantizedWeight8bit | LayerSlice | jax.Array, out_dtype: Any = BF16,
+            kernel: str = "off") -> jax.Array:
     """x [..., In] times the int8 weight [In, Out]: int8 converted inside the dot, float32
     accumulation, each row block's product scaled after the matmul. A float weight (training,
-    tests) is used as it is."""
+    tests) is used as it is. A LayerSlice of a few rows goes through the Pallas kernel when
+    `kernel` allows (see KERNEL_MODES), reading the layer in place."""
+    if isinstance(q, LayerSlice):
+        y = _kernel_linear(x, q, kernel)
+        if y is not None:
+            return y.astype(out_dtype)
+        q = q.get()
     if not is_quantized(q):
         return dot("...i,io->...o", x, q.astype(x.dtype)).astype(out_dtype)
     if on_cpu():

@@ -107,7 +107,7 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
     take the whole layer-stacked weight [L*E, In, Out]: no layer's experts are sliced (copied)
     out of the stack. Also catches GPU-only code paths that CPU tests never trace."""
     pytest.importorskip("jax._src.lib.triton")
-    monkeypatch.setattr("grok.moe._on_gpu", lambda: True)
+    monkeypatch.setattr("grok.quant.on_gpu", lambda: True)
     monkeypatch.setattr("grok.quant.on_cpu", lambda: False)
     config = GROK1.replace(num_layers=4, sequence_len=1024)
     runner = ModelRunner(abstract_params(config, True), config, moe_impl="auto")
@@ -127,3 +127,8 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
     assert "__gpu$xla.gpu.triton" in text
     assert not re.search(r"sizes = \[1, 8, (6144, 32768|32768, 6144)\]", text), \
         "a layer's experts sliced out of the stack"
+    # Decoding, the attention projections read their layer in place too; a prefill's are
+    # compute-bound XLA GEMMs on the layer's slice.
+    projections = re.findall(r"call @block_matmul\w*\(.*tensor<4x6144x(?:6144|1024)xi8>", text)
+    sliced = re.findall(r"sizes = \[1, 6144, (?:6144|1024)\]", text)
+    assert (len(projections), len(sliced)) == ((4, 0) if tokens == 1 else (0, 4))

@@ -102,14 +102,17 @@ def test_auto_on_cpu_is_grouped():
     assert jax.default_backend() != "cpu" or resolve_impl("auto", 2, 8) == "grouped"
 
 
-def test_model_fast_path_matches_dense():
-    """Whole-model logits and greedy tokens with the grouped evaluation equal dense."""
+@pytest.mark.parametrize("impl", ["grouped", "pallas"])
+def test_model_fast_path_matches_dense(impl):
+    """Whole-model logits and greedy tokens with the grouped evaluation (and the Pallas kernels,
+    interpreted: the MoE, and the decode steps' projections read from the layer stack) equal
+    dense."""
     import grok
     from grok.params import random_flat
-    config = tiny_config(num_layers=1)
+    config = tiny_config(num_layers=2)
     flat = random_flat(config, seed=3)
     dense = grok.from_flat(flat, config, moe_impl="dense")
-    fast = grok.from_flat(flat, config, moe_impl="grouped")
+    fast = grok.from_flat(flat, config, moe_impl=impl)
     tokens = [[5, 9, 3, 17, 22, 8, 1, 30, 12, 40, 7]]
     ref = dense.logits(tokens)
     np.testing.assert_allclose(fast.logits(tokens), ref, atol=1e-4 * np.abs(ref).max())

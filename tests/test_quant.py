@@ -117,3 +117,28 @@ def test_scale_after_the_dot_path_matches_dequantised_weights(monkeypatch, block
     want = np.einsum("nei,eio->neo", np.asarray(xe, np.float64), dequantize(we, np.float64))
     got = jax.jit(expert_qlinear, static_argnums=2)(xe, we, jnp.float32)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows,blocks", [(1, 1), (5, 4), (3, 8)])
+def test_layer_slice_through_the_kernel_equals_the_slice(monkeypatch, rows, blocks):
+    """A LayerSlice (a layer of a stacked weight, as the scanned model passes it) gives the same
+    product through the Pallas kernel (interpreted here) as qlinear on the sliced layer; "auto"
+    off the GPU, and too many rows, take XLA instead."""
+    import grok.kernels.moe as kmoe
+    from grok.quant import KERNEL_ROWS, LayerSlice
+    rng = np.random.default_rng(rows * 10 + blocks)
+    stack = _q(rng, (3, 64, 48), blocks)
+    x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.bfloat16)
+    for layer in (0, 2):
+        ref = np.asarray(qlinear(x, QuantizedWeight8bit(stack.weight[layer], stack.scales[layer]),
+                                 jnp.float32))
+        sliced = LayerSlice(stack, jnp.int32(layer))
+        out = np.asarray(qlinear(x, sliced, jnp.float32, kernel="always"))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    calls = []
+    real = kmoe.block_matmul
+    monkeypatch.setattr(kmoe, "block_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qlinear(x, sliced, kernel="always")
+    qlinear(x, sliced, kernel="auto")                     # CPU: XLA
+    qlinear(jnp.zeros((KERNEL_ROWS + 1, 64), jnp.bfloat16), sliced, kernel="always")
+    assert calls == [1]

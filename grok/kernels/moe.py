@@ -104,12 +104,17 @@ def _kernel(expert_ref, rows_ref, x_ref, w_ref, s_ref, o_ref, *, bk, bn, rows_pe
 @functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "interpret", "num_warps",
                                              "num_stages"))
 def block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array, weight: jax.Array,
-                 scales: jax.Array, *, bn: int = 128, bk: int = 256, splits: int | None = None,
-                 interpret: bool = False, num_warps: int = 4, num_stages: int = 3) -> jax.Array:
+                 scales: jax.Array, *, bn: int = 128, bk: int = 128, splits: int | None = None,
+                 interpret: bool = False, num_warps: int | None = None,
+                 num_stages: int | None = None) -> jax.Array:
     """x [G, bm, In] (bfloat16), block_expert [G] int32, block_rows [G] int32 (0: skip the block),
     weight int8 [E, In, Out], scales [E, S, Out] -> float32 [G, bm, Out]. `splits` parts of In
-    run as separate programs (default: `splits_for`)."""
+    run as separate programs (default: `splits_for`). The default tiles, pipeline depth and warps
+    are the best of a sweep on an H100 (BENCHMARKS.md): decoding blocks (bm <= 32) stream the
+    weight 4 stages deep; prefill blocks of 128 rows take 8 warps."""
     groups, bm, rows = x.shape
+    num_stages = num_stages or (4 if bm <= 32 else 3)
+    num_warps = num_warps or (8 if bm >= 128 else 4)
     _, _, cols = weight.shape
     blocks = scales.shape[-2]
     bn, bk = tiles(rows, cols, blocks, bn, bk)
