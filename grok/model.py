@@ -28,8 +28,9 @@ NEG_INF = -1e30
 class KVCache(NamedTuple):
     """Keys and values of every layer plus which slots hold real (non-pad) tokens.
 
-    k, v: [L, B, S, Hkv, K] bfloat16 (a tuple of per-layer [B, S, Hkv, K] for the unrolled model);
-    valid: [B, S] bool, shared by all layers.
+    k, v: [L, B, Hkv, S, K] bfloat16 (a tuple of per-layer [B, Hkv, S, K] for the unrolled model):
+    heads before slots, so the attention matmuls batch over (B, Hkv) with no transpose of the
+    cache; valid: [B, S] bool, shared by all layers.
     """
 
     k: Any
@@ -43,7 +44,7 @@ class KVCache(NamedTuple):
 
 def init_cache(config: GrokConfig, batch: int, length: int, scan: bool = True) -> KVCache:
     """An empty cache of `length` slots for `batch` sequences."""
-    shape = (batch, length, config.num_kv_heads, config.key_size)
+    shape = (batch, config.num_kv_heads, length, config.key_size)
     if scan:
         k = jnp.zeros((config.num_layers, *shape), BF16)
         v = jnp.zeros((config.num_layers, *shape), BF16)
@@ -103,7 +104,7 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 class Attention(hk.Module):
     """Grouped-query attention with RoPE and a tanh-capped score.
 
-    The new tokens attend to the cache's first A slots (`k_old`, `v_old` [B, A, Hkv, K], read
+    The new tokens attend to the cache's first A slots (`k_old`, `v_old` [B, Hkv, A, K], read
     only, None for fresh sequences) and causally to each other. Their own keys and values are
     returned for the caller to write into the cache, so no layer copies its cache.
     """
@@ -130,17 +131,17 @@ class Attention(hk.Module):
         scores = [dot("bthgk,buhk->bhgtu", q, k)]
         masks = [new_valid[:, None, :] & causal[None]]                             # [B, T, U]
         if k_old is not None:
-            slots = jnp.arange(k_old.shape[1])
-            scores.insert(0, dot("bthgk,bshk->bhgts", q, k_old))
-            old = old_valid[:, :k_old.shape[1]] & (slots[None, :] < start[:, None])
-            masks.insert(0, jnp.broadcast_to(old[:, None, :], (b, t, k_old.shape[1])))
+            slots = jnp.arange(k_old.shape[2])
+            scores.insert(0, dot("bthgk,bhsk->bhgts", q, k_old))
+            old = old_valid[:, :k_old.shape[2]] & (slots[None, :] < start[:, None])
+            masks.insert(0, jnp.broadcast_to(old[:, None, :], (b, t, k_old.shape[2])))
         scores = jnp.concatenate(scores, axis=-1) * c.attn_output_multiplier
         scores = c.attn_logit_cap * jnp.tanh(scores / c.attn_logit_cap)
         mask = jnp.concatenate(masks, axis=-1)[:, None, None]
         weights = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(BF16)
         out = dot("bhgtu,buhk->bthgk", weights[..., -t:], v)
         if v_old is not None:
-            out = out + dot("bhgts,bshk->bthgk", weights[..., :-t], v_old)
+            out = out + dot("bhgts,bhsk->bthgk", weights[..., :-t], v_old)
         out = out.astype(BF16).reshape(b, t, c.q_size)
         return linear(c.emb_size, name="linear")(out, jnp.float32), k, v
 
@@ -233,8 +234,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
 
     def one_layer(h, layer_params, k_cache, v_cache):
-        k_old = k_cache[:, :attend_len] if attend_len else None
-        v_old = v_cache[:, :attend_len] if attend_len else None
+        k_old = k_cache[:, :, :attend_len] if attend_len else None
+        v_old = v_cache[:, :, :attend_len] if attend_len else None
         return layer.apply(layer_params, h, k_old, v_old, positions, start, cache.valid,
                            new_valid)
 
@@ -260,14 +261,16 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
                 return h, (k, v)
             layers = jnp.arange(config.num_layers, dtype=jnp.int32)
             h, (k_new, v_new) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers))
-            write = lambda c, new: c.at[:, rows[:, None], positions].set(new, mode="drop")
+            # Indices split by a slice put their dims first: updates are [B, T, L, Hkv, K].
+            write = lambda c, new: c.at[:, rows[:, None], :, positions].set(
+                new.transpose(1, 2, 0, 3, 4), mode="drop")
         else:
             k_new, v_new = [], []
             for layer_params, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
                 h, k, v = one_layer(h, layer_params, k_cache, v_cache)
                 k_new.append(k)
                 v_new.append(v)
-            write = lambda cs, news: tuple(c.at[rows[:, None], positions].set(n, mode="drop")
+            write = lambda cs, news: tuple(c.at[rows[:, None], :, positions].set(n, mode="drop")
                                            for c, n in zip(cs, news))
 
     with jax.named_scope("cache_write"):

@@ -24,7 +24,7 @@ Layouts:
   the layer scan). The embedding [V, D] is vocabulary-parallel over "model", D over "data".
 - "expert": the expert weights [E, ...] are split by expert over "model" (every device holds
   whole experts), attention as in "tensor". See README ("Scale-out") for the trade-off.
-Activations: batch over "data" (when it divides the batch); the KV cache [L, B, S, Hkv, K] puts
+Activations: batch over "data" (when it divides the batch); the KV cache [L, B, Hkv, S, K] puts
 batch over "data" and kv heads over "model" (when they divide).
 """
 from __future__ import annotations
@@ -69,8 +69,8 @@ LAYOUTS: dict[str, tuple[Rule, ...]] = {"tensor": TENSOR_RULES, "expert": EXPERT
 # Activations and cache (not matched by path): logical name -> spec.
 ACTIVATION_RULES: dict[str, tuple[Any, ...]] = {
     "tokens": (DATA, None),                      # [B, T]
-    "kv_cache": (None, DATA, None, MODEL, None),  # [L, B, S, Hkv, K]
-    "kv_cache_layer": (DATA, None, MODEL, None),  # [B, S, Hkv, K] (unrolled model)
+    "kv_cache": (None, DATA, MODEL, None, None),  # [L, B, Hkv, S, K]
+    "kv_cache_layer": (DATA, MODEL, None, None),  # [B, Hkv, S, K] (unrolled model)
     "valid": (DATA, None),                       # [B, S]
     "logits": (),                                # replicated: every process can read them
 }
@@ -367,7 +367,7 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
     `length` tokens (default: the full context):
 
     - weights: each leaf's shard under the layout's rules (embedding held in bfloat16);
-    - KV cache: [L, B, T, Hkv, K] bfloat16 x2, batch over "data" and kv heads over "model" when
+    - KV cache: [L, B, Hkv, T, K] bfloat16 x2, batch over "data" and kv heads over "model" when
       they divide;
     - workspace: one layer's weights gathered over "data" (the scan gathers a layer at a time)
       with a bfloat16 copy of the largest weight shard (int8 -> bf16 in the matmul), the

@@ -11,7 +11,7 @@ from grok.params import abstract_params
 
 def _lowered_text(layers: int, scan: bool, tokens: int = 8, cache_len: int = 16) -> str:
     config = GROK1.replace(num_layers=layers)
-    kv_shape = (1, cache_len, config.num_kv_heads, config.key_size)
+    kv_shape = (1, config.num_kv_heads, cache_len, config.key_size)
     kv = jax.ShapeDtypeStruct((layers, *kv_shape), jnp.bfloat16) if scan else \
         tuple(jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16) for _ in range(layers))
     cache = KVCache(kv, kv, jax.ShapeDtypeStruct((1, cache_len), bool))

@@ -112,7 +112,7 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
     config = GROK1.replace(num_layers=4, sequence_len=1024)
     runner = ModelRunner(abstract_params(config, True), config, moe_impl="auto")
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    kv = jax.ShapeDtypeStruct((4, batch, 1024, config.num_kv_heads, config.key_size),
+    kv = jax.ShapeDtypeStruct((4, batch, config.num_kv_heads, 1024, config.key_size),
                               jnp.bfloat16)
     cache = KVCache(kv, kv, jax.ShapeDtypeStruct((batch, 1024), bool))
     with _lowering_for_h100():

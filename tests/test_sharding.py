@@ -65,9 +65,9 @@ def test_kv_heads_and_experts():
         _spec(moe, shape, 1, 16, layout="expert") and sh.check_layout(c, {"data": 1, "model": 16},
                                                                        "expert")
     sizes = {"data": 1, "model": 8}
-    assert sh.activation_spec("kv_cache", (64, 8, 128, 8, 128), sizes) == \
-        (None, None, None, "model", None)
-    assert sh.activation_spec("kv_cache", (64, 8, 128, 8, 128), {"data": 2, "model": 16}) == \
+    assert sh.activation_spec("kv_cache", (64, 8, 8, 128, 128), sizes) == \
+        (None, None, "model", None, None)                # [L, B, Hkv, S, K]: heads over model
+    assert sh.activation_spec("kv_cache", (64, 8, 8, 128, 128), {"data": 2, "model": 16}) == \
         (None, "data", None, None, None)
 
 
