@@ -24,9 +24,9 @@ import numpy as np
 
 from grok.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
                         matmul_rate, pipelined_time)
-from grok.kernels.moe import block_matmul, fit_shared, splits_for, tiles
+from grok.kernels.moe import block_matmul, fit_shared, pipeline_defaults, splits_for, tiles
 from grok.moe import moe, resolve_impl
-from grok.quant import QuantizedWeight8bit
+from grok.quant import QuantizedWeight8bit, on_gpu
 
 EXPERTS, TOP_K, SCALE_BLOCKS = 8, 2, 8
 
@@ -81,39 +81,57 @@ def layer_rows(args, weights, bandwidth) -> list[dict]:
     return rows
 
 
+def _kernel_stacks(weights):
+    """(name, weight [L*E, In, Out], scales [L*E, S, Out]) of w1 and w2: the stacks the kernel
+    indexes by layer * E + expert."""
+    flat = lambda a: a.reshape(-1, *a.shape[-2:])
+    return [(name, flat(w.weight), flat(w.scales)) for name, w in (("w1", weights[0]),
+                                                                   ("w2", weights[2]))]
+
+
+def _time_kernel(row: dict, x, ids, valid, stack_w, stack_s, calls: int, repeats: int,
+                 **tiles_kw) -> float | None:
+    """Back-to-back time of block_matmul with `tiles_kw`, or None with the error in `row`."""
+    interpret = not on_gpu()
+    try:   # weights as arguments, not jit constants
+        fn = jax.jit(lambda x, w, s: block_matmul(x, ids, valid, w, s, interpret=interpret,
+                                                  **tiles_kw))
+        return pipelined_time(lambda: fn(x, stack_w, stack_s), calls=calls, repeats=repeats)
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        return None
+
+
 def sweep_rows(args, weights, bandwidth) -> list[dict]:
     """block_matmul alone at decode shapes: 2 blocks (the 2 chosen experts) of 16 rows."""
-    interpret = jax.default_backend() != "gpu"
+    interpret = not on_gpu()
     rows = []
     rng = np.random.default_rng(1)
-    for name, w in (("w1", weights[0]), ("w2", weights[2])):
-        stack_w = w.weight.reshape(-1, *w.weight.shape[-2:])
-        stack_s = w.scales.reshape(-1, *w.scales.shape[-2:])
+    for name, stack_w, stack_s in _kernel_stacks(weights):
         rows_in, cols = stack_w.shape[-2:]
         x = jnp.asarray(rng.standard_normal((2, 16, rows_in)), jnp.bfloat16)
         ids = jnp.array([EXPERTS + 1, EXPERTS + 6], jnp.int32)     # layer 1's experts 1 and 6
         valid = jnp.array([1, 1], jnp.int32)
         nbytes = 2 * rows_in * cols
-        seen = set()
-        for bn, bk, splits, stages, warps in args.configs:
+
+        def resolved(bn, bk, splits, stages, warps):   # the tiles block_matmul would run
             tn, tk = tiles(rows_in, cols, stack_s.shape[-2], bn, bk)
             tk = tk if interpret else fit_shared(16, tn, tk, stages)
-            s = splits or splits_for(2, rows_in, cols, tn, tk)
-            key = (tn, tk, s, stages, warps)
+            return tn, tk, splits or splits_for(2, rows_in, cols, tn, tk), stages, warps
+        default = resolved(128, 128, None, *pipeline_defaults(16))
+        seen = set()
+        for config in args.configs:
+            key = resolved(*config)
+            tn, tk, s, stages, warps = key
             if key in seen or (rows_in // tk) % s:
                 continue
             seen.add(key)
             row = dict(weight=name, shape=f"{rows_in}x{cols}", bn=tn, bk=tk, splits=s,
-                       stages=stages, warps=warps, default=splits is None and (bn, bk) == (128, 256)
-                       and (stages, warps) == (3, 4))
-            try:
-                fn = jax.jit(lambda x, w, s, key=key: block_matmul(   # weights as arguments,
-                    x, ids, valid, w, s, bn=key[0], bk=key[1], splits=key[2],  # not constants
-                    num_stages=key[3], num_warps=key[4], interpret=interpret))
-                t = pipelined_time(lambda: fn(x, stack_w, stack_s), repeats=args.repeats)
+                       stages=stages, warps=warps, default=key == default)
+            t = _time_kernel(row, x, ids, valid, stack_w, stack_s, 10, args.repeats, bn=tn,
+                             bk=tk, splits=s, num_stages=stages, num_warps=warps)
+            if t is not None:
                 row.update(us=t * 1e6, gb_s=nbytes / t / 1e9, fraction=nbytes / bandwidth / t)
-            except Exception as err:  # noqa: BLE001 - reported in the table
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -122,12 +140,10 @@ def sweep_rows(args, weights, bandwidth) -> list[dict]:
 def prefill_sweep_rows(args, weights, rate) -> list[dict]:
     """block_matmul alone at prefill shapes: 512 tokens x top-2 = 8 full blocks of 128 rows (or
     16 of 64), one expert each; FLOP/s against the bf16 matmul rate."""
-    interpret = jax.default_backend() != "gpu"
+    interpret = not on_gpu()
     rows = []
     rng = np.random.default_rng(2)
-    for name, w in (("w1", weights[0]), ("w2", weights[2])):
-        stack_w = w.weight.reshape(-1, *w.weight.shape[-2:])
-        stack_s = w.scales.reshape(-1, *w.scales.shape[-2:])
+    for name, stack_w, stack_s in _kernel_stacks(weights):
         rows_in, cols = stack_w.shape[-2:]
         for bm, bn, bk, stages, warps in args.prefill_configs:
             groups = 1024 // bm
@@ -138,15 +154,10 @@ def prefill_sweep_rows(args, weights, rate) -> list[dict]:
             tk = tk if interpret else fit_shared(bm, tn, tk, stages)
             flops = 2 * groups * bm * rows_in * cols
             row = dict(weight=name, bm=bm, bn=tn, bk=tk, stages=stages, warps=warps)
-            try:
-                fn = jax.jit(lambda x, w, s, ids=ids, valid=valid, c=(tn, tk, stages, warps):
-                             block_matmul(x, ids, valid, w, s, bn=c[0], bk=c[1], splits=1,
-                                          num_stages=c[2], num_warps=c[3], interpret=interpret))
-                t = pipelined_time(lambda: fn(x, stack_w, stack_s), calls=5,
-                                   repeats=args.repeats)
+            t = _time_kernel(row, x, ids, valid, stack_w, stack_s, 5, args.repeats, bn=tn,
+                             bk=tk, splits=1, num_stages=stages, num_warps=warps)
+            if t is not None:
                 row.update(us=t * 1e6, tflop_s=flops / t / 1e12, fraction=flops / rate / t)
-            except Exception as err:  # noqa: BLE001 - reported in the table
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -101,7 +101,7 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
     impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2)
     if impl == "dense":
         if layer is not None:   # the reference evaluation takes the layer's slice
-            w1, wv, w2 = (_at(w, layer) for w in (w1, wv, w2))
+            w1, wv, w2 = w1[layer], wv[layer], w2[layer]
         return _dense(x, gates, experts, w1, wv, w2)
     if impl == "gather":
         return _gather(x, gates, experts, w1, wv, w2, layer)
@@ -109,13 +109,6 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
         bm = block_rows_for(n * k, num_experts, impl)
         return _grouped(x, gates, experts, w1, wv, w2, bm, layer, pallas=impl == "pallas")
     raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
-
-
-def _at(w, *index):
-    """w[index] (leading axes) of a float or int8 weight; index entries may be traced."""
-    if is_quantized(w):
-        return QuantizedWeight8bit(w.weight[index], w.scales[index])
-    return w[index]
 
 
 def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int:
@@ -153,7 +146,7 @@ def _dense(x, gates, experts, w1, wv, w2):
 
 def _take(w, experts: jax.Array, layer=None):
     """The chosen experts' weights [N, k, In, Out], taken by index."""
-    return _at(w, experts) if layer is None else _at(w, layer, experts)
+    return w[experts] if layer is None else w[layer, experts]
 
 
 def _per_token_qlinear(x: jax.Array, w) -> jax.Array:  # float32 out
@@ -231,7 +224,7 @@ def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
     """Each non-empty block through its expert's MLP, one block per scan step (XLA copies each
     block's expert weight [In, Out] out of the stack before its dot)."""
     f32 = jnp.float32
-    at = (lambda w, e: _at(w, e)) if layer is None else (lambda w, e: _at(w, layer, e))
+    at = (lambda w, e: w[e]) if layer is None else (lambda w, e: w[layer, e])
 
     def mlp(xg, e):
         hidden = jax.nn.gelu(qlinear(xg, at(w1, e), f32)) * qlinear(xg, at(wv, e), f32)

@@ -39,6 +39,10 @@ class QuantizedWeight8bit:
         return int(np.prod(self.weight.shape)) * np.dtype(self.weight.dtype).itemsize + \
             int(np.prod(self.scales.shape)) * np.dtype(self.scales.dtype).itemsize
 
+    def __getitem__(self, index: Any) -> "QuantizedWeight8bit":
+        """Index the leading (stacking) axes of weight and scales alike: w[layer], w[l, e]."""
+        return QuantizedWeight8bit(self.weight[index], self.scales[index])
+
     def tree_flatten(self):
         return (self.weight, self.scales), None
 
@@ -78,7 +82,7 @@ class LayerSlice:
         return self.stack.dtype
 
     def get(self) -> QuantizedWeight8bit:
-        return QuantizedWeight8bit(self.stack.weight[self.layer], self.stack.scales[self.layer])
+        return self.stack[self.layer]
 
     def tree_flatten(self):
         return (self.stack, self.layer), None

@@ -49,6 +49,12 @@ def fit_shared(bm: int, bn: int, bk: int, num_stages: int, x_bytes: int = 2) -> 
     return bk
 
 
+def pipeline_defaults(bm: int) -> tuple[int, int]:
+    """(num_stages, num_warps) for blocks of `bm` rows, from a sweep on an H100: decoding blocks
+    (bm <= 32) stream the weight 4 stages deep; 128-row prefill blocks take 8 warps."""
+    return (4 if bm <= 32 else 3), (8 if bm >= 128 else 4)
+
+
 def splits_for(groups: int, rows: int, cols: int, bn: int, bk: int,
                min_programs: int = 264, max_splits: int = 8) -> int:
     """Split In into the fewest parts (a power of two dividing the In steps) that give at least
@@ -110,11 +116,10 @@ def block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array, w
     """x [G, bm, In] (bfloat16), block_expert [G] int32, block_rows [G] int32 (0: skip the block),
     weight int8 [E, In, Out], scales [E, S, Out] -> float32 [G, bm, Out]. `splits` parts of In
     run as separate programs (default: `splits_for`). The default tiles, pipeline depth and warps
-    are the best of a sweep on an H100 (BENCHMARKS.md): decoding blocks (bm <= 32) stream the
-    weight 4 stages deep; prefill blocks of 128 rows take 8 warps."""
+    (`pipeline_defaults`) are the best of a sweep on an H100 (BENCHMARKS.md)."""
     groups, bm, rows = x.shape
-    num_stages = num_stages or (4 if bm <= 32 else 3)
-    num_warps = num_warps or (8 if bm >= 128 else 4)
+    default_stages, default_warps = pipeline_defaults(bm)
+    num_stages, num_warps = num_stages or default_stages, num_warps or default_warps
     _, _, cols = weight.shape
     blocks = scales.shape[-2]
     bn, bk = tiles(rows, cols, blocks, bn, bk)
