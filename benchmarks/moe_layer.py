@@ -8,8 +8,9 @@ read the chosen experts out of the stack in place. For 1, 8, 32 and 512 tokens a
 evaluation this prints the median time, the bytes of the experts the routing chose over that time,
 that time's fraction of the copy-bandwidth roofline, the error against "dense", and how many
 dequantised weights (float arrays of an expert's or the stack's size) the compiled program writes
-outside its fusions. Then the Pallas kernel alone at decode shapes (2 blocks of 16 rows) over a
-few tile choices. On CPU the kernel runs in the Pallas interpreter: use small --dims there.
+outside its fusions. Then the Pallas kernels alone (the gated w1+wv one and w2's) at decode shapes
+(2 blocks of 16 rows) and, with --prefill-sweep, at prefill shapes, over a few tile choices. On CPU
+the kernels run in the Pallas interpreter: use small --dims there.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import numpy as np
 
 from grok.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
                         matmul_rate, pipelined_time)
-from grok.kernels.moe import block_matmul, fit_shared, pipeline_defaults, splits_for, tiles
-from grok.moe import moe, resolve_impl
+from grok.kernels.moe import (block_matmul, fit_shared, gated_block_matmul, pipeline_defaults,
+                              splits_for, tiles)
+from grok.moe import block_rows_for, moe, resolve_impl
 from grok.quant import QuantizedWeight8bit, on_gpu
 
 EXPERTS, TOP_K, SCALE_BLOCKS = 8, 2, 8
@@ -82,21 +84,23 @@ def layer_rows(args, weights, bandwidth) -> list[dict]:
 
 
 def _kernel_stacks(weights):
-    """(name, weight [L*E, In, Out], scales [L*E, S, Out]) of w1 and w2: the stacks the kernel
-    indexes by layer * E + expert."""
+    """(name, [(weight [L*E, In, Out], scales [L*E, S, Out])]) of the gated pair (w1, wv) and of
+    w2: the stacks the kernels index by layer * E + expert."""
     flat = lambda a: a.reshape(-1, *a.shape[-2:])
-    return [(name, flat(w.weight), flat(w.scales)) for name, w in (("w1", weights[0]),
-                                                                   ("w2", weights[2]))]
+    pair = lambda w: (flat(w.weight), flat(w.scales))
+    return [("w1+wv", [pair(weights[0]), pair(weights[1])]), ("w2", [pair(weights[2])])]
 
 
-def _time_kernel(row: dict, x, ids, valid, stack_w, stack_s, calls: int, repeats: int,
+def _time_kernel(row: dict, x, ids, valid, pairs, calls: int, repeats: int,
                  **tiles_kw) -> float | None:
-    """Back-to-back time of block_matmul with `tiles_kw`, or None with the error in `row`."""
+    """Back-to-back time of the kernel over `pairs` (one: block_matmul; two: gated_block_matmul)
+    with `tiles_kw`, or None with the error in `row`."""
     interpret = not on_gpu()
+    kernel = block_matmul if len(pairs) == 1 else gated_block_matmul
+    operands = [a for pair in pairs for a in pair]
     try:   # weights as arguments, not jit constants
-        fn = jax.jit(lambda x, w, s: block_matmul(x, ids, valid, w, s, interpret=interpret,
-                                                  **tiles_kw))
-        return pipelined_time(lambda: fn(x, stack_w, stack_s), calls=calls, repeats=repeats)
+        fn = jax.jit(lambda x, *ws: kernel(x, ids, valid, *ws, interpret=interpret, **tiles_kw))
+        return pipelined_time(lambda: fn(x, *operands), calls=calls, repeats=repeats)
     except Exception as err:  # noqa: BLE001 - reported in the table
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         return None
@@ -107,29 +111,32 @@ def sweep_rows(args, weights, bandwidth) -> list[dict]:
     interpret = not on_gpu()
     rows = []
     rng = np.random.default_rng(1)
-    for name, stack_w, stack_s in _kernel_stacks(weights):
+    for name, pairs in _kernel_stacks(weights):
+        stack_w, stack_s = pairs[0]
         rows_in, cols = stack_w.shape[-2:]
         x = jnp.asarray(rng.standard_normal((2, 16, rows_in)), jnp.bfloat16)
         ids = jnp.array([EXPERTS + 1, EXPERTS + 6], jnp.int32)     # layer 1's experts 1 and 6
         valid = jnp.array([1, 1], jnp.int32)
-        nbytes = 2 * rows_in * cols
+        nbytes = 2 * rows_in * cols * len(pairs)
 
-        def resolved(bn, bk, splits, stages, warps):   # the tiles block_matmul would run
+        def resolved(bn, bk, splits, stages, warps, swap):   # the tiles the kernel would run
             tn, tk = tiles(rows_in, cols, stack_s.shape[-2], bn, bk)
-            tk = tk if interpret else fit_shared(16, tn, tk, stages)
-            return tn, tk, splits or splits_for(2, rows_in, cols, tn, tk), stages, warps
-        default = resolved(128, 128, None, *pipeline_defaults(16))
+            tk = tk if interpret else fit_shared(16, tn, tk, stages, weights=len(pairs))
+            if len(pairs) == 2:
+                splits = 1                             # the gated kernel needs whole sums
+            return tn, tk, splits or splits_for(2, rows_in, cols, tn, tk), stages, warps, swap
+        default = resolved(128, 128, None, *pipeline_defaults(16), False)
         seen = set()
         for config in args.configs:
             key = resolved(*config)
-            tn, tk, s, stages, warps = key
+            tn, tk, s, stages, warps, swap = key
             if key in seen or (rows_in // tk) % s:
                 continue
             seen.add(key)
             row = dict(weight=name, shape=f"{rows_in}x{cols}", bn=tn, bk=tk, splits=s,
-                       stages=stages, warps=warps, default=key == default)
-            t = _time_kernel(row, x, ids, valid, stack_w, stack_s, 10, args.repeats, bn=tn,
-                             bk=tk, splits=s, num_stages=stages, num_warps=warps)
+                       stages=stages, warps=warps, swap_ab=swap, default=key == default)
+            t = _time_kernel(row, x, ids, valid, pairs, 10, args.repeats, bn=tn, bk=tk,
+                             splits=s, num_stages=stages, num_warps=warps, swap_ab=swap)
             if t is not None:
                 row.update(us=t * 1e6, gb_s=nbytes / t / 1e9, fraction=nbytes / bandwidth / t)
             rows.append(row)
@@ -138,24 +145,28 @@ def sweep_rows(args, weights, bandwidth) -> list[dict]:
 
 
 def prefill_sweep_rows(args, weights, rate) -> list[dict]:
-    """block_matmul alone at prefill shapes: 512 tokens x top-2 = 8 full blocks of 128 rows (or
+    """The kernels alone at prefill shapes: 512 tokens x top-2 = 8 full blocks of 128 rows (or
     16 of 64), one expert each; FLOP/s against the bf16 matmul rate."""
     interpret = not on_gpu()
     rows = []
     rng = np.random.default_rng(2)
-    for name, stack_w, stack_s in _kernel_stacks(weights):
+    for name, pairs in _kernel_stacks(weights):
+        stack_w, stack_s = pairs[0]
         rows_in, cols = stack_w.shape[-2:]
-        for bm, bn, bk, stages, warps in args.prefill_configs:
+        for bm, bn, bk, stages, warps, swap in args.prefill_configs:
             groups = 1024 // bm
             x = jnp.asarray(rng.standard_normal((groups, bm, rows_in)), jnp.bfloat16)
             ids = jnp.asarray(EXPERTS + np.arange(groups) % EXPERTS, jnp.int32)
             valid = jnp.full((groups,), bm, jnp.int32)
             tn, tk = tiles(rows_in, cols, stack_s.shape[-2], bn, bk)
-            tk = tk if interpret else fit_shared(bm, tn, tk, stages)
-            flops = 2 * groups * bm * rows_in * cols
-            row = dict(weight=name, bm=bm, bn=tn, bk=tk, stages=stages, warps=warps)
-            t = _time_kernel(row, x, ids, valid, stack_w, stack_s, 5, args.repeats, bn=tn,
-                             bk=tk, splits=1, num_stages=stages, num_warps=warps)
+            tk = tk if interpret else fit_shared(bm, tn, tk, stages, weights=len(pairs))
+            flops = 2 * groups * bm * rows_in * cols * len(pairs)
+            default = (bm, bn, bk, stages, warps, swap) == (
+                block_rows_for(1024, EXPERTS, "pallas"), 128, 128, *pipeline_defaults(bm), False)
+            row = dict(weight=name, bm=bm, bn=tn, bk=tk, stages=stages, warps=warps,
+                       swap_ab=swap, default=default)
+            t = _time_kernel(row, x, ids, valid, pairs, 5, args.repeats, bn=tn, bk=tk, splits=1,
+                             num_stages=stages, num_warps=warps, swap_ab=swap)
             if t is not None:
                 row.update(us=t * 1e6, tflop_s=flops / t / 1e12, fraction=flops / rate / t)
             rows.append(row)
@@ -163,16 +174,17 @@ def prefill_sweep_rows(args, weights, rate) -> list[dict]:
     return rows
 
 
-PREFILL_CONFIGS = [  # (bm, bn, bk, num_stages, num_warps)
-    (128, 128, 128, 3, 4), (128, 128, 64, 3, 4), (128, 128, 128, 3, 8), (128, 256, 64, 3, 8),
-    (128, 256, 128, 2, 8), (64, 128, 128, 3, 4), (64, 256, 128, 3, 8), (128, 128, 64, 4, 4),
-    (128, 256, 64, 4, 8), (128, 64, 128, 3, 4),
+PREFILL_CONFIGS = [  # (bm, bn, bk, num_stages, num_warps, swap_ab); the first is the default
+    (64, 128, 128, 3, 4, False), (64, 128, 128, 3, 8, False), (64, 64, 128, 3, 4, False),
+    (64, 256, 64, 3, 8, False), (128, 128, 128, 3, 8, False), (128, 128, 64, 3, 8, False),
+    (128, 256, 64, 3, 8, False), (64, 128, 128, 3, 4, True), (64, 128, 64, 3, 4, True),
+    (128, 128, 64, 3, 8, True), (64, 256, 64, 3, 8, True),
 ]
 
-CONFIGS = [  # (bn, bk, splits (None: splits_for), num_stages, num_warps)
-    (128, 256, None, 3, 4), (128, 256, 1, 3, 4), (128, 512, None, 3, 4), (64, 256, None, 3, 4),
-    (256, 256, None, 3, 4), (128, 256, None, 4, 4), (128, 256, None, 3, 8),
-    (64, 512, None, 4, 4), (128, 128, None, 4, 4), (256, 128, None, 4, 8),
+CONFIGS = [  # (bn, bk, splits (None: splits_for), num_stages, num_warps, swap_ab)
+    (128, 128, None, 4, 4, False), (128, 256, None, 4, 4, False), (64, 256, None, 4, 4, False),
+    (256, 128, None, 4, 8, False), (128, 128, None, 3, 4, False), (128, 128, None, 4, 4, True),
+    (64, 256, None, 4, 4, True),
 ]
 
 
@@ -215,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + markdown(prefill, [("weight", "weight", "s"), ("bm", "bm", "d"),
                                         ("bn", "bn", "d"), ("bk", "bk", "d"),
                                         ("stages", "stages", "d"), ("warps", "warps", "d"),
+                                        ("swap_ab", "swap_ab", ""), ("default", "default", ""),
                                         ("us", "median us", ".1f"),
                                         ("tflop_s", "TFLOP/s", ".0f"),
                                         ("fraction", "of matmul rate", ".2f"),
@@ -223,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + markdown(sweep, [("weight", "weight", "s"), ("shape", "In x Out", "s"),
                                       ("bn", "bn", "d"), ("bk", "bk", "d"),
                                       ("splits", "splits", "d"), ("stages", "stages", "d"),
-                                      ("warps", "warps", "d"), ("default", "default", ""),
+                                      ("warps", "warps", "d"), ("swap_ab", "swap_ab", ""),
+                                      ("default", "default", ""),
                                       ("us", "median us", ".1f"), ("gb_s", "GB/s", ".0f"),
                                       ("fraction", "of roofline", ".2f"), ("error", "error", "s")]),
               flush=True)

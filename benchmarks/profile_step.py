@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--unroll", type=int, default=1, help="layers per loop step (0: all)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     config = grok1_slice(args.grok1_slice) if args.grok1_slice else PRESETS[args.preset]
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config.replace(sequence_len=max_len)
     print(f"# profile {config.num_layers} layers, D={config.emb_size}: {machine()}", flush=True)
     params = random_params(config)
-    runner = runner_for(params, config, args.moe_impl)
+    runner = runner_for(params, config, args.moe_impl, args.unroll or True)
     results = []
     tokens = jnp.asarray(np.arange(args.prefill_len) % (config.vocab_size - 3) + 3,
                          jnp.int32)[None]

@@ -190,16 +190,18 @@ def prefill_flops(config: GrokConfig, tokens: int) -> float:
 _RUNNERS: dict[tuple[int, str], ModelRunner] = {}
 
 
-def runner_for(params, config, moe_impl: str) -> ModelRunner:
-    """One ModelRunner (one set of compiled functions) per parameter tree and evaluation."""
-    key = (id(params), moe_impl)
+def runner_for(params, config, moe_impl: str, unroll: int | bool = 1) -> ModelRunner:
+    """One ModelRunner (one set of compiled functions) per parameter tree, evaluation and
+    layer-loop unrolling."""
+    key = (id(params), moe_impl, unroll)
     if key not in _RUNNERS or _RUNNERS[key].params is not params:
-        _RUNNERS[key] = ModelRunner(params, config, moe_impl=moe_impl)
+        _RUNNERS[key] = ModelRunner(params, config, moe_impl=moe_impl, unroll=unroll)
     return _RUNNERS[key]
 
 def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: int,
                repeats: int, bandwidth: float, flops_rate: float,
-               outputs: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+               outputs: dict[str, np.ndarray] | None = None,
+               unroll: int | bool = 1) -> list[dict[str, Any]]:
     """Median prefill and decode step times of the jitted model functions (no engine loop).
     Each step's first logits go to `outputs` (by phase), for comparing evaluations."""
     outputs = {} if outputs is None else outputs
@@ -209,7 +211,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
             outputs[name] = np.asarray(logits, np.float32)
         return logits
 
-    runner = runner_for(params, config, moe_impl)
+    runner = runner_for(params, config, moe_impl, unroll)
     moe_w = [params["layers"][f"decoder_layer/moe/{n}"]["w"] for n in ("linear", "linear_v",
                                                                      "linear_1")]
     runs = lambda tokens: resolve_impl(moe_impl, tokens * config.num_selected_experts,
@@ -392,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16, help="engine tokens per request")
     ap.add_argument("--prefill-len", type=int, default=512, help="prefill of the step timings")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--unroll", type=int, default=1, metavar="N",
+                    help="layers per step of the layer loop in the step timings (0: all)")
     ap.add_argument("--steps", action="store_true", help="also time the steps (default for "
                     "--grok1-slice) against the roofline")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine throughput")
@@ -405,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown --moe-impl {bad[0]!r}; choose from {', '.join(MOE_IMPLS)}")
     batches = [int(b) for b in args.batches.split(",")]
+    if args.unroll < 0:
+        ap.error(f"--unroll must be >= 0 (0: all layers), got {args.unroll}")
     if args.grok1_slice:
         config, name = grok1_slice(args.grok1_slice), f"grok1-slice-{args.grok1_slice}"
         config = config.replace(sequence_len=bucket(args.prefill_len + 1, GROK1.sequence_len))
@@ -451,14 +457,16 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls:
             try:   # one failing evaluation (a kernel that does not build here) spares the rest
                 rows += step_times(params, config, impl, batches, args.prefill_len, args.repeats,
-                                   bandwidth, rate, outputs.setdefault(impl, {}))
+                                   bandwidth, rate, outputs.setdefault(impl, {}),
+                                   unroll=args.unroll or True)
                 memory.append(peak_memory(impl, weight_gb, cache_gb))
             except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
                 first_line = (str(err).strip().splitlines() or [""])[0][:300]
                 print(f"moe_impl={impl} FAILED: {type(err).__name__}: {first_line}", flush=True)
                 failed.append(impl)
+        loop = "unrolled" if args.unroll == 0 else f"{args.unroll} per loop step"
         print(f"\nSteps ({name}, {weight_gb:.1f} GB of weights, decode after "
-              f"{args.prefill_len} tokens)\n")
+              f"{args.prefill_len} tokens, layers {loop})\n")
         print(markdown(rows, [("phase", "phase", "s"), ("moe_impl", "moe_impl", "s"),
                               ("impl", "runs", "s"), ("batch", "batch", "d"),
                               ("ms", "median ms", ".2f"),
@@ -473,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                                     ("weights_gb", "weights GB", ".2f"),
                                     ("cache_gb", "largest KV cache GB", ".3f"),
                                     ("overhead", "over weights + cache", ".1%")]), flush=True)
-        out.update(steps=rows, copy_gb_s=bandwidth / 1e9, matmul_tflop_s=rate / 1e12,
+        out.update(steps=rows, unroll=args.unroll, copy_gb_s=bandwidth / 1e9,
+                   matmul_tflop_s=rate / 1e12,
                    failed=failed, memory=memory)
         same = compare_outputs(outputs)
         if same:

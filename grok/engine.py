@@ -80,7 +80,7 @@ class ModelRunner:
     """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
-                 mesh: Any = None):
+                 mesh: Any = None, unroll: int | bool = 1):
         self.params = _with_compute_embedding(params)
         self.config = config
         self.scan = is_scanned(params)
@@ -92,7 +92,7 @@ class ModelRunner:
         if mesh is not None and mesh.devices.size > 1 and moe_impl == "auto":
             # The Pallas kernel has no partitioning rule: GSPMD would gather its sharded weights.
             moe_impl = "grouped"
-        fwd = dict(config=config, moe_impl=moe_impl)
+        fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll)   # unroll: see forward
 
         def prefill(params, cache, tokens, rows, lengths):
             # Prompts [R, P] as fresh sequences, prompt r written straight into cache row

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from grok.config import GrokConfig
 from grok.moe import MoE, Router
 from grok.params import EMBED_MODULE, FINAL_NORM_MODULE, LAYER_MODULE, is_scanned
-from grok.quant import BF16, LayerSlice, dot, is_quantized, qlinear
+from grok.quant import BF16, LayerSlice, dot, is_quantized, qlinear, qlinears
 
 NEG_INF = -1e30
 
@@ -79,9 +79,12 @@ class Linear8(hk.Module):
         self.out_size = out_size
         self.kernel = kernel
 
+    def weight(self, in_size: int) -> Any:
+        """The parameter `w` [In, Out] (for products that several layers share: qlinears)."""
+        return hk.get_parameter("w", [in_size, self.out_size], jnp.int8, init=_no_init)
+
     def __call__(self, x: jax.Array, out_dtype: Any = BF16) -> jax.Array:
-        w = hk.get_parameter("w", [x.shape[-1], self.out_size], jnp.int8, init=_no_init)
-        return qlinear(x, w, out_dtype, self.kernel)
+        return qlinear(x, self.weight(x.shape[-1]), out_dtype, self.kernel)
 
 
 def _no_init(shape: Any, dtype: Any) -> Any:
@@ -91,14 +94,19 @@ def _no_init(shape: Any, dtype: Any) -> Any:
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """Half-split rotary embedding of x [B, T, H, K] at integer positions [B, T], in float32
-    (returned in x's dtype)."""
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+    (returned in x's dtype). The halves are viewed as an axis of 2 and swapped by a reverse, not
+    sliced and concatenated: plain elementwise work that XLA fuses into the projection's split-K
+    sum (the H100 decode profile's costliest small fusion was rooted at a concatenate)."""
+    b, t, h, k = x.shape
+    half = k // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / k)
     theta = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, K/2]
-    theta = jnp.concatenate([theta, theta], axis=-1)[:, :, None, :]      # [B, T, 1, K]
-    u = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-u[..., half:], u[..., :half]], axis=-1)
-    return (u * jnp.cos(theta) + rotated * jnp.sin(theta)).astype(x.dtype)
+    theta = theta[:, :, None, None, :]                                   # [B, T, 1, 1, K/2]
+    u = x.astype(jnp.float32).reshape(b, t, h, 2, half)
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]                  # (x1, x2) -> (-x2, x1)
+    rotated = jnp.flip(u, axis=3) * sign
+    out = u * jnp.cos(theta) + rotated * jnp.sin(theta)
+    return out.reshape(b, t, h, k).astype(x.dtype)
 
 
 class Attention(hk.Module):
@@ -118,30 +126,43 @@ class Attention(hk.Module):
         c = self.config
         b, t, _ = x.shape
         groups = c.num_q_heads // c.num_kv_heads
-        # Projections stay float32 through RoPE and are rounded to bfloat16 once.
+        # Projections stay float32 through RoPE and are rounded to bfloat16 once. Decoding, the
+        # kernel computes all three in one launch.
         linear = functools.partial(Linear8, kernel=self.kernel)
-        q = linear(c.q_size, name="query")(x, jnp.float32).reshape(b, t, c.num_q_heads, -1)
-        k = linear(c.kv_size, name="key")(x, jnp.float32).reshape(b, t, c.num_kv_heads, -1)
-        v = linear(c.kv_size, name="value")(x).reshape(b, t, c.num_kv_heads, c.key_size)
+        weights = [linear(size, name=name).weight(x.shape[-1]) for size, name in
+                   ((c.q_size, "query"), (c.kv_size, "key"), (c.kv_size, "value"))]
+        q, k, v = qlinears(x, weights, jnp.float32, self.kernel)
+        q = q.reshape(b, t, c.num_q_heads, c.key_size)
+        k = k.reshape(b, t, c.num_kv_heads, c.key_size)
+        v = v.astype(BF16).reshape(b, t, c.num_kv_heads, c.key_size)
         q = rope(q, positions, c.rope_base).astype(BF16)
         q = q.reshape(b, t, c.num_kv_heads, groups, c.key_size)
         k = rope(k, positions, c.rope_base).astype(BF16)
 
         causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]               # [T, U]
-        scores = [dot("bthgk,buhk->bhgtu", q, k)]
-        masks = [new_valid[:, None, :] & causal[None]]                             # [B, T, U]
+        # (scores, mask, values, einsum) over the new tokens and, when reading the cache, its slots.
+        parts = [(dot("bthgk,buhk->bhgtu", q, k), new_valid[:, None, :] & causal[None], v,
+                  "bhgtu,buhk->bthgk")]
         if k_old is not None:
             slots = jnp.arange(k_old.shape[2])
-            scores.insert(0, dot("bthgk,bhsk->bhgts", q, k_old))
-            old = old_valid[:, :k_old.shape[2]] & (slots[None, :] < start[:, None])
-            masks.insert(0, jnp.broadcast_to(old[:, None, :], (b, t, k_old.shape[2])))
-        scores = jnp.concatenate(scores, axis=-1) * c.attn_output_multiplier
-        scores = c.attn_logit_cap * jnp.tanh(scores / c.attn_logit_cap)
-        mask = jnp.concatenate(masks, axis=-1)[:, None, None]
-        weights = jax.nn.softmax(jnp.where(mask, scores, NEG_INF), axis=-1).astype(BF16)
-        out = dot("bhgtu,buhk->bthgk", weights[..., -t:], v)
-        if v_old is not None:
-            out = out + dot("bhgts,bhsk->bthgk", weights[..., :-t], v_old)
+            old = old_valid[:, :k_old.shape[2]] & (slots[None, :] < start[:, None])   # [B, S]
+            parts.insert(0, (dot("bthgk,bhsk->bhgts", q, k_old), old[:, None, :], v_old,
+                             "bhgts,bhsk->bthgk"))
+        # One softmax over all parts without concatenating them (each part's scores stay where
+        # its matmul wrote them): exp(x - max) / sum, as jax.nn.softmax, with shared max and sum.
+        capped = []
+        for scores, mask, _, _ in parts:
+            scores = scores * c.attn_output_multiplier
+            scores = c.attn_logit_cap * jnp.tanh(scores / c.attn_logit_cap)
+            capped.append(jnp.where(mask[:, None, None], scores, NEG_INF))
+        top = jax.lax.stop_gradient(
+            functools.reduce(jnp.maximum, [x.max(axis=-1, keepdims=True) for x in capped]))
+        exps = [jnp.exp(x - top) for x in capped]
+        total = functools.reduce(jnp.add, [e.sum(axis=-1, keepdims=True) for e in exps])
+        out = None
+        for e, (_, _, values, spec) in zip(exps, parts):
+            term = dot(spec, (e / total).astype(BF16), values)
+            out = term if out is None else out + term
         out = out.astype(BF16).reshape(b, t, c.q_size)
         return linear(c.emb_size, name="linear")(out, jnp.float32), k, v
 
@@ -209,8 +230,8 @@ def _logits_fn(config: GrokConfig, h: jax.Array) -> jax.Array:
 
 def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
             config: GrokConfig, attend_len: int | None = None, rows: jax.Array | None = None,
-            logit_index: jax.Array | None = None, moe_impl: str = "auto"
-            ) -> tuple[jax.Array, KVCache]:
+            logit_index: jax.Array | None = None, moe_impl: str = "auto",
+            unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, T] at positions start[b] .. start[b] + T - 1 and write their keys and
     values into those cache slots.
 
@@ -219,6 +240,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     (prefill): the old cache is not read, and the rows are cleared before the write. `rows` [B]
     picks the cache rows to write (default: row b for token row b; only with attend_len=0).
     Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given, and the cache.
+    `unroll` layers run per step of the scanned model's layer loop (True: all, a straight-line
+    program: no per-layer loop overhead on a GPU, a longer compile).
     """
     b, t = tokens.shape
     attend_len = cache.length if attend_len is None else attend_len
@@ -260,7 +283,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
                 h, k, v = one_layer(h, layer_params, k_cache, v_cache)
                 return h, (k, v)
             layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-            h, (k_new, v_new) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers))
+            h, (k_new, v_new) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers),
+                                             unroll=unroll)
             # Indices split by a slice put their dims first: updates are [B, T, L, Hkv, K].
             write = lambda c, new: c.at[:, rows[:, None], :, positions].set(
                 new.transpose(1, 2, 0, 3, 4), mode="drop")

@@ -9,9 +9,9 @@ Evaluations with the same results (up to bfloat16 rounding and summation order):
   ever dropped: a busy expert gets several blocks) and a scan runs each block through its
   expert's MLP; blocks with no rows are skipped by a cond, so only the chosen experts' weights
   are read (XLA; the default on CPU, for decoding and prefill alike);
-- "pallas": the same blocks through `grok.kernels.block_matmul`, a Pallas kernel that reads each
-  block's expert weights in place as int8 (Triton on GPU; elsewhere it runs in the Pallas
-  interpreter, which is slow: tests only).
+- "pallas": the same blocks through `grok.kernels` (`gated_block_matmul` for gelu(x w1) * (x wv),
+  `block_matmul` for w2), Pallas kernels that read each block's expert weights in place as int8
+  (Triton on GPU; elsewhere the Pallas interpreter, which is slow: tests only).
 "auto" takes "pallas" on GPU for int8 weights of a shape the kernel handles, else "grouped".
 
 Inside the layer scan the expert weights arrive stacked over layers, [L, E, In, Out], with the
@@ -184,26 +184,26 @@ def route_blocks(experts: jax.Array, num_experts: int, bm: int):
     """Lay the (token, choice) assignments [N, k] out in expert-sorted blocks of `bm` rows.
 
     Returns slot [N*k] (each assignment's row in the [G*bm] block layout), block_expert [G] and
-    block_rows [G] (valid rows of each block; 0 for blocks this routing leaves unused).
+    block_rows [G] (valid rows of each block; 0 for blocks this routing leaves unused). Built from
+    one-hot counts and comparisons, with no sort and no search loop: on a GPU each of those is a
+    chain of small kernels (a search is a while loop synchronising with the host) in every layer.
     """
     flat = experts.reshape(-1).astype(jnp.int32)
-    a = flat.shape[0]
-    groups = num_blocks(a, num_experts, bm)
-    counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    groups = num_blocks(flat.shape[0], num_experts, bm)
+    onehot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)).astype(jnp.int32)
+    counts = onehot.sum(axis=0)                                              # [E]
+    # Each assignment's rank among its expert's, in arrival order (what a stable sort gives).
+    rank = jnp.sum((jnp.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)   # [A]
     nblocks = (counts + bm - 1) // bm
     block_end = jnp.cumsum(nblocks)
     block_start = block_end - nblocks
-    group_start = jnp.cumsum(counts) - counts
-    order = jnp.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = jnp.arange(a, dtype=jnp.int32) - group_start[sorted_e]
-    slot = jnp.zeros((a,), jnp.int32).at[order].set(block_start[sorted_e] * bm + rank)
+    slot = jnp.sum(onehot * block_start, axis=1) * bm + rank
     g = jnp.arange(groups, dtype=jnp.int32)
-    block_expert = jnp.minimum(jnp.searchsorted(block_end, g, side="right"), num_experts - 1)
-    block_expert = block_expert.astype(jnp.int32)
+    block_expert = jnp.sum(g[:, None] >= block_end[None, :], axis=1, dtype=jnp.int32)
+    block_expert = jnp.minimum(block_expert, num_experts - 1)
     rows = counts[block_expert] - (g - block_start[block_expert]) * bm
     block_rows = jnp.where(g < block_end[-1], jnp.clip(rows, 0, bm), 0).astype(jnp.int32)
-    return slot, block_expert, block_rows
+    return slot.astype(jnp.int32), block_expert, block_rows
 
 
 def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False):
@@ -242,10 +242,11 @@ def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
 
 
 def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
-    """The three matmuls as Pallas kernels reading the int8 experts in place."""
+    """The MoE's matmuls as two Pallas kernels reading the int8 experts in place: the gated
+    hidden layer gelu(x w1) * (x wv) in one, w2 in the other."""
     if not all(map(is_quantized, (w1, wv, w2))):
         return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
-    from grok.kernels.moe import block_matmul
+    from grok.kernels.moe import block_matmul, gated_block_matmul
     interpret = not quant.on_gpu()
     if layer is not None:   # [L, E, In, Out] -> [L*E, In, Out] (free) and ids offset to the layer
         block_expert = block_expert + layer * w1.shape[-3]
@@ -253,9 +254,7 @@ def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
     def flat(a):
         return a.reshape(-1, *a.shape[-2:])
 
-    def mm(x, w):
-        return block_matmul(x, block_expert, block_rows, flat(w.weight), flat(w.scales),
-                            interpret=interpret)
-
-    hidden = jax.nn.gelu(mm(xb, w1)) * mm(xb, wv)
-    return mm(hidden.astype(BF16), w2)
+    hidden = gated_block_matmul(xb, block_expert, block_rows, flat(w1.weight), flat(w1.scales),
+                                flat(wv.weight), flat(wv.scales), interpret=interpret)
+    return block_matmul(hidden, block_expert, block_rows, flat(w2.weight), flat(w2.scales),
+                        interpret=interpret)

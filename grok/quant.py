@@ -1,6 +1,7 @@
 """8-bit weights with row-block scales (SPEC §3) and matmuls that never dequantise a whole weight."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -148,25 +149,31 @@ KERNEL_ROWS = 64
 KERNEL_MODES = ("off", "auto", "always")   # auto: on GPU only; always: also interpreted elsewhere
 
 
-def _kernel_linear(x: jax.Array, w: LayerSlice, kernel: str) -> jax.Array | None:
-    """x [..., In] times layer w.layer of the stack, by the Pallas kernel (float32 [..., Out]),
-    or None where the kernel is off or does not apply."""
-    if kernel == "off" or not is_quantized(w.stack) or (kernel == "auto" and not on_gpu()):
+def _kernel_linears(x: jax.Array, ws: Sequence[Any], kernel: str) -> list[jax.Array] | None:
+    """x [..., In] times layer w.layer of each stack, by one Pallas kernel launch (float32
+    [..., Out_i] each), or None where the kernel is off or does not apply to all of them."""
+    if kernel == "off" or (kernel == "auto" and not on_gpu()) or not all(
+            isinstance(w, LayerSlice) and is_quantized(w.stack) for w in ws):
         return None
-    from grok.kernels.moe import block_matmul, kernel_applies
+    from grok.kernels.moe import block_matmul, kernel_applies, multi_block_matmul
     *lead, rows = x.shape
     n = int(np.prod(lead))
     bm = max(16, 1 << (n - 1).bit_length())
-    cols, blocks = w.shape[-1], w.stack.scale_blocks
     interpret = not on_gpu()
-    if n > KERNEL_ROWS or not kernel_applies(rows, cols, blocks, bm, interpret,
-                                             weight_bytes=int(np.prod(w.stack.shape))):
+    if n > KERNEL_ROWS or any(w.shape[-2] != rows or not kernel_applies(
+            rows, w.shape[-1], w.stack.scale_blocks, bm, interpret,
+            weight_bytes=int(np.prod(w.stack.shape))) for w in ws):
         return None
     xb = jnp.pad(x.reshape(n, rows).astype(BF16), ((0, bm - n), (0, 0)))[None]
-    layer = jnp.reshape(jnp.asarray(w.layer, jnp.int32), (1,))
-    y = block_matmul(xb, layer, jnp.full((1,), n, jnp.int32), w.stack.weight, w.stack.scales,
-                     interpret=interpret)
-    return y[0, :n].reshape(*lead, cols)
+    layer = jnp.reshape(jnp.asarray(ws[0].layer, jnp.int32), (1,))
+    valid = jnp.full((1,), n, jnp.int32)
+    if len(ws) == 1:
+        ys = [block_matmul(xb, layer, valid, ws[0].stack.weight, ws[0].stack.scales,
+                           interpret=interpret)]
+    else:
+        ys = multi_block_matmul(xb, layer, valid, tuple((w.stack.weight, w.stack.scales)
+                                                        for w in ws), interpret=interpret)
+    return [y[0, :n].reshape(*lead, y.shape[-1]) for y in ys]
 
 
 def embedding_dtype() -> Any:
@@ -202,9 +209,9 @@ def qlinear(x: jax.Array, q: QuantizedWeight8bit | LayerSlice | jax.Array, out_d
     tests) is used as it is. A LayerSlice of a few rows goes through the Pallas kernel when
     `kernel` allows (see KERNEL_MODES), reading the layer in place."""
     if isinstance(q, LayerSlice):
-        y = _kernel_linear(x, q, kernel)
-        if y is not None:
-            return y.astype(out_dtype)
+        ys = _kernel_linears(x, [q], kernel)
+        if ys is not None:
+            return ys[0].astype(out_dtype)
         q = q.get()
     if not is_quantized(q):
         return dot("...i,io->...o", x, q.astype(x.dtype)).astype(out_dtype)
@@ -215,6 +222,16 @@ def qlinear(x: jax.Array, q: QuantizedWeight8bit | LayerSlice | jax.Array, out_d
     w = q.weight.reshape(blocks, rows // blocks, cols).astype(x.dtype)
     y = dot("...si,sio->...so", _blocked(x, blocks), w)
     return jnp.einsum("...so,so->...o", y, q.scales.astype(jnp.float32)).astype(out_dtype)
+
+
+def qlinears(x: jax.Array, ws: Sequence[Any], out_dtype: Any = BF16,
+             kernel: str = "off") -> list[jax.Array]:
+    """x [..., In] times several weights that share it ([In, Out_i] each), as `qlinear` gives
+    them; LayerSlices of one layer that the kernel takes (decoding) go through one launch."""
+    ys = _kernel_linears(x, ws, kernel) if len(ws) > 1 else None
+    if ys is None:
+        return [qlinear(x, w, out_dtype, kernel) for w in ws]
+    return [y.astype(out_dtype) for y in ys]
 
 
 def expert_qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array,

@@ -48,3 +48,26 @@ def test_step_logits_compared_and_a_failing_evaluation_spares_the_others(tmp_pat
     assert set(checks) == {("prefill 16", "grouped"), ("decode batch 1", "grouped"),
                            ("decode batch 4", "grouped")}
     assert all(err < 1e-2 for err in checks.values())
+
+
+def test_gpu_script_runs_every_section_on_tiny_shapes(tmp_path):
+    """benchmarks/gpu.sh (what a lent GPU runs, once) in its SMOKE mode on this machine: every
+    section runs and exits 0, and its files are the at most 8 the device tool brings back."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "2", "600"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    summary = (tmp_path / "summary.md").read_text()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    statuses = [line for line in summary.splitlines() if "exit status" in line]
+    assert len(statuses) == 4 and all("exit status 0" in s for s in statuses), statuses
+    for section in ("1. ", "2b. ", "2c. ", "3. ", "4. ", "done"):
+        assert f"== {section}" in summary, section
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and {"moe_layer.json", "grok1_slice.json", "profile.md",
+                                "grok1_slice_unrolled.json"} <= set(files), files
+    assert "layers unrolled" in summary and "| w1+wv |" in summary

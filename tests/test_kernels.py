@@ -24,18 +24,64 @@ def _q(rng, shape, blocks):
     return QuantizedWeight8bit(jnp.asarray(q.weight), jnp.asarray(q.scales))
 
 
-@pytest.mark.parametrize("splits", [1, 2, 8])
-def test_block_matmul_interpret_equals_numpy(splits):
-    """Each block times its expert's dequantised weight; In split into parts adds up the same."""
+@pytest.mark.parametrize("splits,swap_ab", [(1, False), (2, False), (8, False), (2, True)])
+def test_block_matmul_interpret_equals_numpy(splits, swap_ab):
+    """Each block times its expert's dequantised weight; In split into parts adds up the same;
+    the transposed evaluation (swap_ab) gives the same product."""
     rng = np.random.default_rng(0)
     w = _q(rng, (4, 64, 48), 4)
     x = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.bfloat16)
     ids, rows = jnp.array([2, 0, 3]), jnp.array([3, 0, 8])
     y = kmoe.block_matmul(x, ids, rows, w.weight, w.scales, bn=16, bk=8, splits=splits,
-                          interpret=True)
+                          interpret=True, swap_ab=swap_ab)
     ref = np.einsum("gmi,gio->gmo", np.asarray(x, np.float32), dequantize(w)[[2, 0, 3]])
     ref[1] = 0.0                                         # an empty block is skipped: zeros
     np.testing.assert_allclose(np.asarray(y), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("blocks,swap_ab", [(1, False), (4, False), (4, True)])
+def test_gated_block_matmul_equals_numpy(blocks, swap_ab):
+    """gelu(x w1) * (x wv) per block in one kernel, rounded once to x's dtype."""
+    rng = np.random.default_rng(2)
+    w1, wv = _q(rng, (4, 64, 48), blocks), _q(rng, (4, 64, 48), blocks)
+    x = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.bfloat16)
+    ids, rows = jnp.array([1, 3, 0]), jnp.array([8, 2, 0])
+    y = kmoe.gated_block_matmul(x, ids, rows, w1.weight, w1.scales, wv.weight, wv.scales,
+                                bn=16, bk=8, interpret=True, swap_ab=swap_ab)
+    assert y.dtype == jnp.bfloat16
+    xf = np.asarray(x, np.float32)
+    a = np.einsum("gmi,gio->gmo", xf, dequantize(w1)[[1, 3, 0]])
+    b = np.einsum("gmi,gio->gmo", xf, dequantize(wv)[[1, 3, 0]])
+    ref = np.asarray(jax.nn.gelu(jnp.asarray(a)), np.float64) * b
+    ref[2] = 0.0
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="splits=1"):
+        kmoe.gated_block_matmul(x, ids, rows, w1.weight, w1.scales, wv.weight, wv.scales,
+                                bn=16, bk=8, splits=2, interpret=True)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 2])
+def test_multi_block_matmul_equals_one_launch_per_weight(splits):
+    """Weights of different widths and scale blocks side by side in one launch: each output is
+    what block_matmul gives for its weight alone."""
+    rng = np.random.default_rng(3)
+    ws = [_q(rng, (3, 64, 48), 1), _q(rng, (3, 64, 16), 4), _q(rng, (3, 64, 32), 2)]
+    x = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+    ids, rows = jnp.array([2, 0]), jnp.array([5, 0])
+    outs = kmoe.multi_block_matmul(x, ids, rows, tuple((w.weight, w.scales) for w in ws),
+                                   bn=16, bk=8, splits=splits, interpret=True)
+    assert [o.shape for o in outs] == [(2, 8, 48), (2, 8, 16), (2, 8, 32)]
+    for out, w in zip(outs, ws):
+        one = kmoe.block_matmul(x, ids, rows, w.weight, w.scales, bn=16, bk=8, interpret=True)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(one), rtol=1e-6, atol=1e-6)
+        assert np.abs(np.asarray(out)[0]).max() > 0 and not np.asarray(out)[1].any()
+
+
+def test_chunks_stay_within_a_scale_block():
+    assert kmoe.chunking(48, 48) == (1, 48)      # one scale block: one chunk, scaled once
+    assert kmoe.chunking(64, 32) == (2, 32)      # w2 decoding: 4 splits of 64 steps, blocks of 32
+    assert kmoe.chunking(8, 32) == (1, 8)        # a split inside one block
+    assert kmoe.chunking(6, 4) == (3, 2)         # splits not aligned to blocks: chunks of gcd
 
 
 def test_pallas_moe_equals_xla():
@@ -95,15 +141,20 @@ def test_lowers_for_triton():
     w = jax.ShapeDtypeStruct((8, 256, 128), jnp.int8)
     s = jax.ShapeDtypeStruct((8, 8, 128), jnp.bfloat16)
     fn = functools.partial(kmoe.block_matmul.__wrapped__, interpret=False)
+    gated = functools.partial(kmoe.gated_block_matmul.__wrapped__, interpret=False,
+                              swap_ab=True)
     with _lowering_for_h100():
         text = jax.jit(fn).trace(x, ids, ids, w, s).lower(lowering_platforms=("cuda",)).as_text()
+        gated_text = jax.jit(gated).trace(x, ids, ids, w, s, w, s).lower(
+            lowering_platforms=("cuda",)).as_text()
     assert "triton" in text and "grok_moe_block_matmul" in text
+    assert "triton" in gated_text and "grok_moe_gated_matmul" in gated_text
 
 
 @pytest.mark.parametrize("batch,tokens", [(1, 1), (8, 1), (32, 1), (1, 512)])
 def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch, batch, tokens):
     """The whole step at Grok-1 width (4 layers), as a GPU runs it (auto -> the Pallas kernel),
-    lowers for CUDA on this CPU-only machine, and the three expert matmuls of the scanned layer
+    lowers for CUDA on this CPU-only machine, and the expert matmuls of the scanned layer (gated w1/wv, then w2)
     take the whole layer-stacked weight [L*E, In, Out]: no layer's experts are sliced (copied)
     out of the stack. Also catches GPU-only code paths that CPU tests never trace."""
     pytest.importorskip("jax._src.lib.triton")
@@ -122,13 +173,22 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
             traced = runner._prefill.trace(runner.params, cache, ints(batch, tokens),
                                            ints(batch), ints(batch))
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    calls = re.findall(r"call @block_matmul\w*\(.*tensor<32x(?:6144x32768|32768x6144)xi8>", text)
-    assert len(calls) == 3, "w1, wv and w2 each run the kernel on the whole stack"
+    stack = r"tensor<32x(?:6144x32768|32768x6144)xi8>"
+    gated = re.findall(rf"call @gated_block_matmul\w*\(.*{stack}.*{stack}", text)
+    calls = re.findall(rf"call @block_matmul\w*\(.*{stack}", text)
+    assert (len(gated), len(calls)) == (1, 1), \
+        "w1 and wv in the gated kernel, w2 in the plain one, each on the whole stack"
     assert "__gpu$xla.gpu.triton" in text
+    # Routing builds its blocks without a sort or a search loop (small kernels and, for a loop,
+    # a host round trip per iteration, in every layer): the layer scan is the only loop.
+    assert "stablehlo.sort" not in text and text.count("stablehlo.while") == 1
     assert not re.search(r"sizes = \[1, 8, (6144, 32768|32768, 6144)\]", text), \
         "a layer's experts sliced out of the stack"
     # Decoding, the attention projections read their layer in place too; a prefill's are
     # compute-bound XLA GEMMs on the layer's slice.
-    projections = re.findall(r"call @block_matmul\w*\(.*tensor<4x6144x(?:6144|1024)xi8>", text)
+    # query, key and value in one launch, the output projection in another.
+    qkv = re.findall(r"call @multi_block_matmul\w*\(.*tensor<4x6144x6144xi8>.*"
+                     r"tensor<4x6144x1024xi8>.*tensor<4x6144x1024xi8>", text)
+    out = re.findall(r"call @block_matmul\w*\(.*tensor<4x6144x6144xi8>", text)
     sliced = re.findall(r"sizes = \[1, 6144, (?:6144|1024)\]", text)
-    assert (len(projections), len(sliced)) == ((4, 0) if tokens == 1 else (0, 4))
+    assert (len(qkv), len(out), len(sliced)) == ((1, 1, 0) if tokens == 1 else (0, 0, 4))

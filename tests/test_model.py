@@ -59,6 +59,18 @@ def test_scan_and_unrolled_agree():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("unroll", [True, 4])
+def test_unrolled_layer_loop_agrees(unroll):
+    """The scanned model with its layer loop unrolled (wholly, or 4 of 11 layers per step)."""
+    from grok.engine import ModelRunner
+    config = CONFIGS["11-layers"]
+    model = from_flat(random_flat(config, seed=3), config, scan=True)
+    tokens = np.asarray(_tokens(config)[:2])
+    unrolled = ModelRunner(model.runner.params, config, unroll=unroll)
+    np.testing.assert_allclose(unrolled.logits(tokens), model.runner.logits(tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_padding_does_not_leak_into_real_positions():
     config = CONFIGS["1-layer"]
     model = from_flat(random_flat(config, seed=3), config)

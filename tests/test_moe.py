@@ -87,6 +87,15 @@ def test_route_blocks_drops_nothing():
         assert (block_expert[slot // bm] == np.asarray(chosen).reshape(-1)).all()
         assert (slot % bm < block_rows[slot // bm]).all()            # inside the valid rows
         assert block_rows.sum() == n * k
+        # The layout a stable sort by expert gives: blocks in expert order, rows in arrival order.
+        flat = np.asarray(chosen).reshape(-1)
+        starts = np.concatenate([[0], np.cumsum(-(-np.bincount(flat, minlength=experts) // bm))])
+        order = np.argsort(flat, kind="stable")
+        expected = np.empty_like(slot)
+        for e in range(experts):
+            mine = order[flat[order] == e]
+            expected[mine] = starts[e] * bm + np.arange(len(mine))
+        np.testing.assert_array_equal(slot, expected)
 
 
 def test_batch1_reads_only_the_chosen_experts():

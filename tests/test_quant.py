@@ -142,3 +142,27 @@ def test_layer_slice_through_the_kernel_equals_the_slice(monkeypatch, rows, bloc
     qlinear(x, sliced, kernel="auto")                     # CPU: XLA
     qlinear(jnp.zeros((KERNEL_ROWS + 1, 64), jnp.bfloat16), sliced, kernel="always")
     assert calls == [1]
+
+
+def test_qlinears_share_one_launch_and_equal_qlinear(monkeypatch):
+    """Several LayerSlices of one layer (the attention's q, k, v) through one kernel launch give
+    what qlinear gives for each; without the kernel, each goes through qlinear."""
+    import grok.kernels.moe as kmoe
+    from grok.quant import LayerSlice, qlinears
+    rng = np.random.default_rng(7)
+    stacks = [_q(rng, (3, 64, 48), 1), _q(rng, (3, 64, 16), 4)]
+    x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
+    ws = [LayerSlice(st, jnp.int32(1)) for st in stacks]
+    calls = []
+    real = kmoe.multi_block_matmul
+    monkeypatch.setattr(kmoe, "multi_block_matmul",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = qlinears(x, ws, jnp.float32, kernel="always")
+    plain = qlinears(x, ws, jnp.float32, kernel="off")
+    assert calls == [1]
+    for got, want, st in zip(fused, plain, stacks):
+        ref = np.asarray(x, np.float64) @ dequantize(
+            QuantizedWeight8bit(st.weight[1], st.scales[1]), np.float64)
+        assert got.shape == want.shape == ref.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(want, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())

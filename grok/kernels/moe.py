@@ -8,10 +8,17 @@ tiles of int8 are converted in registers, and blocks with no rows (`block_rows[g
 nothing. Decoding at batch 1 with top-2 routing therefore reads exactly two experts.
 
 Grid: (splits, G, Out / bn). Each program accumulates x[g] [bm, In] @ w[e, :, n*bn:(n+1)*bn] in
-float32 over its 1/splits of In in steps of `bk` (bk divides the scale row block, so each step has
-one row of scales); the splits' partial sums are added after the kernel. Splitting In keeps the
-chip busy when few blocks meet a narrow output (decoding through w2: 2 blocks x 6144 / 128 = 96
-programs for 132 multiprocessors); `splits_for` picks it from the program count.
+float32 over its 1/splits of In in steps of `bk`. Steps within one scale row block add plain dot
+products (Triton folds the add into the tensor-core accumulator) and their sum is scaled once per
+block; the splits' partial sums are added after the kernel. Splitting In keeps the chip busy when
+few blocks meet a narrow output (decoding through w2: 2 blocks x 6144 / 128 = 96 programs for 132
+multiprocessors); `splits_for` picks it from the program count.
+
+`gated_block_matmul` runs the MoE's first two matmuls as one kernel: each program reads its x tile
+once for w1 and wv, keeps both products in registers and writes gelu(x w1) * (x wv) in bfloat16
+(one launch and no float32 [G, bm, F] pair written and read back: 400 MB a layer in a prefill).
+`multi_block_matmul` runs several weights that share x side by side in one launch (each output
+column tile belongs to one weight): the attention's query, key and value projections at decode.
 
 On GPU the kernel lowers through Pallas' Triton backend; `interpret=True` evaluates it with the
 Pallas interpreter on any backend (slow: tests only). XLA paths in grok.moe are the fallback.
@@ -19,9 +26,11 @@ Pallas interpreter on any backend (slow: tests only). XLA paths in grok.moe are 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 F32 = jnp.float32
@@ -41,10 +50,11 @@ def tiles(rows: int, cols: int, blocks: int, bn: int = 128, bk: int = 256) -> tu
     return _pow2_divisor(cols, bn), _pow2_divisor(rows // blocks, bk)
 
 
-def fit_shared(bm: int, bn: int, bk: int, num_stages: int, x_bytes: int = 2) -> int:
-    """bk halved until the pipeline's stages (an x tile and an int8 w tile each) fit in
+def fit_shared(bm: int, bn: int, bk: int, num_stages: int, x_bytes: int = 2,
+               weights: int = 1) -> int:
+    """bk halved until the pipeline's stages (an x tile and `weights` int8 w tiles each) fit in
     SHARED_BYTES (prefill blocks of 128 rows at bk=256 would need 288 KB)."""
-    while num_stages * (bm * bk * x_bytes + bk * bn) > SHARED_BYTES and bk > 16:
+    while num_stages * (bm * bk * x_bytes + weights * bk * bn) > SHARED_BYTES and bk > 16:
         bk //= 2
     return bk
 
@@ -80,11 +90,60 @@ def kernel_applies(rows: int, cols: int, blocks: int, bm: int, interpret: bool =
     return tn >= 16 and tk >= 16 and bm >= 16 and bm & (bm - 1) == 0
 
 
-def _kernel(expert_ref, rows_ref, x_ref, w_ref, s_ref, o_ref, *, bk, bn, rows_per_block,
-            num_k, interpret):
-    split, g = pl.program_id(0), pl.program_id(1)
-    n0 = pl.multiple_of(pl.program_id(2) * bn, bn)
+def chunking(num_k: int, steps_per_block: int) -> tuple[int, int]:
+    """(chunks, steps per chunk) of a program's `num_k` In steps: a chunk lies within one scale
+    row block, so its steps accumulate pure dots (Triton folds each add into the MMA accumulator)
+    and the chunk's sum is scaled once. One scale block (w1, wv, q, k, v): one chunk."""
+    steps = math.gcd(num_k, steps_per_block)
+    return num_k // steps, steps
+
+
+def _accumulate(x_ref, pairs, g, e, split, n0, *, bk, bn, num_k, steps_per_block, interpret,
+                swap_ab):
+    """This program's sums over its In steps of x[g] @ w[e][:, n0:n0+bn], one float32 [bm, bn]
+    ([bn, bm] with swap_ab) per (weight, scales) pair; the pairs share their scale row blocks."""
+    chunks, chunk_steps = chunking(num_k, steps_per_block)
+    acc_shape = (bn, x_ref.shape[1]) if swap_ab else (x_ref.shape[1], bn)
+    zeros = lambda: tuple(jnp.zeros(acc_shape, F32) for _ in pairs)
+
+    def chunk(c, accs):
+        first = split * num_k + c * chunk_steps          # this chunk's first In step
+
+        def step(i, parts):
+            k0 = pl.multiple_of((first + i) * bk, bk)
+            x = x_ref[g, :, pl.ds(k0, bk)]                      # [bm, bk] bf16
+            if interpret:   # CPU XLA lacks bf16 x bf16 -> f32 dots: widen (exact)
+                x = x.astype(F32)
+            out = []
+            for part, (w_ref, _) in zip(parts, pairs):
+                w = w_ref[e, pl.ds(k0, bk), pl.ds(n0, bn)].astype(x.dtype)   # int8, in place
+                if swap_ab:
+                    out.append(part + jnp.dot(w.T, x.T, preferred_element_type=F32))
+                else:
+                    out.append(part + jnp.dot(x, w, preferred_element_type=F32))
+            return tuple(out)
+
+        parts = jax.lax.fori_loop(0, chunk_steps, step, zeros())
+        block = first // steps_per_block
+        scales = [s_ref[e, block, pl.ds(n0, bn)].astype(F32) for _, s_ref in pairs]
+        return tuple(acc + part * (s[:, None] if swap_ab else s[None, :])
+                     for acc, part, s in zip(accs, parts, scales))
+
+    return chunk(0, zeros()) if chunks == 1 else jax.lax.fori_loop(0, chunks, chunk, zeros())
+
+
+def _kernel(expert_ref, rows_ref, x_ref, *refs, gated, tile_starts, steps_per_block, swap_ab,
+            **kw):
+    """refs: (weight, scales) per weight, then the output. Gated (two weights): gelu(x w1) *
+    (x wv) in x's dtype. Otherwise the weights' products side by side: output column tile n
+    belongs to the weight whose tiles [tile_starts[i], tile_starts[i + 1]) hold it."""
+    o_ref, pairs = refs[-1], list(zip(refs[:-1:2], refs[1:-1:2]))
+    split, g, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = expert_ref[g]
+    bn = kw["bn"]
+
+    def store(out):
+        o_ref[...] = (out.T if swap_ab else out).astype(o_ref.dtype)
 
     @pl.when(rows_ref[g] == 0)
     def _():
@@ -92,59 +151,116 @@ def _kernel(expert_ref, rows_ref, x_ref, w_ref, s_ref, o_ref, *, bk, bn, rows_pe
 
     @pl.when(rows_ref[g] > 0)
     def _():
-        def body(i, acc):
-            k0 = pl.multiple_of((split * num_k + i) * bk, bk)
-            x = x_ref[g, :, pl.ds(k0, bk)]                        # [bm, bk] bf16
-            w = w_ref[e, pl.ds(k0, bk), pl.ds(n0, bn)]            # [bk, bn] int8, in place
-            s = s_ref[e, k0 // rows_per_block, pl.ds(n0, bn)]     # [bn] scales of this row block
-            if interpret:   # CPU XLA lacks bf16 x bf16 -> f32 dots: widen (exact)
-                part = jnp.dot(x.astype(F32), w.astype(F32), preferred_element_type=F32)
+        if gated:
+            a, b = _accumulate(x_ref, pairs, g, e, split, pl.multiple_of(n * bn, bn),
+                               steps_per_block=steps_per_block[0], swap_ab=swap_ab, **kw)
+            store(jax.nn.gelu(a) * b)
+            return
+        for i, pair in enumerate(pairs):
+            lo, hi = tile_starts[i], tile_starts[i + 1]
+
+            def one(pair=pair, lo=lo, i=i):
+                n0 = pl.multiple_of((n - lo) * bn, bn)
+                store(_accumulate(x_ref, [pair], g, e, split, n0, swap_ab=swap_ab,
+                                  steps_per_block=steps_per_block[i], **kw)[0])
+            if len(pairs) == 1:
+                one()
             else:
-                part = jnp.dot(x, w.astype(x.dtype), preferred_element_type=F32)
-            return acc + part * s.astype(F32)[None, :]
-
-        acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((x_ref.shape[1], bn), F32))
-        o_ref[...] = acc.astype(o_ref.dtype)
+                pl.when((n >= lo) & (n < hi))(one)
 
 
-@functools.partial(jax.jit, static_argnames=("bn", "bk", "splits", "interpret", "num_warps",
-                                             "num_stages"))
-def block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array, weight: jax.Array,
-                 scales: jax.Array, *, bn: int = 128, bk: int = 128, splits: int | None = None,
-                 interpret: bool = False, num_warps: int | None = None,
-                 num_stages: int | None = None) -> jax.Array:
-    """x [G, bm, In] (bfloat16), block_expert [G] int32, block_rows [G] int32 (0: skip the block),
-    weight int8 [E, In, Out], scales [E, S, Out] -> float32 [G, bm, Out]. `splits` parts of In
-    run as separate programs (default: `splits_for`). The default tiles, pipeline depth and warps
-    (`pipeline_defaults`) are the best of a sweep on an H100 (BENCHMARKS.md)."""
+def _launch(x, block_expert, block_rows, pairs, *, gated, bn, bk, splits, interpret, num_warps,
+            num_stages, swap_ab):
     groups, bm, rows = x.shape
     default_stages, default_warps = pipeline_defaults(bm)
     num_stages, num_warps = num_stages or default_stages, num_warps or default_warps
-    _, _, cols = weight.shape
-    blocks = scales.shape[-2]
-    bn, bk = tiles(rows, cols, blocks, bn, bk)
+    for w, s in pairs:
+        if w.shape[-2] != rows or w.shape[:-2] != pairs[0][0].shape[:-2] or \
+                (gated and (w.shape, s.shape) != (pairs[0][0].shape, pairs[0][1].shape)):
+            raise ValueError(f"weight {w.shape} (scales {s.shape}) does not fit x {x.shape} "
+                             f"beside weight {pairs[0][0].shape}")
+    # Powers of two: the smallest tile fitting any weight divides every weight's tiles.
+    fits = [tiles(rows, w.shape[-1], s.shape[-2], bn, bk) for w, s in pairs]
+    bn, bk = min(f[0] for f in fits), min(f[1] for f in fits)
     if not interpret:
-        bk = fit_shared(bm, bn, bk, num_stages, x.dtype.itemsize)
+        bk = fit_shared(bm, bn, bk, num_stages, x.dtype.itemsize, len(pairs) if gated else 1)
+    col_tiles = [w.shape[-1] // bn for w, _ in pairs]
+    tile_starts = tuple(int(t) for t in np.cumsum([0] + col_tiles))
+    total_tiles = col_tiles[0] if gated else tile_starts[-1]
     if splits is None:
-        splits = splits_for(groups, rows, cols, bn, bk)
+        splits = 1 if gated else splits_for(groups, rows, total_tiles * bn, bn, bk)
+    if gated and splits != 1:
+        raise ValueError(f"the gated product needs whole sums (splits=1), got splits={splits}")
     if (rows // bk) % splits:
         raise ValueError(f"splits={splits} must divide the {rows // bk} steps of {bk} rows")
-    kernel = functools.partial(_kernel, bk=bk, bn=bn, rows_per_block=rows // blocks,
-                               num_k=rows // bk // splits, interpret=interpret)
+    kernel = functools.partial(
+        _kernel, gated=gated, tile_starts=tile_starts, swap_ab=swap_ab, bk=bk, bn=bn,
+        steps_per_block=tuple(rows // s.shape[-2] // bk for _, s in pairs),
+        num_k=rows // bk // splits, interpret=interpret)
     params = {}
     if not interpret:   # name Triton: without it JAX picks its Mosaic GPU backend
         from jax.experimental.pallas import triton as pltriton
         params["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps,
                                                             num_stages=num_stages)
     whole = pl.no_block_spec   # the whole array: the kernel indexes it (by expert id) itself
+    out_dtype = x.dtype if gated else F32
+    operands = [a for pair in pairs for a in pair]
     parts = pl.pallas_call(
         kernel,
-        grid=(splits, groups, cols // bn),
-        in_specs=[whole, whole, whole, whole, whole],
+        grid=(splits, groups, total_tiles),
+        in_specs=[whole] * (3 + len(operands)),
         out_specs=pl.BlockSpec((None, None, bm, bn), lambda s, g, n: (s, g, 0, n)),
-        out_shape=jax.ShapeDtypeStruct((splits, groups, bm, cols), F32),
+        out_shape=jax.ShapeDtypeStruct((splits, groups, bm, total_tiles * bn), out_dtype),
         interpret=interpret,
-        name="grok_moe_block_matmul",
+        name="grok_moe_gated_matmul" if gated else "grok_moe_block_matmul",
         **params,
-    )(block_expert.astype(jnp.int32), block_rows.astype(jnp.int32), x, weight, scales)
+    )(block_expert.astype(jnp.int32), block_rows.astype(jnp.int32), x, *operands)
     return parts[0] if splits == 1 else parts.sum(axis=0)
+
+
+_STATIC = ("bn", "bk", "splits", "interpret", "num_warps", "num_stages", "swap_ab")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array, weight: jax.Array,
+                 scales: jax.Array, *, bn: int = 128, bk: int = 128, splits: int | None = None,
+                 interpret: bool = False, num_warps: int | None = None,
+                 num_stages: int | None = None, swap_ab: bool = False) -> jax.Array:
+    """x [G, bm, In] (bfloat16), block_expert [G] int32, block_rows [G] int32 (0: skip the block),
+    weight int8 [E, In, Out], scales [E, S, Out] -> float32 [G, bm, Out]. `splits` parts of In
+    run as separate programs (default: `splits_for`). The default tiles, pipeline depth and warps
+    (`pipeline_defaults`) are the best of a sweep on an H100 (BENCHMARKS.md); `swap_ab` (the
+    transposed product, int8 tile first) is there for the sweeps."""
+    return _launch(x, block_expert, block_rows, [(weight, scales)], gated=False, bn=bn, bk=bk,
+                   splits=splits, interpret=interpret, num_warps=num_warps,
+                   num_stages=num_stages, swap_ab=swap_ab)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def multi_block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array,
+                       weights: tuple[tuple[jax.Array, jax.Array], ...], *, bn: int = 128,
+                       bk: int = 128, splits: int | None = None, interpret: bool = False,
+                       num_warps: int | None = None, num_stages: int | None = None,
+                       swap_ab: bool = False) -> list[jax.Array]:
+    """Several weights that share x and In, in one launch: (weight [E, In, Out_i], scales
+    [E, S_i, Out_i]) pairs -> float32 [G, bm, Out_i] each, as `block_matmul` gives them (the
+    attention's query, key and value projections while decoding: one launch, not three)."""
+    out = _launch(x, block_expert, block_rows, list(weights), gated=False, bn=bn, bk=bk,
+                  splits=splits, interpret=interpret, num_warps=num_warps,
+                  num_stages=num_stages, swap_ab=swap_ab)
+    ends = np.cumsum([w.shape[-1] for w, _ in weights])
+    return [out[..., end - w.shape[-1]:end] for end, (w, _) in zip(ends, weights)]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def gated_block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array,
+                       w1: jax.Array, s1: jax.Array, wv: jax.Array, sv: jax.Array, *,
+                       bn: int = 128, bk: int = 128, splits: int | None = None,
+                       interpret: bool = False, num_warps: int | None = None,
+                       num_stages: int | None = None, swap_ab: bool = False) -> jax.Array:
+    """The MoE's hidden layer in one kernel: gelu(x w1) * (x wv) [G, bm, F] in x's dtype, each
+    program reading its x tile once for both weights (int8 [E, D, F], scales [E, S, F]) and never
+    writing the two float32 products. Arguments as in `block_matmul` (splits must be 1)."""
+    return _launch(x, block_expert, block_rows, [(w1, s1), (wv, sv)], gated=True, bn=bn, bk=bk,
+                   splits=splits, interpret=interpret, num_warps=num_warps,
+                   num_stages=num_stages, swap_ab=swap_ab)
