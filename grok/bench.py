@@ -3,6 +3,7 @@
     python -m grok.bench --preset mid                      # engine tokens/s at batch 1, 8, 32
     python -m grok.bench --preset mid --steps              # + step times and fraction of roofline
     python -m grok.bench --grok1-slice 8                   # Grok-1 width, 8 layers (a big GPU)
+    python -m grok.bench --grok1-slice 8 --unroll 0        # the same, layer loop unrolled
     python -m grok.bench --preset mid --moe-impl dense,auto --check
 
 Weights are random int8 generated on the device by a hash of each element's index (nothing is
