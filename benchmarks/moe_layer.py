@@ -55,12 +55,15 @@ def layer_rows(args, weights, bandwidth) -> list[dict]:
         used = len(np.unique(np.asarray(chosen)))
         nbytes = used * expert_bytes
         impls = ["dense", "pallas", "grouped"] + (["gather"] if n <= 8 else [])
+        if n >= 256:   # prefill: expert blocks of other sizes (rows padded per expert vs speed)
+            impls += [f"pallas/bm{bm}" for bm in (32, 128)]
         ref = None
-        for impl in impls:
+        for name in impls:
+            impl, _, bm = name.partition("/bm")
             runs = resolve_impl(impl, n * TOP_K, EXPERTS, *weights)
-            fn = jax.jit(lambda x, g, c, w1, wv, w2, l, impl=impl: moe(x, g, c, w1, wv, w2,
-                                                                     impl=impl, layer=l))
-            row = dict(tokens=n, impl=impl, runs=runs, experts=used)
+            fn = jax.jit(lambda x, g, c, w1, wv, w2, l, impl=impl, bm=int(bm or 0) or None:
+                         moe(x, g, c, w1, wv, w2, impl=impl, layer=l, block_rows=bm))
+            row = dict(tokens=n, impl=name, runs=runs, experts=used)
             try:
                 start = time.perf_counter()
                 compiled = fn.lower(x, gates, chosen, w1, wv, w2, layer).compile()
@@ -178,7 +181,8 @@ PREFILL_CONFIGS = [  # (bm, bn, bk, num_stages, num_warps, swap_ab); the first i
     (64, 128, 128, 3, 4, False), (64, 128, 128, 3, 8, False), (64, 64, 128, 3, 4, False),
     (64, 256, 64, 3, 8, False), (128, 128, 128, 3, 8, False), (128, 128, 64, 3, 8, False),
     (128, 256, 64, 3, 8, False), (64, 128, 128, 3, 4, True), (64, 128, 64, 3, 4, True),
-    (128, 128, 64, 3, 8, True), (64, 256, 64, 3, 8, True),
+    (128, 128, 64, 3, 8, True), (64, 256, 64, 3, 8, True), (32, 128, 128, 4, 4, False),
+    (32, 256, 64, 3, 4, False),
 ]
 
 CONFIGS = [  # (bn, bk, splits (None: splits_for), num_stages, num_warps, swap_ab)

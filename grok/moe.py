@@ -91,11 +91,12 @@ class MoE(hk.Module):
 
 
 def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
-        impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
+        impl: str = "auto", layer: jax.Array | int | None = None,
+        block_rows: int | None = None) -> jax.Array:
     """The MoE block on flat tokens: x [N, D] bfloat16, gates [N, k] float32, experts [N, k] int,
     stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (int8 QuantizedWeight8bit or float)
     -> float32 [N, D]. With `layer`, the weights are [L, E, In, Out] and layer `layer`'s experts
-    are used, read in place."""
+    are used, read in place. `block_rows` overrides `block_rows_for` (grouped, pallas: tuning)."""
     n, k = experts.shape
     num_experts = w1.shape[-3]
     impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2)
@@ -106,7 +107,7 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
     if impl == "gather":
         return _gather(x, gates, experts, w1, wv, w2, layer)
     if impl in ("grouped", "pallas"):
-        bm = block_rows_for(n * k, num_experts, impl)
+        bm = block_rows or block_rows_for(n * k, num_experts, impl)
         return _grouped(x, gates, experts, w1, wv, w2, bm, layer, pallas=impl == "pallas")
     raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
 

@@ -145,3 +145,16 @@ def test_layer_of_a_stack_equals_that_layer_alone(impl):
         alone = np.asarray(moe(x, gates, chosen, *layers[layer], impl=impl))
         stacked = np.asarray(run(x, gates, chosen, *stack, jnp.int32(layer)))
         np.testing.assert_array_equal(stacked, alone)
+
+
+@pytest.mark.parametrize("block_rows", [1, 4, 64])
+def test_any_block_size_gives_the_same_result(block_rows):
+    """`block_rows` (tuning) changes only the layout: one row per block, several blocks per
+    expert, or one block holding every row."""
+    rng = np.random.default_rng(block_rows)
+    w1, wv, w2 = _weights(rng, 4, 32, 48, 4)
+    x = jnp.asarray(rng.standard_normal((20, 32)), jnp.bfloat16)
+    gates, chosen = _routing(rng, 20, 4, 2)
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped"))
+    out = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=block_rows))
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
