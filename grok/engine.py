@@ -92,6 +92,9 @@ class ModelRunner:
         if mesh is not None and mesh.devices.size > 1 and moe_impl == "auto":
             # The Pallas kernel has no partitioning rule: GSPMD would gather its sharded weights.
             moe_impl = "grouped"
+        if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
+                                   or unroll < 1):
+            raise ValueError(f"unroll must be True or a layer count >= 1, got {unroll!r}")
         fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll)   # unroll: see forward
 
         def prefill(params, cache, tokens, rows, lengths):

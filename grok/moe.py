@@ -99,6 +99,8 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
     are used, read in place. `block_rows` overrides `block_rows_for` (grouped, pallas: tuning)."""
     n, k = experts.shape
     num_experts = w1.shape[-3]
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
     impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2)
     if impl == "dense":
         if layer is not None:   # the reference evaluation takes the layer's slice

@@ -69,6 +69,9 @@ def test_unrolled_layer_loop_agrees(unroll):
     unrolled = ModelRunner(model.runner.params, config, unroll=unroll)
     np.testing.assert_allclose(unrolled.logits(tokens), model.runner.logits(tokens),
                                rtol=1e-5, atol=1e-5)
+    for bad in (0, -2, False, 1.5):
+        with pytest.raises(ValueError, match="unroll must be"):
+            ModelRunner(model.runner.params, config, unroll=bad)
 
 
 def test_padding_does_not_leak_into_real_positions():

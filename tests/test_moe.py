@@ -158,3 +158,5 @@ def test_any_block_size_gives_the_same_result(block_rows):
     ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped"))
     out = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=block_rows))
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="block_rows must be at least 1"):
+        moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=-1)
