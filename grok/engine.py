@@ -89,13 +89,19 @@ class ModelRunner:
         # jitted functions pin the cache / logits layouts of their outputs (identity without one).
         self.mesh = mesh
         self.place = place = Placement(mesh, config)
-        if mesh is not None and mesh.devices.size > 1 and moe_impl == "auto":
-            # The Pallas kernel has no partitioning rule: GSPMD would gather its sharded weights.
-            moe_impl = "grouped"
+        # The Pallas kernels have no partitioning rule (GSPMD would gather their sharded weights):
+        # on a multi-device mesh they run per device under shard_map where the layout allows.
+        self.mesh_kernel = None
+        if mesh is not None and mesh.devices.size > 1 and moe_impl in ("auto", "pallas"):
+            from grok.moe_mesh import kernel_plan
+            self.mesh_kernel = kernel_plan(self.params, mesh)
+            if self.mesh_kernel is None and moe_impl == "auto":
+                moe_impl = "grouped"
         if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
                                    or unroll < 1):
             raise ValueError(f"unroll must be True or a layer count >= 1, got {unroll!r}")
-        fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll)   # unroll: see forward
+        fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll,   # see forward
+                   mesh_kernel=self.mesh_kernel)
 
         def prefill(params, cache, tokens, rows, lengths):
             # Prompts [R, P] as fresh sequences, prompt r written straight into cache row

@@ -170,25 +170,28 @@ class Attention(hk.Module):
 class DecoderLayer(hk.Module):
     """Attention and MoE blocks, each wrapped in a pre-norm and a post-norm (sandwich norms)."""
 
-    def __init__(self, config: GrokConfig, moe_impl: str):
+    def __init__(self, config: GrokConfig, moe_impl: str, mesh_kernel: Any = None):
         super().__init__(name=LAYER_MODULE)
         self.config = config
         self.moe_impl = moe_impl
+        self.mesh_kernel = mesh_kernel
 
     def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
         eps = c.rms_norm_eps
         with jax.named_scope("attention"):
             x = RMSNorm(eps, name="rms_norm")(h)
-            # The projections take the Pallas kernel where the MoE may (decoding, in place).
+            # The projections take the Pallas kernel where the MoE may (decoding, in place), on
+            # one device: on a mesh GSPMD would gather their weights for the custom call.
             kernel = {"auto": "auto", "pallas": "always"}.get(self.moe_impl, "off")
+            kernel = "off" if self.mesh_kernel is not None else kernel
             o, k_new, v_new = Attention(c, kernel)(x, k_old, v_old, positions, start, old_valid,
                                                    new_valid)
             h = h + RMSNorm(eps, name="rms_norm_1")(o).astype(jnp.float32)
         with jax.named_scope("moe"):
             x = RMSNorm(eps, name="rms_norm_2")(h)
             gates, experts = Router(c)(x)
-            m = MoE(c, self.moe_impl)(x, gates, experts)
+            m = MoE(c, self.moe_impl, self.mesh_kernel)(x, gates, experts)
             h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
         return h, k_new, v_new
 
@@ -231,7 +234,7 @@ def _logits_fn(config: GrokConfig, h: jax.Array) -> jax.Array:
 def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
             config: GrokConfig, attend_len: int | None = None, rows: jax.Array | None = None,
             logit_index: jax.Array | None = None, moe_impl: str = "auto",
-            unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
+            unroll: int | bool = 1, mesh_kernel: Any = None) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, T] at positions start[b] .. start[b] + T - 1 and write their keys and
     values into those cache slots.
 
@@ -241,7 +244,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     picks the cache rows to write (default: row b for token row b; only with attend_len=0).
     Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given, and the cache.
     `unroll` layers run per step of the scanned model's layer loop (True: all, a straight-line
-    program: no per-layer loop overhead on a GPU, a longer compile).
+    program: no per-layer loop overhead on a GPU, a longer compile). `mesh_kernel`
+    (grok.moe_mesh.kernel_plan) runs the MoE kernels per device on a multi-device mesh.
     """
     b, t = tokens.shape
     attend_len = cache.length if attend_len is None else attend_len
@@ -253,7 +257,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     new_valid = tokens > config.pad_token
 
     embed = hk.without_apply_rng(hk.transform(lambda x: _embed_fn(config, x)))
-    layer = hk.without_apply_rng(hk.transform(lambda *a: DecoderLayer(config, moe_impl)(*a)))
+    layer = hk.without_apply_rng(hk.transform(
+        lambda *a: DecoderLayer(config, moe_impl, mesh_kernel)(*a)))
     unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
 
     def one_layer(h, layer_params, k_cache, v_cache):

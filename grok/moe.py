@@ -25,6 +25,7 @@ group, and on GPU it was measured reading every expert even for empty groups.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import haiku as hk
 import jax
@@ -67,12 +68,13 @@ class MoE(hk.Module):
     """gelu(x W1) * (x Wv) W2 per chosen expert, summed with the router's gates. In the scanned
     model the weights arrive as LayerSlices: the whole stack and the layer's index."""
 
-    def __init__(self, config: GrokConfig, impl: str = "auto"):
+    def __init__(self, config: GrokConfig, impl: str = "auto", mesh_kernel: Any = None):
         super().__init__(name="moe")
         if impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
         self.config = config
         self.impl = impl
+        self.mesh_kernel = mesh_kernel
 
     def __call__(self, x: jax.Array, gates: jax.Array, experts: jax.Array) -> jax.Array:
         """x [B, T, D] bfloat16 -> float32 [B, T, D] (rounded by the norm that follows)."""
@@ -87,21 +89,24 @@ class MoE(hk.Module):
             layer = w1.layer
             w1, wv, w2 = w1.stack, wv.stack, w2.stack
         return moe(x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1),
-                   w1, wv, w2, impl=self.impl, layer=layer).reshape(b, t, d)
+                   w1, wv, w2, impl=self.impl, layer=layer,
+                   mesh_kernel=self.mesh_kernel).reshape(b, t, d)
 
 
 def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
         impl: str = "auto", layer: jax.Array | int | None = None,
-        block_rows: int | None = None) -> jax.Array:
+        block_rows: int | None = None, mesh_kernel: Any = None) -> jax.Array:
     """The MoE block on flat tokens: x [N, D] bfloat16, gates [N, k] float32, experts [N, k] int,
     stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (int8 QuantizedWeight8bit or float)
     -> float32 [N, D]. With `layer`, the weights are [L, E, In, Out] and layer `layer`'s experts
-    are used, read in place. `block_rows` overrides `block_rows_for` (grouped, pallas: tuning)."""
+    are used, read in place. `block_rows` overrides `block_rows_for` (grouped, pallas: tuning).
+    On a multi-device mesh the kernels run per device under `mesh_kernel`
+    (`grok.moe_mesh.kernel_plan`); without one, "auto" takes the XLA grouped path there."""
     n, k = experts.shape
     num_experts = w1.shape[-3]
     if block_rows is not None and block_rows < 1:
         raise ValueError(f"block_rows must be at least 1, got {block_rows}")
-    impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2)
+    impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2, mesh_kernel)
     if impl == "dense":
         if layer is not None:   # the reference evaluation takes the layer's slice
             w1, wv, w2 = w1[layer], wv[layer], w2[layer]
@@ -110,7 +115,8 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
         return _gather(x, gates, experts, w1, wv, w2, layer)
     if impl in ("grouped", "pallas"):
         bm = block_rows or block_rows_for(n * k, num_experts, impl)
-        return _grouped(x, gates, experts, w1, wv, w2, bm, layer, pallas=impl == "pallas")
+        return _grouped(x, gates, experts, w1, wv, w2, bm, layer, pallas=impl == "pallas",
+                        mesh_kernel=mesh_kernel)
     raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
 
 
@@ -123,16 +129,24 @@ def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int
     return min(cap, max(floor, 1 << (mean - 1).bit_length()))
 
 
-def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None, w2=None) -> str:
-    """The evaluation that `impl` stands for, for `assignments` (token, choice) rows."""
+def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None, w2=None,
+                 mesh_kernel: Any = None) -> str:
+    """The evaluation that `impl` stands for, for `assignments` (token, choice) rows (on a mesh:
+    the kernel on each device's shard, `mesh_kernel`)."""
     if impl != "auto":
         return impl
     weights = [w for w in (w1, wv, w2) if w is not None]
     if quant.on_gpu() and weights and all(map(is_quantized, weights)):
         from grok.kernels.moe import kernel_applies
         bm = block_rows_for(assignments, num_experts, "pallas")
-        if all(kernel_applies(w.shape[-2], w.shape[-1], w.scale_blocks, bm,
-                              weight_bytes=math.prod(w.shape)) for w in weights):
+        shapes = [w.shape[-3:] for w in weights]
+        if mesh_kernel is not None:   # each device's shard is what the kernel sees
+            shapes = [mesh_kernel.local_shape(shape, spec)
+                      for shape, (spec, _) in zip(shapes, mesh_kernel.specs)]
+        layers = math.prod(weights[0].shape[:-3])
+        if all(kernel_applies(shape[-2], shape[-1], w.scale_blocks, bm,
+                              weight_bytes=layers * math.prod(shape))
+               for w, shape in zip(weights, shapes)):
             return "pallas"
     return "grouped"
 
@@ -209,7 +223,7 @@ def route_blocks(experts: jax.Array, num_experts: int, bm: int):
     return slot.astype(jnp.int32), block_expert, block_rows
 
 
-def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False):
+def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False, mesh_kernel=None):
     n, k = experts.shape
     slot, block_expert, block_rows = route_blocks(experts, w1.shape[-3], bm)
     groups = block_expert.shape[0]
@@ -217,8 +231,13 @@ def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False):
     source = jnp.full((groups * bm,), n, jnp.int32).at[slot].set(
         jnp.arange(n * k, dtype=jnp.int32) // k)
     xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(groups, bm, -1)
-    mlp = _pallas_mlp if pallas else _xla_mlp
-    y = mlp(xb, block_expert, block_rows, w1, wv, w2, layer)               # [G, bm, D]
+    if pallas and mesh_kernel is not None and all(map(is_quantized, (w1, wv, w2))):
+        from grok.moe_mesh import grouped_mlp
+        y = grouped_mlp(mesh_kernel, _pallas_mlp, xb, block_expert, block_rows, w1, wv, w2,
+                        layer)
+    else:
+        mlp = _pallas_mlp if pallas else _xla_mlp
+        y = mlp(xb, block_expert, block_rows, w1, wv, w2, layer)           # [G, bm, D]
     y = y.reshape(groups * bm, -1)[slot].reshape(n, k, -1)                 # [N, k, D]
     return dot("nk,nkd->nd", gates, y)
 
