@@ -128,7 +128,7 @@ def sweep_rows(args, weights, bandwidth) -> list[dict]:
             if len(pairs) == 2:
                 splits = 1                             # the gated kernel needs whole sums
             return tn, tk, splits or splits_for(2, rows_in, cols, tn, tk), stages, warps, swap
-        default = resolved(128, 128, None, *pipeline_defaults(16), False)
+        default = resolved(128, 128, None, *pipeline_defaults(16, len(pairs)), False)
         seen = set()
         for config in args.configs:
             key = resolved(*config)
@@ -165,7 +165,8 @@ def prefill_sweep_rows(args, weights, rate) -> list[dict]:
             tk = tk if interpret else fit_shared(bm, tn, tk, stages, weights=len(pairs))
             flops = 2 * groups * bm * rows_in * cols * len(pairs)
             default = (bm, bn, bk, stages, warps, swap) == (
-                block_rows_for(1024, EXPERTS, "pallas"), 128, 128, *pipeline_defaults(bm), False)
+                block_rows_for(1024, EXPERTS, "pallas"), 128, 128,
+                *pipeline_defaults(bm, len(pairs)), False)
             row = dict(weight=name, bm=bm, bn=tn, bk=tk, stages=stages, warps=warps,
                        swap_ab=swap, default=default)
             t = _time_kernel(row, x, ids, valid, pairs, 5, args.repeats, bn=tn, bk=tk, splits=1,

@@ -106,6 +106,13 @@ def test_splits_fill_the_chip_and_divide_the_steps():
                           w.weight, w.scales, bn=16, bk=16, splits=3, interpret=True)
 
 
+def test_pipeline_defaults():
+    assert kmoe.pipeline_defaults(16) == (4, 4)           # decoding: deep weight stream
+    assert kmoe.pipeline_defaults(64) == (3, 4)
+    assert kmoe.pipeline_defaults(64, 2) == (3, 8)        # gated: two accumulators
+    assert kmoe.pipeline_defaults(128) == (3, 8)
+
+
 def test_tiles_fit_shared_memory():
     assert kmoe.fit_shared(16, 128, 256, 3) == 256       # decode: 120 KB
     assert kmoe.fit_shared(128, 128, 256, 3) == 128      # prefill: 288 KB -> 144 KB

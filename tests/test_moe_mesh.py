@@ -46,6 +46,14 @@ SCRIPT = textwrap.dedent(r"""
             "logits": m.runner.logits(tokens).tolist(),
             "greedy": m.generate(prompts, max_new_tokens=3),
             "calls": len(calls)}
+    # the unrolled model's per-layer (unstacked) weights
+    flat_params = device_params(random_flat(config, seed=1, weight_scale=1.5), config, False)
+    mesh = sh.make_mesh((1, 4), jax.devices()[:4])
+    p = jax.device_put(flat_params, sh.params_shardings(flat_params, mesh, config, "tensor"))
+    calls.clear()
+    runner = ModelRunner(p, config, moe_impl="pallas", mesh=mesh)
+    out["unstacked"] = {"logits": runner.logits(tokens).tolist(), "calls": len(calls),
+                        "plan": runner.mesh_kernel.layout}
     json.dump(out, open(sys.argv[1], "w"))
 """)
 
@@ -85,3 +93,12 @@ def test_weights_split_over_data_stay_with_xla(results):
     ref = np.asarray(results["ref"])   # XLA partitions the sums differently: bf16-level changes
     np.testing.assert_allclose(np.asarray(got["logits"]), ref, rtol=0,
                                atol=2e-3 * np.abs(ref).max())
+
+
+def test_unstacked_layers_too(results):
+    import numpy as np
+    got = results["unstacked"]
+    assert got["plan"] == "tensor" and got["calls"] > 0
+    ref = np.asarray(results["ref"])
+    np.testing.assert_allclose(np.asarray(got["logits"]), ref, rtol=0,
+                               atol=1e-4 * np.abs(ref).max())

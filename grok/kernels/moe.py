@@ -59,10 +59,11 @@ def fit_shared(bm: int, bn: int, bk: int, num_stages: int, x_bytes: int = 2,
     return bk
 
 
-def pipeline_defaults(bm: int) -> tuple[int, int]:
+def pipeline_defaults(bm: int, accumulators: int = 1) -> tuple[int, int]:
     """(num_stages, num_warps) for blocks of `bm` rows, from a sweep on an H100: decoding blocks
-    (bm <= 32) stream the weight 4 stages deep; 128-row prefill blocks take 8 warps."""
-    return (4 if bm <= 32 else 3), (8 if bm >= 128 else 4)
+    (bm <= 32) stream the weight 4 stages deep; 128-row prefill blocks took 8 warps. The gated
+    kernel's two accumulators count double: 8 warps keep them at 64 registers a thread."""
+    return (4 if bm <= 32 else 3), (8 if bm * accumulators >= 128 else 4)
 
 
 def splits_for(groups: int, rows: int, cols: int, bn: int, bk: int,
@@ -172,7 +173,7 @@ def _kernel(expert_ref, rows_ref, x_ref, *refs, gated, tile_starts, steps_per_bl
 def _launch(x, block_expert, block_rows, pairs, *, gated, bn, bk, splits, interpret, num_warps,
             num_stages, swap_ab):
     groups, bm, rows = x.shape
-    default_stages, default_warps = pipeline_defaults(bm)
+    default_stages, default_warps = pipeline_defaults(bm, 2 if gated else 1)
     num_stages, num_warps = num_stages or default_stages, num_warps or default_warps
     for w, s in pairs:
         if w.shape[-2] != rows or w.shape[:-2] != pairs[0][0].shape[:-2] or \
