@@ -202,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-layer", action="store_true", help="skip the per-evaluation table")
     ap.add_argument("--prefill-sweep", action="store_true", help="also sweep prefill tiles")
+    ap.add_argument("--max-configs", type=int, default=None, metavar="N",
+                    help="only the first N tile choices of each sweep (a quick check)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     d, f = (int(v) for v in args.dims.split(","))
-    args.configs = CONFIGS
+    args.configs = CONFIGS[:args.max_configs]
     print(f"# MoE layer D={d} F={f}, {EXPERTS} experts, top-{TOP_K}, stack of {args.layers} "
           f"layers: {machine()}", flush=True)
     weights = (stacked_weight(args.layers, d, f, 1, 1), stacked_weight(args.layers, d, f, 1, 2),
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prefill_sweep:
         rate = matmul_rate(1024 if on_cpu else 8192)
         print(f"matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
-        args.prefill_configs = PREFILL_CONFIGS
+        args.prefill_configs = PREFILL_CONFIGS[:args.max_configs]
         prefill = prefill_sweep_rows(args, weights, rate)
         print("\n" + markdown(prefill, [("weight", "weight", "s"), ("bm", "bm", "d"),
                                         ("bn", "bn", "d"), ("bk", "bk", "d"),
