@@ -68,7 +68,7 @@ def _dims(mesh: Any, spec: P, ndim: int) -> tuple[Any, ...]:
 def kernel_plan(params: dict[str, Any], mesh: Any) -> MeshKernel | None:
     """The MeshKernel for a model's sharded params (stacked for the scan, or a list of layers),
     or None where their layout is not one the kernels can run per device."""
-    if mesh is None or mesh.devices.size == 1 or MODEL not in mesh.shape:
+    if mesh is None or mesh.size == 1 or MODEL not in mesh.shape:
         return None
     layers = params["layers"]
     layer = layers[0] if isinstance(layers, (list, tuple)) else layers

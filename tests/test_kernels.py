@@ -199,3 +199,48 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
     out = re.findall(r"call @block_matmul\w*\(.*tensor<4x6144x6144xi8>", text)
     sliced = re.findall(r"sizes = \[1, 6144, (?:6144|1024)\]", text)
     assert (len(qkv), len(out), len(sliced)) == ((1, 1, 0) if tokens == 1 else (0, 0, 4))
+
+
+@pytest.mark.parametrize("layout,local", [("tensor", ["16x6144x4096", "16x4096x6144"]),
+                                          ("expert", ["2x6144x32768", "2x32768x6144"])])
+def test_mesh_kernels_lower_for_cuda_on_each_devices_shard(monkeypatch, layout, local):
+    """On an 8-way model axis (an abstract mesh of H100s: no devices needed) the MoE kernels
+    lower to Triton calls inside shard_map on each device's shard of the layer stacks."""
+    pytest.importorskip("jax._src.lib.triton")
+    monkeypatch.setattr("grok.quant.on_gpu", lambda: True)
+    monkeypatch.setattr("grok.quant.on_cpu", lambda: False)
+    from grok import sharding as sh
+    from grok.moe import _pallas_mlp
+    from grok.moe_mesh import grouped_mlp, kernel_plan
+    config = GROK1.replace(num_layers=2)
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1, 8), ("data", "model"),
+                                     (jax.sharding.AxisType.Auto,) * 2, abstract_device=device)
+    params = abstract_params(config, True)
+    layers = params["layers"]
+    ws = []
+    for name in ("linear", "linear_v", "linear_1"):
+        w = layers[f"decoder_layer/moe/{name}"]["w"]
+        path = f"layers/decoder_layer/moe/{name}/w/"
+        parts = []
+        for part, leaf in (("weight", w.weight), ("scales", w.scales)):
+            spec = sh.param_spec(path + part, leaf.shape, {"data": 1, "model": 8}, config,
+                                 layout, stacked=True, weight_shape=w.weight.shape)
+            parts.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                              sharding=jax.sharding.NamedSharding(
+                                                  mesh, jax.sharding.PartitionSpec(*spec))))
+        ws.append(QuantizedWeight8bit(*parts))
+        layers[f"decoder_layer/moe/{name}"]["w"] = ws[-1]
+    plan = kernel_plan(params, mesh)
+    assert plan is not None and plan.layout == layout
+    xb = jax.ShapeDtypeStruct((2, 16, 6144), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2,), jnp.int32)
+    fn = jax.jit(lambda xb, ids, rows, w1, wv, w2, layer: grouped_mlp(
+        plan, _pallas_mlp, xb, ids, rows, w1, wv, w2, layer))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = fn.trace(xb, ids, ids, *ws, jax.ShapeDtypeStruct((), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"__gpu\$xla\.gpu\.triton", text)) == 2
+    for shape in local:
+        assert f"tensor<{shape}xi8>" in text, shape
