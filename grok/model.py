@@ -80,7 +80,7 @@ class Linear8(hk.Module):
         self.kernel = kernel
 
     def weight(self, in_size: int) -> Any:
-        """The parameter `w` [In, Out] (for products that several layers share: qlinears)."""
+        """The parameter `w` [In, Out] (for several weights multiplied together: qlinears)."""
         return hk.get_parameter("w", [in_size, self.out_size], jnp.int8, init=_no_init)
 
     def __call__(self, x: jax.Array, out_dtype: Any = BF16) -> jax.Array:
