@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grok.quant import QuantizedWeight8bit
-from grok.sharding import MODEL
+from grok.sharding import MODEL, local_shape, mesh_shape
 
 MOE_LEAVES = ("linear", "linear_v", "linear_1")   # w1, wv, w2 under decoder_layer/moe/
 
@@ -45,14 +45,7 @@ class MeshKernel:
 
     def local_shape(self, shape: tuple[int, ...], spec: P) -> tuple[int, ...]:
         """A per-layer [E, In, Out] shape as one device holds it."""
-        return tuple(n // self._size(axes) for n, axes in zip(shape, spec))
-
-    def _size(self, axes: Any) -> int:
-        axes = (axes,) if isinstance(axes, str) else (axes or ())
-        size = 1
-        for axis in axes:
-            size *= int(self.mesh.shape[axis])
-        return size
+        return local_shape(shape, tuple(spec), mesh_shape(self.mesh))
 
 
 def _dims(mesh: Any, spec: P, ndim: int) -> tuple[Any, ...]:

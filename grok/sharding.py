@@ -329,13 +329,19 @@ class MemoryEstimate:
                 f"{self.workspace / GB:.2f}){verdict}")
 
 
-def _local(shape: Sequence[int], spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
-    n = 1
+def local_shape(shape: Sequence[int], spec: Sequence[Any],
+                sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """The shape of one device's shard of an array of `shape` under `spec` (axis sizes `sizes`)."""
+    out = []
     for dim, size in enumerate(shape):
         axis = spec[dim] if dim < len(spec) else None
         names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-        n *= size // math.prod(sizes[a] for a in names)
-    return n
+        out.append(size // math.prod(sizes[a] for a in names))
+    return tuple(out)
+
+
+def _local(shape: Sequence[int], spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
+    return math.prod(local_shape(shape, spec, sizes))
 
 
 def _leaf_layout(config: GrokConfig) -> Iterable[tuple[str, tuple[int, ...], Any, bool]]:
