@@ -13,8 +13,8 @@
 #         --platform manylinux2014_x86_64 -d benchmarks/wheels dm-haiku==0.0.17 jmp==0.0.4
 # (benchmarks/wheels/ is gitignored; carry it with the run). Results go to $OUT (or ./bench-out).
 #   usage: bash benchmarks/gpu.sh [SLICE_LAYERS (default 8)] [BUDGET_SECONDS (default 530)]
-# SMOKE=1 runs the sections on tiny shapes (a minute or two on a CPU): a check of the script
-# itself (all but the engine run, which the tests cover).
+# SMOKE=1 runs the sections on tiny shapes (about a minute on a CPU): a check of the script
+# itself (all but the engine run, which the tests cover; tests/test_bench.py runs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LAYERS="${1:-8}"
@@ -23,13 +23,13 @@ OUT="${OUT:-bench-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 if [ "${SMOKE:-0}" = 1 ]; then
-  SLICE=(--preset tiny --steps --no-engine --prefill-len 32 --repeats 1)
-  LAYER=(--dims 64,128 --layers 2 --repeats 1 --max-configs 2)
-  PROFILE=(--preset tiny --prefill-len 32 --calls 1)
+  SLICE=(--preset tiny --steps --no-engine --prefill-len 16 --batches 1 --repeats 1)
+  LAYER=(--dims 64,128 --layers 2 --tokens 1 --repeats 1 --max-configs 1)
+  PROFILE=(--preset tiny --prefill-len 16 --calls 1 --batches 1)
 else
   SLICE=(--grok1-slice "$LAYERS")
   LAYER=()
-  PROFILE=(--grok1-slice "$LAYERS")
+  PROFILE=(--grok1-slice "$LAYERS" --batches 1,32)
 fi
 START=$SECONDS
 log() { echo "== $* ($((SECONDS - START)) s)" | tee -a "$OUT/summary.md"; }
@@ -68,8 +68,7 @@ fi
 
 if [ "$(left 200)" -gt 90 ]; then
   log "3. where the slice's steps spend device time (profiler trace, per kernel)"
-  timeout "$(left 200)" "$PY" benchmarks/profile_step.py "${PROFILE[@]}" --batches 1,32 \
-    > "$OUT/profile.md" 2>&1
+  timeout "$(left 200)" "$PY" benchmarks/profile_step.py "${PROFILE[@]}" > "$OUT/profile.md" 2>&1
   log "3. exit status $?"
 fi
 if [ "$(left 120)" -gt 60 ] && [ "${SMOKE:-0}" != 1 ]; then   # (the tests run the engine)

@@ -1,8 +1,9 @@
 """Loading benchmark: a synthetic release-format checkpoint of Grok-1 width (2 layers by default,
 ~13 GB) streamed by grok.loader, against `cat` of the same files, with peak host RSS.
 
-    python benchmarks/load.py [--dir /tmp/grok-bench] [--layers 2] [--mesh 1,1] [--loads 2]
-                              [--keep] [--reuse] [--root CHECKOUT] [--cold]
+    python benchmarks/load.py [--dir /tmp/grok-load-bench] [--layers 2] [--mesh 1,1] [--loads 2]
+                              [--keep] [--reuse] [--root CHECKOUT] [--cold] [--verify]
+                              [--preset grok1|tiny|mid]
 
 Order: write (or --reuse an existing one), then `--loads` times: cat (files as the previous step
 left them in the page cache), load. Then cat once more. Each load runs in a fresh subprocess so
@@ -12,11 +13,19 @@ fresh process can first-touch as much new memory as the params take (the page-fa
 for anything that materialises them in host memory). `--root` measures another checkout's loader
 (e.g. an older commit) on the same files. `--cold` empties the page cache before every `cat` and
 every load (Linux, as root), so both read from the disk: the case of a checkpoint too large for
-the host's memory, like Grok-1's 318 GB.
+the host's memory, like Grok-1's 318 GB. `--verify` also checks that every loaded tensor holds
+exactly the bytes written (a SHA-256 per tensor, as the model holds it: the embedding in
+bfloat16; needs a fresh write, not --reuse). `--preset tiny` (or mid: the presets of grok.bench)
+writes a small checkpoint of that width instead, a quick check of the script itself.
+
+Prints one line per step, `NAME  RATE GB/s  SECONDS s [details]`, and with --verify a line
+`verified: N tensors match what was written`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import shutil
 import subprocess
@@ -30,17 +39,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def write(path: Path, layers: int) -> int:
+def preset_config(preset: str, layers: int):
+    """Grok-1 (or a preset of grok.bench) with `layers` layers."""
+    from grok.config import GROK1
+    if preset == "grok1":
+        return GROK1.replace(num_layers=layers)
+    from grok.bench import PRESETS
+    return PRESETS[preset].replace(num_layers=layers)
+
+
+def digest(leaf, embed: bool) -> str:
+    """SHA-256 of a tensor as the model holds it (int8 weight and bfloat16 scales of a quantised
+    leaf; the embedding rounded to bfloat16; other float leaves float32)."""
+    import ml_dtypes
+    h = hashlib.sha256()
+    if hasattr(leaf, "weight"):
+        parts = [np.asarray(leaf.weight), np.asarray(leaf.scales)]
+    else:
+        parts = [np.asarray(leaf).astype(ml_dtypes.bfloat16 if embed else np.float32)]
+    for part in parts:
+        h.update(str((part.dtype, part.shape)).encode())
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+def write(path: Path, config, digests: dict[str, str] | None = None) -> int:
     """Write the checkpoint tensor by tensor (random int8 bytes, bounded scales): no float
-    weights are quantised, so 13 GB take a minute, not an hour."""
+    weights are quantised, so 13 GB take a minute, not an hour. With `digests`, each tensor's
+    digest goes there by name."""
     import ml_dtypes
 
     from grok.checkpoint import save_tensor
-    from grok.config import GROK1
     from grok.params import checkpoint_entries
     from grok.quant import QuantizedWeight8bit
 
-    config = GROK1.replace(num_layers=layers)
     ckpt = path / "ckpt-0"
     ckpt.mkdir(parents=True, exist_ok=True)
     config.to_json(path / "config.json")
@@ -59,6 +91,8 @@ def write(path: Path, layers: int) -> int:
                 stop = min(n, start + (1 << 27))
                 flat[start:stop] = rng.random(stop - start, np.float32) - 0.5
         save_tensor(ckpt / entry.filename, leaf)
+        if digests is not None:
+            digests[entry.name] = digest(leaf, entry.param == "embeddings")
         del leaf
     return sum(f.stat().st_size for f in ckpt.iterdir())
 
@@ -88,7 +122,7 @@ import jax
 from grok import loader
 from grok.checkpoint import read_config
 from grok.sharding import parse_mesh
-path, mesh = sys.argv[1], parse_mesh(sys.argv[2])
+path, mesh, verify = sys.argv[1], parse_mesh(sys.argv[2]), sys.argv[4] == "1"
 config = read_config(path)
 stats = loader.LoadStats()
 start = time.perf_counter()
@@ -99,13 +133,31 @@ nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
 print(json.dumps({"seconds": seconds, "bytes_read": stats.bytes_read, "params_bytes": nbytes,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "max_inflight_tensors": stats.max_inflight_tensors,
-                  "max_inflight_bytes": stats.max_inflight_bytes}))
+                  "max_inflight_bytes": stats.max_inflight_bytes,
+                  "digests": digests(params, config) if verify else None}))
+'''
+# With --verify, the digests of the loaded params (after the timing and the RSS reading: the last
+# entry of the dict above), by SPEC path, made by
+# `digest` (its source is sent along).
+VERIFY = r'''
+import hashlib
+import numpy as np
+def digests(params, config):
+    from grok.params import checkpoint_entries, from_model_params
+    flat = from_model_params(params, config)
+    return {e.name: digest(flat[e.name], e.param == "embeddings")
+            for e in checkpoint_entries(config)}
 '''
 
 
-def load(path: Path, mesh: str, root: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", LOAD, str(path), mesh, str(root)],
-                         capture_output=True, text=True, check=True)
+def load(path: Path, mesh: str, root: Path, verify: bool = False) -> dict:
+    code = VERIFY + inspect.getsource(digest) + LOAD
+    out = subprocess.run([sys.executable, "-c", code, str(path), mesh, str(root),
+                          "1" if verify else "0"],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the load subprocess failed (exit {out.returncode}):\n"
+                         f"{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -127,10 +179,29 @@ def touch(nbytes: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def check_dir(path: Path) -> None:
+    """Refuse to write into (and afterwards delete) a directory that holds anything but a
+    checkpoint this script wrote."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"--dir {path} is not a directory")
+    if path.is_dir() and not {p.name for p in path.iterdir()} <= {"config.json", "ckpt-0"}:
+        raise SystemExit(f"--dir {path} holds other files; pass an empty or new directory")
+
+
+def verify(written: dict[str, str], loaded: dict[str, str]) -> None:
+    bad = sorted(name for name in written.keys() | loaded.keys()
+                 if written.get(name) != loaded.get(name))
+    if bad:
+        raise SystemExit(f"verify: {len(bad)} of {len(written)} tensors differ from what was "
+                         f"written, e.g. {bad[:3]}")
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=Path("/tmp/grok-load-bench"))
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--preset", choices=["grok1", "mid", "tiny"], default="grok1",
+                   help="width of the checkpoint written (tiny, mid: grok.bench's presets)")
     p.add_argument("--mesh", default="1,1")
     p.add_argument("--loads", type=int, default=2, help="cat + load rounds")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
@@ -138,13 +209,29 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=ROOT, help="checkout whose grok.loader to run")
     p.add_argument("--cold", action="store_true",
                    help="empty the page cache before each cat and load (root)")
-    args = p.parse_args()
+    p.add_argument("--verify", action="store_true",
+                   help="check every loaded tensor against what was written")
+    args = p.parse_args(argv)
+    from grok.sharding import ShardingError, parse_mesh
+    try:
+        parse_mesh(args.mesh)
+    except ShardingError as err:
+        p.error(str(err))
+    if args.layers < 1 or args.loads < 1:
+        p.error("--layers and --loads must be >= 1")
+    if args.verify and args.reuse:
+        p.error("--verify checks a fresh write: it cannot be used with --reuse")
+    if args.reuse and not (args.dir / "ckpt-0").is_dir():
+        p.error(f"--reuse: no checkpoint in {args.dir}")
+    if not args.reuse:
+        check_dir(args.dir)
+    written: dict[str, str] | None = {} if args.verify else None
     try:
         start = time.perf_counter()
         if args.reuse:
             total = sum(f.stat().st_size for f in (args.dir / "ckpt-0").iterdir())
         else:
-            total = write(args.dir, args.layers)
+            total = write(args.dir, preset_config(args.preset, args.layers), written)
             print(f"wrote {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", flush=True)
         largest = max(f.stat().st_size for f in (args.dir / "ckpt-0").iterdir())
         print(f"{total / 1e9:.2f} GB, largest file {largest / 1e9:.2f} GB; loader of {args.root}",
@@ -158,7 +245,9 @@ def main() -> None:
             rows.append(("cat (cold)" if args.cold else f"cat (after {previous})",
                          total / t / 1e9, t, None))
             cold()
-            r = load(args.dir, args.mesh, args.root)
+            r = load(args.dir, args.mesh, args.root, verify=args.verify)
+            if written is not None:
+                verify(written, r["digests"])
             rows.append(("grok.loader (cold)" if args.cold else "grok.loader (after cat)",
                          r["bytes_read"] / r["seconds"] / 1e9, r["seconds"], r))
             previous = "load"
@@ -176,11 +265,15 @@ def main() -> None:
                          f" target 2 x {largest / 1e9:.2f} + 1 = {(2 * largest + 1e9) / 1e9:.2f} GB),"
                          f" at most {r['max_inflight_tensors']} files / "
                          f"{r['max_inflight_bytes'] / 1e9:.2f} GB in flight")
-            print(f"{name:26s} {rate:6.2f} GB/s  {seconds:6.1f} s{extra}", flush=True)
+            print(f"{name:26s} {rate:7.3f} GB/s  {seconds:7.3f} s{extra}", flush=True)
+        if written is not None:
+            print(f"verified: {len(written)} tensors match what was written ({args.loads} loads)",
+                  flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,16 +1,20 @@
 """One MoE layer at Grok-1 width, each evaluation against the roofline, plus a kernel tile sweep.
 
-    python benchmarks/moe_layer.py [--dims 6144,32768] [--layers 4] [--json FILE]
+    python benchmarks/moe_layer.py [--dims 6144,32768] [--layers 4] [--tokens 1,8,32,512]
+                                   [--repeats 5] [--prefill-sweep] [--max-configs N]
+                                   [--no-layer] [--no-sweep] [--json FILE]
 
 The expert weights are random int8 stacked over `--layers` layers, [L, E, D, F], and the layer in
 the middle is evaluated with `moe(..., layer=l)`, as the scanned model does: the fast paths must
-read the chosen experts out of the stack in place. For 1, 8, 32 and 512 tokens and each
+read the chosen experts out of the stack in place. For each of `--tokens` (1, 8, 32, 512) and each
 evaluation this prints the median time, the bytes of the experts the routing chose over that time,
 that time's fraction of the copy-bandwidth roofline, the error against "dense", and how many
 dequantised weights (float arrays of an expert's or the stack's size) the compiled program writes
 outside its fusions. Then the Pallas kernels alone (the gated w1+wv one and w2's) at decode shapes
 (2 blocks of 16 rows) and, with --prefill-sweep, at prefill shapes, over a few tile choices. On CPU
-the kernels run in the Pallas interpreter: use small --dims there.
+the kernels run in the Pallas interpreter: use small --dims there (a quick check of the script:
+`--dims 64,128 --layers 2 --tokens 1 --repeats 1 --max-configs 1`). Exits 1 when an evaluation
+fails or is off dense by more than 2e-2.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ def layer_rows(args, weights, bandwidth) -> list[dict]:
     expert_bytes = 3 * d * f                           # int8 w1 + wv + w2 of one expert
     rng = np.random.default_rng(0)
     rows = []
-    for n in (1, 8, 32, 512):
+    for n in args.tokens:
         x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
         probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((n, EXPERTS)), jnp.float32))
         gates, chosen = jax.lax.top_k(probs, TOP_K)
@@ -178,7 +182,9 @@ def prefill_sweep_rows(args, weights, rate) -> list[dict]:
     return rows
 
 
-PREFILL_CONFIGS = [  # (bm, bn, bk, num_stages, num_warps, swap_ab); the first is the default
+PREFILL_CONFIGS = [  # (bm, bn, bk, num_stages, num_warps, swap_ab): the defaults are the first
+    # (w2) and the second (the gated w1+wv kernel: pipeline_defaults gives its two accumulators
+    # 8 warps)
     (64, 128, 128, 3, 4, False), (64, 128, 128, 3, 8, False), (64, 64, 128, 3, 4, False),
     (64, 256, 64, 3, 8, False), (128, 128, 128, 3, 8, False), (128, 128, 64, 3, 8, False),
     (128, 256, 64, 3, 8, False), (64, 128, 128, 3, 4, True), (64, 128, 64, 3, 4, True),
@@ -196,7 +202,7 @@ CONFIGS = [  # (bn, bk, splits (None: splits_for), num_stages, num_warps, swap_a
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dims", default="6144,32768", help="model width D, expert width F")
-    ap.add_argument("--layers", type=int, default=4, help="layers in the stack (4 at Grok-1 "
+    ap.add_argument("--layers", type=int, default=4, help="layers in the stack, >= 2 (4 at Grok-1 "
                     "width: 6.4 GB per weight, past the 32-bit offsets of a 2-layer stack)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-sweep", action="store_true")
@@ -205,8 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-configs", type=int, default=None, metavar="N",
                     help="only the first N tile choices of each sweep (a quick check)")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--tokens", default="1,8,32,512",
+                    help="token counts of the per-evaluation table")
     args = ap.parse_args(argv)
-    d, f = (int(v) for v in args.dims.split(","))
+    try:
+        d, f = (int(v) for v in args.dims.split(","))
+        args.tokens = [int(v) for v in args.tokens.split(",")]
+    except ValueError:
+        ap.error(f"--dims takes D,F and --tokens a list of counts, got {args.dims!r}, "
+                 f"{args.tokens!r}")
+    if min(d, f, args.layers, args.repeats, *args.tokens) < 1 or args.layers < 2:
+        ap.error("--dims, --tokens and --repeats must be positive, --layers at least 2")
+    if args.max_configs is not None and args.max_configs < 1:
+        ap.error("--max-configs must be >= 1")
     args.configs = CONFIGS[:args.max_configs]
     print(f"# MoE layer D={d} F={f}, {EXPERTS} experts, top-{TOP_K}, stack of {args.layers} "
           f"layers: {machine()}", flush=True)

@@ -1,11 +1,15 @@
 """Where a step's device time goes: a profiler trace of decode / prefill steps, summed per kernel.
 
-    python benchmarks/profile_step.py [--grok1-slice 8] [--batches 1,32] [--moe-impl auto]
+    python benchmarks/profile_step.py [--grok1-slice 8 | --preset mid] [--batches 1,32]
+                                      [--moe-impl auto] [--prefill-len 512] [--calls 5]
+                                      [--unroll 1] [--json FILE]
 
 Builds the random-weight model of `grok.bench`, runs each step a few times under
 `jax.profiler.trace` (Perfetto JSON), and prints per step: wall time per call, the device's busy
 time per call (the sum of its kernels) and the top kernels by total time. Busy time well under
-wall time means launch gaps; one kernel class far over its bytes means a slow kernel.
+wall time means launch gaps; one kernel class far over its bytes means a slow kernel. On a CPU
+(no device process in the trace) XLA's runtime threads are summed instead; a quick check of the
+script: `--preset tiny --prefill-len 16 --batches 1 --calls 1`.
 """
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ import numpy as np
 from grok.bench import PRESETS, grok1_slice, machine, random_params, runner_for
 from grok.engine import bucket
 from grok.model import KVCache
+from grok.moe import MOE_IMPLS
 
 
 def kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:
     """Durations (us) of the device's events in a Perfetto trace, by (thread, name). Device events
     are those of processes named like a device (GPU/TPU): its threads are streams, XLA modules and
-    XLA ops, each a view of the same time. On CPU (no device process): XLA's runtime threads."""
+    XLA ops, each a view of the same time. On CPU (no device process): XLA's runtime threads
+    (not the Python tracer's thread)."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.json.gz"), recursive=True)
     if not files:
         return {}
@@ -48,7 +54,8 @@ def kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:
     for e in events:
         if e.get("ph") == "X" and (e.get("pid") in device or not device):
             thread = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
-            out[(thread, e["name"])].append(float(e.get("dur", 0.0)))
+            if device or thread != "python":
+                out[(thread, e["name"])].append(float(e.get("dur", 0.0)))
     return out
 
 
@@ -86,13 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grok1-slice", type=int, metavar="LAYERS")
     ap.add_argument("--preset", default="mid", choices=sorted(PRESETS))
-    ap.add_argument("--moe-impl", default="auto")
+    ap.add_argument("--moe-impl", default="auto", choices=MOE_IMPLS)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--unroll", type=int, default=1, help="layers per loop step (0: all)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches takes comma-separated batch sizes, got {args.batches!r}")
+    if min(*batches, args.prefill_len, args.calls) < 1 or args.unroll < 0:
+        ap.error("--batches, --prefill-len and --calls must be >= 1, --unroll >= 0")
+    if args.grok1_slice is not None and args.grok1_slice < 1:
+        ap.error(f"--grok1-slice takes a layer count >= 1, got {args.grok1_slice}")
     config = grok1_slice(args.grok1_slice) if args.grok1_slice else PRESETS[args.preset]
     max_len = bucket(args.prefill_len + 1, 8192)
     config = config.replace(sequence_len=max_len)
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  jnp.asarray([args.prefill_len]))
         return logits
     results.append(profile(f"prefill {args.prefill_len}", prefill, args.calls))
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in batches:
         cache = runner.new_cache(batch, max_len)
         state["cache"] = KVCache(cache.k, cache.v, jnp.ones_like(cache.valid))
         toks = jnp.asarray(np.arange(batch) % (config.vocab_size - 3) + 3, jnp.int32)

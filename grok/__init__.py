@@ -1,9 +1,35 @@
-"""grok: JAX inference for Grok-1 and Grok-shaped Mixture-of-Experts checkpoints."""
-from grok.api import Grok, from_flat, load
-from grok.config import GROK1, ConfigError, GrokConfig
-from grok.engine import Engine, Request, Result
-from grok.quant import QuantizedWeight8bit, dequantize, quantize
-from grok.sampling import SamplingParams
+"""grok: JAX inference for Grok-1 and Grok-shaped Mixture-of-Experts checkpoints.
 
-__all__ = ["GROK1", "ConfigError", "Engine", "Grok", "GrokConfig", "QuantizedWeight8bit",
-           "Request", "Result", "SamplingParams", "dequantize", "from_flat", "load", "quantize"]
+The public names below are imported on first use (PEP 562), so `import grok` and the command
+lines (`run.py`, `python -m grok.checkpoint`) start without importing jax until they need it,
+and `python -m grok.<module>` finds its module not yet imported.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Grok": "grok.api", "from_flat": "grok.api", "load": "grok.api",
+    "GROK1": "grok.config", "ConfigError": "grok.config", "GrokConfig": "grok.config",
+    "Engine": "grok.engine", "Request": "grok.engine", "Result": "grok.engine",
+    "QuantizedWeight8bit": "grok.quant", "dequantize": "grok.quant", "quantize": "grok.quant",
+    "SamplingParams": "grok.sampling",
+    "Routing": "grok.routing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'grok' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value     # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok import checkpoint
-from grok.config import GrokConfig
-from grok.engine import Engine, ModelRunner, Request, bucket
+from grok.config import GrokConfig, model_dir
+from grok.engine import Engine, ModelRunner, Request, Result, bucket
 from grok.params import to_model_params
-from grok.sampling import SamplingParams
+from grok.routing import Routing
+from grok.sampling import SamplingParams, read_sampling_defaults
 from grok.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,16 @@ class Grok:
     """A loaded model: logits, generation and (with a tokenizer) text completion."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
-                 moe_impl: str = "auto", max_batch: int = 8, mesh: Any = None):
+                 moe_impl: str = "auto", max_batch: int = 8, mesh: Any = None,
+                 sampling_defaults: SamplingParams = SamplingParams()):
         self.config = config
         self.tokenizer = tokenizer
+        # The model directory's recommended settings (sampling.json): run.py applies them to the
+        # flags not given; `generate` & co. keep their documented defaults.
+        self.sampling_defaults = sampling_defaults
         self.max_batch = max_batch
         self.runner = ModelRunner(params, config, moe_impl=moe_impl, mesh=mesh)
+        self._routing_fn = None     # jitted on the first `routing` call
 
     @property
     def mesh(self) -> Any:
@@ -45,6 +51,11 @@ class Grok:
         Ragged lists are right-padded with pad_token to the longest, T; padding is masked, so each
         row's logits at its real positions equal those of the list alone.
         """
+        lists, padded = self._padded(token_lists)
+        return self.runner.logits(padded)[:, :max(len(t) for t in lists)]
+
+    def _padded(self, token_lists: Any) -> tuple[list[list[int]], np.ndarray]:
+        """The checked token lists, and them right-padded with pad_token to a bucketed length."""
         lists = _token_lists(token_lists, self.config)
         longest = max(len(t) for t in lists)
         if longest > self.config.sequence_len:
@@ -54,17 +65,17 @@ class Grok:
                          self.config.pad_token, np.int32)
         for row, tokens in enumerate(lists):
             padded[row, :len(tokens)] = tokens
-        return self.runner.logits(padded)[:, :longest]
+        return lists, padded
 
     # --- generation -------------------------------------------------------------------------------
-    def _requests(self, token_lists, max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
+    def _requests(self, token_lists, max_new_tokens, sampling: dict[str, Any], seed, stop_ids,
                   stop_strings, truncate) -> list[Request]:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-        return [Request(list(t), max_new_tokens, sampling, seed, tuple(stop_ids),
+        params = SamplingParams(**sampling)
+        return [Request(list(t), max_new_tokens, params, seed, tuple(stop_ids),
                         tuple(stop_strings), truncate)
                 for t in _token_lists(token_lists, self.config)]
 
-    def _engine(self, requests: list[Request]) -> Engine:
+    def _engine(self, requests: Sequence[Request]) -> Engine:
         need = max(min(len(r.prompt), self.config.sequence_len - r.max_new_tokens)
                    + r.max_new_tokens for r in requests)
         max_len = bucket(need, self.config.sequence_len)
@@ -73,29 +84,53 @@ class Grok:
         return Engine(self.runner, batch_size=slots, max_len=max_len,
                       tokenizer=self.tokenizer)
 
-    def generate(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 64,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-                 truncate: str | None = None) -> list[list[int]]:
-        """The new tokens of each prompt: greedy at temperature 0, ending after eos (included),
-        a stop id or string, or `max_new_tokens`. Uses the KV cache: prompts prefilled together,
-        then one token per step, with up to `max_batch` prompts decoding together."""
-        requests = self._requests(token_lists, max_new_tokens, temperature, top_p, top_k, seed,
-                                  stop_ids, stop_strings, truncate)
+    def run(self, requests: Sequence[Request]) -> list[Result]:
+        """Run `grok.Request`s to completion, each with its own sampling settings and seed, up to
+        `max_batch` at a time; returns their `grok.Result`s (tokens, finish reason, and the text
+        when the model has a tokenizer) in order. Invalid requests raise ValueError before any
+        runs."""
+        requests = list(requests)
+        if not requests or not all(isinstance(r, Request) for r in requests):
+            raise ValueError("expected a non-empty list of grok.Request")
         engine = self._engine(requests)
+        for r in requests:
+            engine.check(r)
         ids = [engine.submit(r) for r in requests]
         for _ in engine.run():
             pass
-        return [engine.results[i].tokens for i in ids]
+        return [engine.results[i] for i in ids]
+
+    def generate(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 truncate: str | None = None, *, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0
+                 ) -> list[list[int]]:
+        """The new tokens of each prompt: greedy at temperature 0, ending after eos (included),
+        a stop id or string, or `max_new_tokens`. Uses the KV cache: prompts prefilled together,
+        then one token per step, with up to `max_batch` prompts decoding together. The settings
+        apply to every prompt (`run` takes one `grok.Request` each); see `grok.SamplingParams`
+        for the penalties."""
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty)
+        requests = self._requests(token_lists, max_new_tokens, sampling, seed, stop_ids,
+                                  stop_strings, truncate)
+        return [r.tokens for r in self.run(requests)]
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
-               truncate: str | None = None) -> Iterator[tuple[int, str | None]]:
+               truncate: str | None = None, *, repetition_penalty: float = 1.0,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0
+               ) -> Iterator[tuple[int, str | None]]:
         """Yield (token id, new text or None without a tokenizer) for one prompt as each token is
         produced. The request is checked before the first token: bad input raises here."""
-        requests = self._requests([self._encode(prompt)], max_new_tokens, temperature, top_p,
-                                  top_k, seed, stop_ids, stop_strings, truncate)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k,
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty)
+        requests = self._requests([self._encode(prompt)], max_new_tokens, sampling, seed,
+                                  stop_ids, stop_strings, truncate)
         engine = self._engine(requests)
         rid = engine.submit(requests[0])
         return self._stream_tokens(engine, rid, max((len(s) for s in stop_strings), default=0))
@@ -130,6 +165,27 @@ class Grok:
                                  "tokenizer=PATH")
             return self.tokenizer.encode(prompt)
         return list(prompt)
+
+    # --- routing --------------------------------------------------------------------------------
+    def routing(self, tokens: str | Sequence[int] | Sequence[Sequence[int]]) -> Routing:
+        """Which experts each layer routes each token to, with their gate weights and the router's
+        full distribution (a `grok.Routing`), from a full causal forward as `logits` runs.
+
+        `tokens`: one token list (or a string, with a tokenizer) -> arrays [L, T, ...]; a list of
+        token lists -> [B, L, T, ...] padded to the longest (padding marked -1 / 0)."""
+        from grok import routing as routing_mod
+        single = isinstance(tokens, str) or (
+            isinstance(tokens, (Sequence, np.ndarray)) and len(tokens) > 0
+            and isinstance(tokens[0], (int, np.integer)))
+        lists, padded = self._padded([self._encode(tokens)] if single else tokens)
+        runner = self.runner
+        if self._routing_fn is None:    # the MoE evaluation the runner uses
+            self._routing_fn = routing_mod.jitted(self.config, runner.scan, runner.moe_impl,
+                                                  runner.mesh_kernel)
+        placed = runner.place.put("tokens", padded) if self.mesh is not None \
+            else jnp.asarray(padded)
+        arrays = [np.asarray(a) for a in self._routing_fn(runner.params, placed)]
+        return routing_mod.from_arrays(*arrays, lists, single)
 
     def __repr__(self) -> str:
         c = self.config
@@ -170,12 +226,14 @@ def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | N
     return Grok(device_params(flat, config, scan), config, tokenizer, moe_impl, max_batch)
 
 
-def load(path: str | os.PathLike, mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
+def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
          scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, layout: str = "tensor",
          memory_gb: float | None = None, progress: bool = True) -> Grok:
     """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
-    and `tokenizer.model`. `tokenizer` overrides the tokenizer file. `scan=False` unrolls the
-    layers (longer compile, no per-layer weight slicing).
+    and `tokenizer.model` and `sampling.json` (recommended sampling settings, kept as
+    `model.sampling_defaults`); "demo" (the default) is the small model shipped in
+    checkpoints/demo. `tokenizer` overrides the tokenizer file. `scan=False` unrolls the layers
+    (longer compile, no per-layer weight slicing). `progress`: progress bars while reading.
 
     `mesh`: a `jax.sharding.Mesh` with axes ("data", "model"), a (data, model) pair or "D,M":
     the weights are streamed from the files straight onto the devices that own each piece
@@ -183,10 +241,11 @@ def load(path: str | os.PathLike, mesh: Any = None, *, tokenizer: str | os.PathL
     Before reading any weights the per-device memory (weights, KV cache for `max_batch` full-length
     sequences, workspace) is estimated against `memory_gb` (default: what the device reports;
     CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit."""
-    path = Path(path)
+    path = model_dir(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     config = checkpoint.read_config(path)
+    sampling = read_sampling_defaults(path)
     if mesh is not None:
         from grok import loader, sharding
         mesh = sharding.make_mesh(mesh)
@@ -197,11 +256,14 @@ def load(path: str | os.PathLike, mesh: Any = None, *, tokenizer: str | os.PathL
                                     progress=progress)
         tok = _tokenizer(path, tokenizer, config)
         log.info("loaded %s onto mesh %s: %s", path, dict(mesh.shape), config)
-        return Grok(params, config, tok, moe_impl, max_batch, mesh=mesh)
-    flat = checkpoint.read_checkpoint(path, config)
+        return Grok(params, config, tok, moe_impl, max_batch, mesh=mesh,
+                    sampling_defaults=sampling)
+    flat = checkpoint.read_checkpoint(path, config, progress=progress)
     tok = _tokenizer(path, tokenizer, config)
     log.info("loaded %s: %s", path, config)
-    return from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
+    model = from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
+    model.sampling_defaults = sampling
+    return model
 
 
 def _tokenizer(path: Path, tokenizer: str | os.PathLike | None,

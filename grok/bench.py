@@ -5,12 +5,16 @@
     python -m grok.bench --grok1-slice 8                   # Grok-1 width, 8 layers (a big GPU)
     python -m grok.bench --grok1-slice 8 --unroll 0        # the same, layer loop unrolled
     python -m grok.bench --preset mid --moe-impl dense,auto --check
+    python -m grok.bench --preset tiny --batches 1 --prompt-len 8 --new-tokens 3 --steps \
+        --prefill-len 16 --repeats 1                       # a quick check (seconds, any CPU)
 
 Weights are random int8 generated on the device by a hash of each element's index (nothing is
 read from disk, no float copy is made), so a Grok-1-width slice builds in seconds. Step times are
 medians over `--repeats` runs after a warm-up call (compile time excluded), each run blocked
 until done; "back-to-back" times are the mean of 5 calls blocked once at the end (the host's
-dispatch hidden behind the device's work), median of 3. The roofline of a
+dispatch hidden behind the device's work), median of 3 (of 1 with `--repeats 1`). Engine
+throughput needs `--new-tokens` >= 3: the first engine step prefills and decodes once, the later
+ones are the decode steps timed. The roofline of a
 decode step is the bytes it must read (every non-expert weight, the chosen experts' weights, the
 bfloat16 embedding for the logits and the live KV cache) over the copy bandwidth measured in the
 same run; of a prefill, its matmul FLOPs over the bf16 (CPU: f32) matmul rate measured in the
@@ -228,7 +232,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
                                                  jnp.asarray([0]), jnp.asarray([prefill_len]))
         return first(f"prefill {prefill_len}", logits)
     t = median_time(prefill, repeats)
-    tp = pipelined_time(prefill, calls=5, repeats=3)
+    tp = pipelined_time(prefill, calls=5, repeats=min(3, repeats))
     flops = prefill_flops(config, prefill_len)
     rows.append(dict(phase=f"prefill {prefill_len}", moe_impl=moe_impl, batch=1,
                      impl=runs(prefill_len), ms=t * 1e3, pipelined_ms=tp * 1e3,
@@ -248,7 +252,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
                                                     positions, attend)
             return first(f"decode batch {batch}", logits)
         t = median_time(decode, repeats)
-        tp = pipelined_time(decode, calls=5, repeats=3)
+        tp = pipelined_time(decode, calls=5, repeats=min(3, repeats))
         nbytes = decode_bytes(params, config, batch, attend)
         rows.append(dict(phase="decode", moe_impl=moe_impl, batch=batch,
                          impl=runs(batch), ms=t * 1e3, pipelined_ms=tp * 1e3,
@@ -409,7 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = [i for i in impls if i not in MOE_IMPLS]
     if bad:
         ap.error(f"unknown --moe-impl {bad[0]!r}; choose from {', '.join(MOE_IMPLS)}")
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches takes comma-separated batch sizes, got {args.batches!r}")
+    if min(batches) < 1 or min(args.prompt_len, args.prefill_len, args.repeats) < 1:
+        ap.error("--batches, --prompt-len, --prefill-len and --repeats must be >= 1")
+    if args.new_tokens < 3 and not (args.no_engine or args.grok1_slice):
+        ap.error(f"--new-tokens must be >= 3 (the engine's first step prefills and decodes once; "
+                 f"the later ones are the decode steps timed), got {args.new_tokens}")
+    if args.grok1_slice is not None and args.grok1_slice < 1:
+        ap.error(f"--grok1-slice takes a layer count >= 1, got {args.grok1_slice}")
     if args.unroll < 0:
         ap.error(f"--unroll must be >= 0 (0: all layers), got {args.unroll}")
     if args.grok1_slice:

@@ -1,16 +1,30 @@
-"""`python run.py "a prompt"`: load a checkpoint and print completions."""
+"""`python run.py "a prompt" ["another" ...]`: load a checkpoint and print completions.
+
+Each argument is one prompt; several prompts (arguments, --prompts-file lines, --interactive
+lines) are decoded together and their outputs told apart by a `--- prompt N ---` header, or
+printed as one JSON object per line with --json. Errors are one line on stderr (exit 2); a closed
+output pipe ends the run quietly (exit 0) and Ctrl-C at once (exit 130), without a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints"
-DEMO_CHECKPOINT = DEFAULT_CHECKPOINT / "demo"   # the small model `python -m grok.train_demo` ships
+from grok.config import DEMO, DEMO_DIR, model_dir
+
+DEFAULT_CHECKPOINT = DEMO_DIR.parent
 GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
                "tokenizer.model) into that directory")
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty")
 
 
 class CliError(Exception):
@@ -23,24 +37,53 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _Parser(
-        prog="run.py", description="Sample a continuation of a prompt from a Grok checkpoint.")
-    p.add_argument("prompt", nargs="*", help="prompt text (several prompts are batched)")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="directory holding ckpt-0/ and optionally config.json and tokenizer.model "
-                        f"(default: {DEFAULT_CHECKPOINT}, or the demo model {DEMO_CHECKPOINT} "
-                        "when that holds no ckpt-0/)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="SentencePiece tokenizer.model (default: CHECKPOINT/tokenizer.model)")
-    p.add_argument("--prompts-file", type=Path, default=None,
-                   help="file with one prompt per line, added to the prompts given")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--max-batch", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    p = _Parser(prog="run.py", description="Sample continuations of prompts from a Grok "
+                "checkpoint. Sampling flags not given take the model's sampling.json, if it "
+                "has one (the demo model does), else the defaults shown.")
+    p.add_argument("prompt", nargs="*",
+                   help="prompts, one per argument; several are decoded together")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="directory holding ckpt-0/ and optionally config.json, tokenizer.model "
+                        f"and sampling.json, or '{DEMO}' for the demo model (default: "
+                        f"{DEFAULT_CHECKPOINT}, or the demo model when that holds no ckpt-0/)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
+                   help="SentencePiece tokenizer.model (default: DIR/tokenizer.model)")
+    p.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                   help="file with one prompt per line (blank lines skipped), after the "
+                        "prompts given as arguments")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate per prompt (default: %(default)s)")
+    sampling = p.add_argument_group("sampling (defaults: the model's sampling.json, else those "
+                                    "shown)")
+    sampling.add_argument("--temperature", type=float, default=None, metavar="T",
+                          help="0 is greedy (default: 0)")
+    sampling.add_argument("--top-p", type=float, default=None, metavar="P",
+                          help="nucleus sampling mass, in (0, 1] (default: 1)")
+    sampling.add_argument("--top-k", type=int, default=None, metavar="K",
+                          help="sample among the K likeliest; 0: all (default: 0)")
+    sampling.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                          help="divide the logits of tokens already in the prompt or output by "
+                               "R (> 0; 1 is off; default: 1)")
+    sampling.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                          help="subtract X from tokens already in the output, in [-2, 2] "
+                               "(default: 0)")
+    sampling.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                          help="subtract X times a token's count in the output, in [-2, 2] "
+                               "(default: 0)")
+    sampling.add_argument("--seed", type=int, default=0,
+                          help="random seed for sampling (default: %(default)s)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a completion at TEXT (not printed); repeatable")
+    p.add_argument("--truncate", choices=("left",), default=None,
+                   help="'left': drop the start of a prompt too long for the context instead of "
+                        "refusing it")
+    p.add_argument("--max-batch", type=int, default=8, metavar="B",
+                   help="prompts decoded together (default: %(default)s)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object per prompt and line: index, prompt, text, "
+                          "tokens, prompt_tokens, finish_reason (eos, stop or length)")
     p.add_argument("--interactive", action="store_true",
                    help="after any prompts given, read prompts from stdin, one per line, "
                         "until EOF")
@@ -51,46 +94,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "the files onto the devices that own them (default: one device, or "
                         "PROCESSES,LOCAL_DEVICES in a multi-host run)")
     p.add_argument("--layout", choices=("tensor", "expert"), default="tensor",
-                   help="partition rules on a mesh: tensor-parallel (default) or experts over "
-                        "the model axis")
+                   help="partition rules on a mesh: tensor-parallel, or experts over the model "
+                        "axis (default: %(default)s)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=None,
+    p.add_argument("--num-processes", type=int, default=None, metavar="N",
                    help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, default=None,
+    p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-host: this process's index (or JAX_PROCESS_ID)")
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        p.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_batch < 1:
-        p.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    _check_ranges(p, args)
+    return args
+
+
+def _check_ranges(p: _Parser, args: argparse.Namespace) -> None:
+    checks = [
+        ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, ">= 1"),
+        ("--temperature", args.temperature, lambda v: 0 <= v < float("inf"), ">= 0"),
+        ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("--top-k", args.top_k, lambda v: v >= 0, ">= 0"),
+        ("--repetition-penalty", args.repetition_penalty, lambda v: 0 < v < float("inf"),
+         "> 0"),
+        ("--presence-penalty", args.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+        ("--frequency-penalty", args.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+        ("--max-batch", args.max_batch, lambda v: v >= 1, ">= 1"),
+        ("--num-processes", args.num_processes, lambda v: v >= 1, ">= 1"),
+        ("--process-id", args.process_id, lambda v: v >= 0, ">= 0"),
+    ]
+    for flag, value, ok, words in checks:
+        if value is not None and not ok(value):   # NaN fails every comparison, so it lands here
+            p.error(f"{flag} must be {words}, got {value}")
     if args.mesh is not None:
         from grok.sharding import ShardingError, parse_mesh
         try:
             args.mesh = parse_mesh(args.mesh)
         except ShardingError as err:
             p.error(f"--mesh: {err}")
-    if args.num_processes is not None and args.num_processes < 1:
-        p.error(f"--num-processes must be >= 1, got {args.num_processes}")
-    if args.process_id is not None and args.process_id < 0:
-        p.error(f"--process-id must be >= 0, got {args.process_id}")
-    return args
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = [" ".join(args.prompt)] if args.prompt else []
+    prompts = list(args.prompt)
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise CliError(f"prompt {i} is empty")
     if args.prompts_file is not None:
         try:
-            lines = args.prompts_file.read_text().splitlines()
-        except OSError as err:
-            raise CliError(f"cannot read --prompts-file {args.prompts_file}: {err.strerror}")
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CliError(f"cannot read --prompts-file {args.prompts_file}: "
+                           f"{getattr(err, 'strerror', None) or err}") from None
         prompts += [line for line in lines if line.strip()]
     if not prompts and not args.interactive:
         raise CliError("no prompt given: pass one as an argument, use --prompts-file or "
@@ -101,24 +154,30 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def _check_files(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
         args.checkpoint = DEFAULT_CHECKPOINT
-        if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_CHECKPOINT / "ckpt-0").is_dir():
+        if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_DIR / "ckpt-0").is_dir():
             print(f"run.py: no Grok-1 checkpoint in {DEFAULT_CHECKPOINT} (see checkpoints/README.md); "
-                  f"using the demo model {DEMO_CHECKPOINT}", file=sys.stderr)
-            args.checkpoint = DEMO_CHECKPOINT
-    ckpt = args.checkpoint
+                  f"using the demo model {DEMO_DIR}", file=sys.stderr)
+            args.checkpoint = DEMO_DIR
+    try:
+        ckpt = model_dir(args.checkpoint)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from None
     if not (ckpt / "ckpt-0").is_dir():
         raise CliError(f"checkpoint not found: {ckpt / 'ckpt-0'} is missing; {GET_WEIGHTS}")
-    tok = args.tokenizer or ckpt / "tokenizer.model"
-    if not tok.is_file():
-        raise CliError(f"tokenizer not found: {tok} is missing; {GET_WEIGHTS}, or pass --tokenizer")
-    args.tokenizer = tok
+    args.checkpoint = ckpt
+    if args.tokenizer is not None:
+        if not args.tokenizer.is_file():
+            raise CliError(f"tokenizer not found: --tokenizer {args.tokenizer} is not a file")
+        return
+    args.tokenizer = ckpt / "tokenizer.model"
+    if not args.tokenizer.is_file():
+        raise CliError(f"tokenizer not found: {args.tokenizer} is missing; {GET_WEIGHTS}, or "
+                       "pass --tokenizer FILE")
 
 
 def _distributed_mesh(args: argparse.Namespace):
     """Join a multi-host run when asked (flags or JAX_* variables); the mesh to load onto.
     Every process runs the same program; only process 0 prints."""
-    import os
-
     import jax
 
     from grok import distributed
@@ -130,29 +189,98 @@ def _distributed_mesh(args: argparse.Namespace):
     return args.mesh
 
 
-def _complete(model, prompts: list[str], args: argparse.Namespace, settings: dict) -> None:
-    """Print each prompt with its continuation: streamed token by token, or batched."""
-    if not prompts:
-        return
-    if args.stream:
-        for prompt in prompts:
-            pieces = model.stream(prompt, args.max_new_tokens, **settings)  # checks the prompt
-            print(prompt, end="", flush=True)
-            for _, piece in pieces:
-                print(piece or "", end="", flush=True)
-            print(flush=True)
-        return
-    outputs = model.generate([model.tokenizer.encode(p) for p in prompts], args.max_new_tokens,
-                             **settings)
-    for prompt, out in zip(prompts, outputs):
-        print(prompt + model.tokenizer.decode(out), flush=True)
+def _sampling(args: argparse.Namespace, defaults: Any) -> Any:
+    """The flags' SamplingParams: each flag given wins over the model's sampling.json (whose
+    settings in use are named on stderr)."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS
+             if getattr(args, name) is not None}
+    fallback = type(defaults)()
+    taken = [f"--{name.replace('_', '-')} {getattr(defaults, name)}" for name in SAMPLING_FLAGS
+             if name not in given and getattr(defaults, name) != getattr(fallback, name)]
+    if taken:
+        print(f"run.py: sampling with the model's sampling.json: {' '.join(taken)}",
+              file=sys.stderr)
+    return dataclasses.replace(defaults, **given)
+
+
+class _Printer:
+    """Prints completions, numbered when there can be several; checks each prompt first so that
+    a bad one is reported in the CLI's words."""
+
+    def __init__(self, model: Any, args: argparse.Namespace, numbered: bool):
+        self.model, self.args, self.numbered = model, args, numbered
+        self.sampling = _sampling(args, model.sampling_defaults)
+        self.count = 0
+
+    def request(self, index: int, prompt: str) -> Any:
+        import grok
+        tokens = self.model.tokenizer.encode(prompt)
+        context, new = self.model.config.sequence_len, self.args.max_new_tokens
+        if not tokens:
+            raise CliError(f"prompt {index} is empty after tokenization")
+        if new >= context:
+            raise CliError(f"--max-new-tokens {new} leaves no room for a prompt in the model's "
+                           f"context of {context} tokens")
+        if len(tokens) + new > context and self.args.truncate is None:
+            raise CliError(f"prompt {index} is {len(tokens)} tokens: with --max-new-tokens {new} "
+                           f"it exceeds the model's context of {context} tokens (shorten it, "
+                           "lower --max-new-tokens, or pass --truncate left to drop its start)")
+        return grok.Request(tokens, new, self.sampling, self.args.seed, (),
+                            tuple(self.args.stop), self.args.truncate)
+
+    def complete(self, prompts: list[str]) -> None:
+        if not prompts:
+            return
+        first = self.count + 1
+        self.count += len(prompts)     # a refused prompt keeps its number too
+        requests = [self.request(first + i, p) for i, p in enumerate(prompts)]  # all, first
+        if self.args.stream:
+            for i, (prompt, request) in enumerate(zip(prompts, requests)):
+                pieces = self.model.stream(request.prompt, request.max_new_tokens,
+                                           seed=request.seed, stop_strings=request.stop_strings,
+                                           truncate=request.truncate,
+                                           **dataclasses.asdict(request.sampling))
+                self._header(first + i)
+                print(prompt, end="", flush=True)
+                for _, piece in pieces:
+                    print(piece or "", end="", flush=True)
+                print(flush=True)
+            return
+        for i, (prompt, result) in enumerate(zip(prompts, self.model.run(requests))):
+            if self.args.json:
+                print(json.dumps({"index": first + i, "prompt": prompt, "text": result.text,
+                                  "tokens": result.tokens, "prompt_tokens": len(result.prompt),
+                                  "finish_reason": result.finish_reason}), flush=True)
+            else:
+                self._header(first + i)
+                print(prompt + result.text, flush=True)
+
+    def _header(self, index: int) -> None:
+        if self.numbered:
+            print(f"--- prompt {index} ---", flush=True)
+
+
+def _interactive(printer: _Printer) -> None:
+    """Prompts from stdin, one per line; a `> ` marker on stderr when a person is typing (as
+    Python's REPL does). A bad prompt is reported and the session goes on."""
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        try:
+            printer.complete([line.rstrip("\n")])
+        except (CliError, ValueError) as err:
+            print(f"run.py: error: {err}", file=sys.stderr, flush=True)
 
 
 def _enable_compile_cache() -> None:
     """Keep compiled steps on disk so that later runs skip XLA compiles: GROK_COMPILE_CACHE names
     the folder (default ~/.cache/grok/xla; "off" disables it)."""
-    import os
-
     import jax
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grok" / "xla"
     path = os.environ.get("GROK_COMPILE_CACHE", str(default))
@@ -167,7 +295,38 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def exit_on_interrupt() -> None:
+    """Make Ctrl-C end the process at once with status 130 and no traceback. Python delivers
+    KeyboardInterrupt only between bytecodes of the main thread, so during a long compile or
+    device call it would wait (or be lost inside a callback); the C-level handler's wake-up byte
+    reaches a watcher thread at once instead."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    signal.set_wakeup_fd(write_fd)
+
+    def watch() -> None:
+        while True:
+            if signal.SIGINT in os.read(read_fd, 64):
+                os._exit(130)
+
+    threading.Thread(target=watch, name="grok-sigint", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_on_interrupt()
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`run.py ... | head -1`): stop quietly; point stdout at /dev/null
+        # so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -185,22 +344,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
                               layout=args.layout)
-            settings = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed)
-            _complete(model, prompts, args, settings)
+            try:
+                printer = _Printer(model, args, args.interactive or len(prompts) > 1)
+            except ValueError as err:    # a flag outside the range of the model's sampling.json
+                raise CliError(str(err)) from None
+            printer.complete(prompts)
             if args.interactive:
-                for line in sys.stdin:
-                    if not line.strip():
-                        continue
-                    try:
-                        _complete(model, [line.rstrip("\n")], args, settings)
-                    except ValueError as err:   # one bad prompt does not end the session
-                        print(f"run.py: error: {err}", file=sys.stderr, flush=True)
-        except (CheckpointError, ConfigError, ShardingError, TokenizerError, ValueError) as err:
+                _interactive(printer)
+        except (CheckpointError, ConfigError, ShardingError, TokenizerError, ValueError,
+                OSError) as err:
+            if isinstance(err, BrokenPipeError):
+                raise
             raise CliError(str(err)) from None
         return 0
     except CliError as err:
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130

@@ -5,11 +5,27 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A configuration that cannot describe a Grok-shaped model."""
+
+
+DEMO = "demo"   # how `grok.load` and run.py name the small model a source checkout ships
+DEMO_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / DEMO
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """The model directory `path` names: the literal "demo" is the shipped demo model (write
+    "./demo" for a directory of that name); anything else is a directory path."""
+    if isinstance(path, str) and path == DEMO:
+        if not (DEMO_DIR / "ckpt-0").is_dir():
+            raise FileNotFoundError(f"the demo model ships with a source checkout, in {DEMO_DIR}, "
+                                    "and this install has none: pip install -e . from a clone")
+        return DEMO_DIR
+    return Path(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from grok.config import GrokConfig
 from grok.model import KVCache, forward, init_cache
 from grok.params import EMBED_MODULE, is_scanned
 from grok.quant import embedding_dtype
-from grok.sampling import SamplingParams, row_keys, sample
+from grok.sampling import Penalties, SamplingParams, row_keys, sample
 from grok.sharding import PREFILL_TOKENS, Placement
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class ModelRunner:
         if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
                                    or unroll < 1):
             raise ValueError(f"unroll must be True or a layer count >= 1, got {unroll!r}")
+        self.moe_impl = moe_impl    # as resolved for this mesh
         fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll,   # see forward
                    mesh_kernel=self.mesh_kernel)
 
@@ -168,6 +169,8 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.attend_spans: collections.Counter[int] = collections.Counter()  # decode steps by span
         self.prefill_shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (R, P)
+        # Requests with penalties: every token id seen (prompt and output) -> its output count.
+        self._seen: dict[int, dict[int, int]] = {}
         self._next_id = 0
 
     # --- requests -----------------------------------------------------------------------------
@@ -205,6 +208,8 @@ class Engine:
         rid = self._next_id
         self._next_id += 1
         self.results[rid] = Result(rid, request, prompt)
+        if request.sampling.penalized:
+            self._seen[rid] = dict.fromkeys(prompt, 0)
         self.waiting.append(rid)
         return rid
 
@@ -238,16 +243,36 @@ class Engine:
         logits, self.cache = self.runner._decode(self.runner.params, self.cache,
                                                  jnp.asarray(tokens), jnp.asarray(positions),
                                                  attend)
-        chosen = self._draw(logits, seeds, steps, settings)
+        chosen = self._draw(logits, seeds, steps, settings, self._penalties(live, self.batch_size))
         for slot, rid in live:
             events.append((rid, self._append(slot, rid, int(chosen[slot]))))
         return events
 
-    def _draw(self, logits, seeds, steps, settings) -> np.ndarray:
+    def _draw(self, logits, seeds, steps, settings, penalties=None) -> np.ndarray:
         keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps))
         return np.asarray(self.runner._sample(logits, keys, jnp.asarray(settings[0]),
                                               jnp.asarray(settings[1]),
-                                              jnp.asarray(settings[2], jnp.int32)))
+                                              jnp.asarray(settings[2], jnp.int32), penalties))
+
+    def _penalties(self, rows: list[tuple[int, int]], batch: int) -> Penalties | None:
+        """Penalty inputs for the (row, request id) pairs of a call whose logits have `batch`
+        rows; None when no request among them has a penalty (then the plain sampler runs)."""
+        used = [(row, rid) for row, rid in rows if rid in self._seen]
+        if not used:
+            return None
+        # Ids padded to a power of two (few compiles); the pad id, V, is dropped by the scatter.
+        width = bucket(max(len(self._seen[rid]) for _, rid in used), 1 << 30, minimum=64)
+        ids = np.full((batch, width), self.config.vocab_size, np.int32)
+        counts = np.zeros((batch, width), np.int32)
+        factors = np.zeros((3, batch), np.float32)
+        factors[0] = 1.0
+        for row, rid in used:
+            seen = self._seen[rid]
+            ids[row, :len(seen)] = list(seen)
+            counts[row, :len(seen)] = list(seen.values())
+            s = self.results[rid].request.sampling
+            factors[:, row] = (s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
+        return Penalties(*(jnp.asarray(a) for a in (ids, counts, *factors)))
 
     def _admit(self) -> list[tuple[int, int]]:
         """Move waiting requests into free slots, prefilling those of one length bucket together."""
@@ -284,7 +309,8 @@ class Engine:
         logits, self.cache = self.runner._prefill(
             self.runner.params, self.cache, jnp.asarray(tokens), jnp.asarray(cache_rows),
             jnp.asarray(lengths))
-        chosen = self._draw(logits, seeds, np.zeros(rows, np.int32), settings)
+        chosen = self._draw(logits, seeds, np.zeros(rows, np.int32), settings,
+                            self._penalties([(i, rid) for i, (_, rid) in enumerate(group)], rows))
         events = []
         for i, (slot, rid) in enumerate(group):
             self.slots[slot] = rid
@@ -295,6 +321,9 @@ class Engine:
         res = self.results[rid]
         req = res.request
         res.tokens.append(token)
+        seen = self._seen.get(rid)
+        if seen is not None:
+            seen[token] = seen.get(token, 0) + 1
         if token == self.config.eos_token:
             res.finish_reason = "eos"
         elif token in req.stop_ids:
@@ -305,6 +334,7 @@ class Engine:
             res.finish_reason = "length"
         if res.done:
             self.slots[slot] = None
+            self._seen.pop(rid, None)
             if self.tokenizer is not None and res.text is None:
                 res.text = self.tokenizer.decode(res.tokens)
         return token

@@ -170,11 +170,13 @@ class Attention(hk.Module):
 class DecoderLayer(hk.Module):
     """Attention and MoE blocks, each wrapped in a pre-norm and a post-norm (sandwich norms)."""
 
-    def __init__(self, config: GrokConfig, moe_impl: str, mesh_kernel: Any = None):
+    def __init__(self, config: GrokConfig, moe_impl: str, mesh_kernel: Any = None,
+                 routing: bool = False):
         super().__init__(name=LAYER_MODULE)
         self.config = config
         self.moe_impl = moe_impl
         self.mesh_kernel = mesh_kernel
+        self.routing = routing    # also return the router's (probs, gates, experts)
 
     def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
@@ -190,9 +192,11 @@ class DecoderLayer(hk.Module):
             h = h + RMSNorm(eps, name="rms_norm_1")(o).astype(jnp.float32)
         with jax.named_scope("moe"):
             x = RMSNorm(eps, name="rms_norm_2")(h)
-            gates, experts = Router(c)(x)
+            probs, gates, experts = Router(c).route(x)
             m = MoE(c, self.moe_impl, self.mesh_kernel)(x, gates, experts)
             h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
+        if self.routing:
+            return h, k_new, v_new, (probs, gates, experts)
         return h, k_new, v_new
 
 
@@ -234,7 +238,7 @@ def _logits_fn(config: GrokConfig, h: jax.Array) -> jax.Array:
 def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
             config: GrokConfig, attend_len: int | None = None, rows: jax.Array | None = None,
             logit_index: jax.Array | None = None, moe_impl: str = "auto",
-            unroll: int | bool = 1, mesh_kernel: Any = None) -> tuple[jax.Array, KVCache]:
+            unroll: int | bool = 1, mesh_kernel: Any = None, routing: bool = False) -> Any:
     """Run `tokens` [B, T] at positions start[b] .. start[b] + T - 1 and write their keys and
     values into those cache slots.
 
@@ -246,6 +250,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     `unroll` layers run per step of the scanned model's layer loop (True: all, a straight-line
     program: no per-layer loop overhead on a GPU, a longer compile). `mesh_kernel`
     (grok.moe_mesh.kernel_plan) runs the MoE kernels per device on a multi-device mesh.
+    `routing=True` also returns what each layer's router decided, as a third value
+    (probs [L, B, T, E] float32, gates [L, B, T, k] float32, experts [L, B, T, k] int32).
     """
     b, t = tokens.shape
     attend_len = cache.length if attend_len is None else attend_len
@@ -258,7 +264,7 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
 
     embed = hk.without_apply_rng(hk.transform(lambda x: _embed_fn(config, x)))
     layer = hk.without_apply_rng(hk.transform(
-        lambda *a: DecoderLayer(config, moe_impl, mesh_kernel)(*a)))
+        lambda *a: DecoderLayer(config, moe_impl, mesh_kernel, routing)(*a)))
     unembed = hk.without_apply_rng(hk.transform(lambda x: _logits_fn(config, x)))
 
     def one_layer(h, layer_params, k_cache, v_cache):
@@ -285,20 +291,22 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
                 layer_params = {m: {**rest_params[m], **{p: LayerSlice(w, index)
                                                          for p, w in whole[m].items()}}
                                 for m in tree}
-                h, k, v = one_layer(h, layer_params, k_cache, v_cache)
-                return h, (k, v)
+                h, *out = one_layer(h, layer_params, k_cache, v_cache)
+                return h, tuple(out)
             layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-            h, (k_new, v_new) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers),
-                                             unroll=unroll)
+            h, (k_new, v_new, *routes) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers),
+                                                      unroll=unroll)
             # Indices split by a slice put their dims first: updates are [B, T, L, Hkv, K].
             write = lambda c, new: c.at[:, rows[:, None], :, positions].set(
                 new.transpose(1, 2, 0, 3, 4), mode="drop")
         else:
-            k_new, v_new = [], []
+            k_new, v_new, per_layer = [], [], []
             for layer_params, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
-                h, k, v = one_layer(h, layer_params, k_cache, v_cache)
+                h, k, v, *route = one_layer(h, layer_params, k_cache, v_cache)
                 k_new.append(k)
                 v_new.append(v)
+                per_layer += route
+            routes = [jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)] if per_layer else []
             write = lambda cs, news: tuple(c.at[rows[:, None], :, positions].set(n, mode="drop")
                                            for c, n in zip(cs, news))
 
@@ -313,4 +321,6 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
         logits = unembed.apply(params["embed"], h)
         if logit_index is not None:
             logits = logits[:, 0]
+    if routing:
+        return logits, cache, routes[0]
     return logits, cache

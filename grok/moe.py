@@ -47,12 +47,19 @@ class Router(hk.Module):
         self.config = config
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> gates [B, T, k] float32 and experts [B, T, k] int32 (most probable
+        first)."""
+        _, gates, experts = self.route(x)
+        return gates, experts
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(probs [B, T, E], gates, experts): also the full distribution (grok.routing)."""
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=jnp.zeros)
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), w.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)
         gates, experts = jax.lax.top_k(probs, self.config.num_selected_experts)
-        return gates, experts
+        return probs, gates, experts
 
 
 class _ExpertWeight(hk.Module):

@@ -1,13 +1,14 @@
-"""A tiny dependency-free progress bar for long file operations (reading / writing checkpoints).
+"""Progress bars for long file operations (reading / writing checkpoints), drawn by `tqdm.auto`.
 
     with Progress(total=len(files), desc="reading", logger=log) as bar:
         for f in files:
             ...
             bar.update(nbytes=size)
 
-On a terminal it redraws one line on stderr (items done / total, GB, GB/s); otherwise, or when
-disabled, it draws nothing and logs one summary line through `logger` when it closes.
-`update` is thread-safe, so worker threads may report directly.
+The bar draws in a terminal (on stderr, when it is a TTY) and in a Jupyter notebook (a widget
+where ipywidgets is installed, else text); otherwise, or when disabled, it draws nothing and logs
+one summary line through `logger` when it closes. `update` is thread-safe, so worker threads may
+report directly.
 """
 from __future__ import annotations
 
@@ -15,13 +16,46 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from typing import IO, Any
 
 _GB = 1e9
+_MB = 1e6
+# Items done / total, then the bytes and their rate (the postfix), e.g.
+# "reading ckpt-0:  40%|████      | 58/146 files [00:01<00:02, 3.11 GB, 2.55 GB/s]".
+_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:WIDTH}| {n_fmt}/{total_fmt} {unit} " \
+              "[{elapsed}<{remaining}{postfix}]"
+
+
+def _auto_tqdm() -> type:
+    """tqdm.auto's class: the notebook widget inside a Jupyter kernel with ipywidgets, else the
+    text bar (tqdm warns about a notebook without ipywidgets, or about the widget being
+    experimental: neither is the user's concern here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+    return tqdm
+
+
+def in_notebook() -> bool:
+    """Whether this runs inside a Jupyter (ipykernel) kernel."""
+    shell = sys.modules.get("IPython")
+    if shell is None or "ipykernel" not in sys.modules:
+        return False
+    try:
+        ip = shell.get_ipython()
+    except Exception:   # noqa: BLE001 - an IPython without a shell
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
 
 
 class Progress:
-    """One-line progress bar on a TTY stream, or a single log line at the end."""
+    """A tqdm progress bar (items and bytes) on a TTY or in a notebook, or a single log line at
+    the end.
+
+    `stream`: where a text bar draws (default sys.stderr; it draws only if that is a TTY, or the
+    default stream inside a notebook). `min_interval`: seconds between redraws.
+    """
 
     def __init__(self, total: int, desc: str = "", *, enabled: bool = True,
                  logger: logging.Logger | None = None, stream: IO[str] | None = None,
@@ -29,18 +63,27 @@ class Progress:
         self.total = max(int(total), 0)
         self.desc = desc
         self.unit = unit
-        self.width = width
-        self.min_interval = min_interval
         self.logger = logger or logging.getLogger(__name__)
         self.stream = stream if stream is not None else sys.stderr
-        self.draw = bool(enabled) and _isatty(self.stream)
+        notebook = stream is None and in_notebook()
+        self.draw = bool(enabled) and (notebook or _isatty(self.stream))
         self.done = 0
         self.nbytes = 0
         self._lock = threading.Lock()
         self._start = time.monotonic()
-        self._last_draw = 0.0
-        self._drawn = False
         self._closed = False
+        self._bar: Any = None
+        if self.draw:
+            if notebook:
+                cls = _auto_tqdm()
+            else:   # a text bar on the given stream
+                from tqdm.std import tqdm as cls
+            kwargs = dict(total=self.total, desc=desc or "progress", unit=unit,
+                          mininterval=min_interval, leave=True, postfix=self._bytes(),
+                          bar_format=_BAR_FORMAT.replace("WIDTH", str(max(int(width), 1))))
+            if cls.__module__ == "tqdm.std":
+                kwargs.update(file=self.stream, ascii=not _unicode(self.stream))
+            self._bar = cls(**kwargs)
 
     # --- context manager ------------------------------------------------------------------------
     def __enter__(self) -> "Progress":
@@ -60,42 +103,35 @@ class Progress:
         with self._lock:
             self.done += items
             self.nbytes += nbytes
-            now = time.monotonic()
-            if self.draw and (now - self._last_draw >= self.min_interval or self.done >= self.total):
-                self._last_draw = now
-                self._render()
+            if self._bar is not None and not self._closed:
+                self._bar.set_postfix_str(self._bytes(), refresh=False)
+                self._bar.update(items)
 
     def summary(self) -> str:
-        """e.g. 'reading: 146/146 files, 7.9 GB in 3.1 s (2.55 GB/s)'."""
-        gb = self.nbytes / _GB
+        """e.g. 'reading: 146/146 files, 7.90 GB in 3.1 s (2.55 GB/s)'."""
         prefix = f"{self.desc}: " if self.desc else ""
-        return (f"{prefix}{self.done}/{self.total} {self.unit}, {gb:.2f} GB in {self.elapsed:.1f} s "
-                f"({gb / self.elapsed:.2f} GB/s)")
+        return (f"{prefix}{self.done}/{self.total} {self.unit}, {_size(self.nbytes)} in "
+                f"{self.elapsed:.1f} s ({_size(self.nbytes / self.elapsed)}/s)")
 
     def close(self, ok: bool = True) -> None:
-        """Finish the bar's line (TTY) or log the summary (otherwise). Idempotent."""
+        """Finish the bar (drawn) or log the summary (otherwise). Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            if self.draw:
-                self._render()
-                self.stream.write("\n")
-                self.stream.flush()
+            if self._bar is not None:
+                self._bar.set_postfix_str(self._bytes(), refresh=False)
+                self._bar.close()
             elif ok:
                 self.logger.info("%s", self.summary())
 
-    def _render(self) -> None:
-        frac = self.done / self.total if self.total else 1.0
-        filled = int(round(self.width * min(frac, 1.0)))
-        bar = "#" * filled + "-" * (self.width - filled)
-        gb = self.nbytes / _GB
-        prefix = f"{self.desc} " if self.desc else ""
-        line = (f"\r{prefix}[{bar}] {self.done}/{self.total} {self.unit}  {gb:.2f} GB  "
-                f"{gb / self.elapsed:.2f} GB/s")
-        self.stream.write(line)
-        self.stream.flush()
-        self._drawn = True
+    def _bytes(self) -> str:
+        return f"{_size(self.nbytes)}, {_size(self.nbytes / self.elapsed)}/s"
+
+
+def _size(nbytes: float) -> str:
+    """Bytes in GB from 1 GB up, else in MB: '7.90 GB', '14.21 MB'."""
+    return f"{nbytes / _GB:.2f} GB" if nbytes >= _GB else f"{nbytes / _MB:.2f} MB"
 
 
 def _isatty(stream: Any) -> bool:
@@ -103,3 +139,9 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):   # no isatty, or a closed stream
         return False
+
+
+def _unicode(stream: Any) -> bool:
+    """Whether block characters can be written to `stream` (else tqdm draws '#')."""
+    encoding = getattr(stream, "encoding", None)
+    return bool(encoding) and "utf" in encoding.lower()

@@ -1,12 +1,24 @@
-"""Per-row token sampling: greedy, temperature, top-k and top-p (nucleus), in one jitted function.
+"""Per-row token sampling: greedy, temperature, top-k and top-p (nucleus), with repetition,
+presence and frequency penalties, in one jitted function.
 
 Every row carries its own settings and its own random key, so a sequence's draws never depend
 on what else shares the batch.
+
+Penalties follow vLLM's (and OpenAI's) definitions, applied to the raw logits before temperature,
+so they steer greedy decoding too:
+- `repetition_penalty` r (CTRL, HF `generate`): a token seen in the prompt or the output so far
+  has its logit divided by r when positive, multiplied by r when negative; 1 is off.
+- `presence_penalty` p: minus p once for a token that occurs in the output so far; 0 is off.
+- `frequency_penalty` f: minus f times the token's count in the output so far; 0 is off.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +26,15 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token. temperature 0 is greedy; top_k 0 means no limit."""
+    """How to pick the next token. temperature 0 is greedy; top_k 0 means no limit; the
+    penalties (module docstring) are off at their defaults."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -29,6 +45,78 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got "
+                             f"{self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:   # OpenAI's range
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 is off), got {value!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the engine then tracks this request's tokens)."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
+
+
+SAMPLING_FILE = "sampling.json"   # a model directory's recommended settings (like HF's
+                                  # generation_config.json); run.py uses them for unset flags
+_MAX_SAMPLING_FILE = 64 * 1024
+
+
+def read_sampling_defaults(model_dir: str | os.PathLike) -> SamplingParams:
+    """The `SamplingParams` of `model_dir/sampling.json` ({"temperature": 0.5, ...}, any of the
+    fields), or the defaults when there is no such file. ValueError names the file and field."""
+    path = Path(model_dir) / SAMPLING_FILE
+    if not path.is_file():
+        return SamplingParams()
+    if path.stat().st_size > _MAX_SAMPLING_FILE:
+        raise ValueError(f"{path}: larger than {_MAX_SAMPLING_FILE} bytes; not a sampling file")
+    try:
+        fields = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
+        raise ValueError(f"{path}: expected an object with fields among {sorted(known)}; got "
+                         f"{str(unknown)[:80]}")
+    try:
+        return SamplingParams(**fields)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def _finite(value: object) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+class Penalties(NamedTuple):
+    """Per-row penalty inputs for `sample`: the distinct token ids each row has seen (prompt and
+    output; padded with any id >= V, which is ignored) [B, N], how often each occurs in the
+    output [B, N], and each row's three penalties [B]."""
+
+    ids: jax.Array
+    counts: jax.Array
+    repetition: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+
+
+def apply_penalties(logits: jax.Array, penalties: Penalties) -> jax.Array:
+    """Float32 logits [B, V] with each row's penalties applied (see the module docstring)."""
+    batch, vocab = logits.shape
+    rows = jnp.arange(batch)[:, None]
+    seen = jnp.zeros((batch, vocab), bool).at[rows, penalties.ids].set(True, mode="drop")
+    counts = jnp.zeros((batch, vocab), jnp.float32).at[rows, penalties.ids].add(
+        penalties.counts.astype(jnp.float32), mode="drop")
+    logits = logits.astype(jnp.float32)
+    rep = penalties.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - penalties.frequency[:, None] * counts
+            - penalties.presence[:, None] * (counts > 0))
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
@@ -48,8 +136,11 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
-           top_k: jax.Array) -> jax.Array:
-    """Next token per row [B] from logits [B, V]; rows with temperature 0 take the argmax."""
+           top_k: jax.Array, penalties: Penalties | None = None) -> jax.Array:
+    """Next token per row [B] from logits [B, V]; rows with temperature 0 take the argmax.
+    `penalties` (None: none) are applied first, so they steer greedy rows too."""
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, temperature, top_p, top_k)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)

@@ -1,23 +1,10 @@
-"""`python -m grok.bench` end to end on a tiny config."""
+"""grok.bench in this process: its roofline arithmetic, its failure isolation, and gpu.sh in its
+SMOKE mode. (`python -m grok.bench` end to end, as a subprocess: tests/test_benchmarks.py.)"""
 from __future__ import annotations
 
 import json
 
 from grok import bench
-
-
-def test_bench_tiny_end_to_end(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    rc = bench.main(["--preset", "tiny", "--batches", "1", "--prompt-len", "8",
-                     "--new-tokens", "3", "--prefill-len", "16", "--repeats", "1", "--steps",
-                     "--check", "--json", str(out)])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "| moe_impl | batch | prefill tok/s" in text and "of roofline" in text
-    result = json.loads(out.read_text())
-    assert [r["batch"] for r in result["engine"]] == [1]
-    assert all(r["rel_err"] < 1e-2 for r in result["check"])
-    assert {r["phase"] for r in result["steps"]} == {"prefill 16", "decode"}
 
 
 def test_roofline_bytes_count_chosen_experts():
@@ -52,15 +39,17 @@ def test_step_logits_compared_and_a_failing_evaluation_spares_the_others(tmp_pat
 
 def test_gpu_script_runs_every_section_on_tiny_shapes(tmp_path):
     """benchmarks/gpu.sh (what a lent GPU runs, once) in its SMOKE mode on this machine: every
-    section runs and exits 0, and its files are the at most 8 the device tool brings back."""
-    import os
+    section runs and exits 0, and its files are the at most 8 the device tool brings back.
+    (Five Python processes: the slowest of the benchmark smoke tests, about a minute.)"""
     import pathlib
     import subprocess
     import sys
+
+    from tests.test_benchmarks import bench_env
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = bench_env(SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable)
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), "2", "600"], env=env,
-                          capture_output=True, text=True, timeout=900)
+                          cwd=root, capture_output=True, text=True, timeout=600)
     summary = (tmp_path / "summary.md").read_text()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     statuses = [line for line in summary.splitlines() if "exit status" in line]

@@ -1,10 +1,13 @@
 """run.py as a user runs it: flags, one-line errors, and a real (tiny, random) checkpoint."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,12 +37,18 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_help_documents_every_flag():
+def test_help_documents_every_flag_with_its_default():
     out = run("--help")
     assert out.returncode == 0
     for flag in ("--checkpoint", "--tokenizer", "--max-new-tokens", "--temperature", "--top-p",
-                 "--top-k", "--seed", "--prompts-file", "--stream", "--max-batch"):
+                 "--top-k", "--seed", "--prompts-file", "--stream", "--max-batch", "--json",
+                 "--repetition-penalty", "--presence-penalty", "--frequency-penalty",
+                 "--truncate", "--stop", "--interactive", "--mesh"):
         assert flag in out.stdout
+    text = " ".join(out.stdout.split())
+    for default in ("tokens to generate per prompt (default: 64)", "(default: 8)",
+                    "0 is greedy (default: 0)", "1 is off; default: 1"):
+        assert default in text
 
 
 def test_missing_checkpoint_is_one_line_naming_the_file(tmp_path):
@@ -53,8 +62,14 @@ def test_missing_checkpoint_is_one_line_naming_the_file(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--top-k", "many"], "invalid int value"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--presence-penalty", "2.5"], "--presence-penalty must be in [-2, 2]"),
+    (["--frequency-penalty", "-3"], "--frequency-penalty must be in [-2, 2]"),
+    (["--truncate", "right"], "invalid choice: 'right'"),
+    (["--stream", "--json"], "not allowed with argument"),
 ])
 def test_bad_flags_are_one_line(flags, words):
     out = run("hello", *flags)
@@ -62,28 +77,113 @@ def test_bad_flags_are_one_line(flags, words):
     assert out.stderr.count("\n") == 1
 
 
-def test_generates_from_a_release_layout_checkpoint(checkpoint, tmp_path):
+def test_each_argument_is_one_prompt_and_outputs_are_told_apart(checkpoint, tmp_path):
     tok = str(tokenizer_path())
-    out = run("The answer is", "--checkpoint", str(checkpoint), "--tokenizer", tok,
-              "--max-new-tokens", "4")
+    common = ["--checkpoint", str(checkpoint), "--tokenizer", tok, "--max-new-tokens", "3"]
+    out = run("The answer is", *common)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("The answer is")
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("first prompt\n\nsecond prompt\n")
-    out = run("--prompts-file", str(prompts), "--checkpoint", str(checkpoint), "--tokenizer", tok,
-              "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "5")
+    assert out.stdout.startswith("The answer is") and "--- prompt" not in out.stdout
+    out = run("import os", "class Foo:", *common)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("first") and lines[1].startswith("second")
-    out = run("streamed", "--stream", "--checkpoint", str(checkpoint), "--tokenizer", tok,
-              "--max-new-tokens", "3")
-    assert out.returncode == 0 and out.stdout.startswith("streamed"), out.stderr
-    too_long = "word " * 200
-    out = run("--interactive", "--stream", "--checkpoint", str(checkpoint), "--tokenizer", tok,
-              "--max-new-tokens", "3", stdin=f"one\n{too_long}\n\ntwo\n")
+    assert lines[0] == "--- prompt 1 ---" and lines[1].startswith("import os")
+    second = lines.index("--- prompt 2 ---")
+    assert lines[second + 1].startswith("class Foo:")
+    assert "import os class Foo:" not in out.stdout
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n")
+    out = run("zeroth", "--prompts-file", str(prompts), *common, "--temperature", "0.8",
+              "--top-k", "5", "--json")
     assert out.returncode == 0, out.stderr
-    assert [line[:3] for line in out.stdout.splitlines()] == ["one", "two"]
-    assert "exceeds the context" in out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [1, 2, 3]
+    assert [r["prompt"] for r in rows] == ["zeroth", "first prompt", "second prompt"]
+    for r in rows:
+        assert len(r["tokens"]) == 3 and r["finish_reason"] == "length"
+        assert isinstance(r["text"], str) and r["prompt_tokens"] >= 1
+    out = run("streamed", "other", "--stream", *common)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["--- prompt 1 ---", out.stdout.splitlines()[1]]
+    assert out.stdout.splitlines()[1].startswith("streamed")
+
+
+def test_interactive_and_too_long_prompts_speak_the_cli(checkpoint):
+    tok = str(tokenizer_path())
+    common = ["--checkpoint", str(checkpoint), "--tokenizer", tok, "--max-new-tokens", "3"]
+    too_long = "word " * 200
+    out = run("--interactive", "--stream", *common, stdin=f"one\n{too_long}\n\ntwo\n")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "--- prompt 1 ---" and lines[1].startswith("one")
+    assert lines[2] == "--- prompt 3 ---" and lines[3].startswith("two")
+    assert "pass --truncate left" in out.stderr and "truncate='left'" not in out.stderr
+    out = run(too_long, *common)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "prompt 1 is 201 tokens" in out.stderr and "--truncate left" in out.stderr
+    out = run(too_long, *common, "--truncate", "left", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt_tokens"] == 64 - 3
+    out = run("", *common)
+    assert out.returncode == 2 and "prompt 1 is empty" in out.stderr
+    assert "token list" not in out.stderr
+
+
+def test_a_tokenizer_flag_naming_no_file_says_so(checkpoint, tmp_path):
+    out = run("hi", "--checkpoint", str(checkpoint), "--tokenizer", str(tmp_path / "tok.model"))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert f"--tokenizer {tmp_path / 'tok.model'} is not a file" in out.stderr
+    assert "or pass --tokenizer" not in out.stderr
+
+
+def test_the_demo_model_samples_with_its_sampling_json_unless_flags_say_otherwise():
+    out = run("def f(x):", "--checkpoint", "demo", "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    assert ("sampling.json: --temperature 0.5 --top-p 0.9 --repetition-penalty 1.15"
+            in out.stderr)
+    out = run("def f(x):", "--checkpoint", "demo", "--max-new-tokens", "4", "--temperature", "0",
+              "--repetition-penalty", "1", "--top-p", "1")
+    assert out.returncode == 0 and "sampling.json" not in out.stderr, out.stderr
+
+
+def _popen(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GROK_COMPILE_CACHE": COMPILE_CACHE}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_a_closed_pipe_ends_the_run_quietly():
+    """`run.py ... --stream | head -1`: exit 0 and no traceback once the reader is gone."""
+    proc = _popen("def f(x):", "--checkpoint", "demo", "--stream", "--max-new-tokens", "200",
+                  "--temperature", "0")
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.parametrize("when", ["importing", "generating"])
+def test_ctrl_c_exits_130_without_a_traceback(when):
+    proc = _popen("def f(x):", "--stream", "--max-new-tokens", "200", "--checkpoint", "demo")
+    if when == "importing":
+        time.sleep(0.5)             # inside the imports of jax and the checkpoint's loading
+    else:
+        proc.stdout.read(1)         # the first streamed byte: the model is running
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert code == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+@pytest.mark.parametrize("module, args", [("grok.checkpoint", ["plan", "--devices", "8",
+                                                                "--memory", "80"]),
+                                          ("grok.bench", ["--help"]),
+                                          ("grok.train_demo", ["--help"])])
+def test_python_dash_m_commands_start_clean(module, args):
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeWarning" not in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_truncated_shard_is_named_in_one_line(checkpoint, tmp_path):

@@ -5,16 +5,14 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GROK1
-from grok.model import KVCache, forward
+from grok.model import forward, init_cache
 from grok.params import abstract_params
 
 
 def _lowered_text(layers: int, scan: bool, tokens: int = 8, cache_len: int = 16) -> str:
     config = GROK1.replace(num_layers=layers)
-    kv_shape = (1, config.num_kv_heads, cache_len, config.key_size)
-    kv = jax.ShapeDtypeStruct((layers, *kv_shape), jnp.bfloat16) if scan else \
-        tuple(jax.ShapeDtypeStruct(kv_shape, jnp.bfloat16) for _ in range(layers))
-    cache = KVCache(kv, kv, jax.ShapeDtypeStruct((1, cache_len), bool))
+    # the model's own cache layout, as shapes only (nothing allocated)
+    cache = jax.eval_shape(lambda: init_cache(config, 1, cache_len, scan))
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     step = jax.jit(lambda p, t, c, s: forward(p, t, c, s, config=config))
     return step.lower(abstract_params(config, scan), ints(1, tokens), cache, ints(1)).as_text()

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from grok.moe import block_rows_for, moe, num_blocks, resolve_impl, route_blocks
-from grok.quant import QuantizedWeight8bit, quantize
+from grok.quant import QuantizedWeight8bit, dequantize, quantize, is_quantized
 
 from conftest import tiny_config
+from precision import (BF16_EPS, assert_within, flat_route_bound, gamma, gelu_tanh,
+                       greedy_gap, moe_route_bound, to_bf16, top2_gaps, trusted_steps)
 
 
 def _weights(rng, experts, d, f, blocks, quantized=True):
@@ -20,6 +22,20 @@ def _weights(rng, experts, d, f, blocks, quantized=True):
         q = quantize(w, s)
         return QuantizedWeight8bit(jnp.asarray(q.weight), jnp.asarray(q.scales))
     return one((experts, d, f), 1), one((experts, d, f), 1), one((experts, f, d), blocks)
+
+
+def _f64(w):
+    """A weight as the MoE multiplies it (float64): int8 dequantised exactly, or a float weight
+    rounded to bfloat16 (x's dtype)."""
+    return dequantize(w, np.float64) if is_quantized(w) else to_bf16(w)
+
+
+def _bound(x, gates, chosen, w1, wv, w2):
+    """precision.moe_route_bound for these arguments: two MoE evaluations differ only by float32
+    order, and by the hidden layer's bfloat16 rounding where a rounding point is that close."""
+    blocks = w2.scales.shape[-2] if is_quantized(w2) else 1
+    return moe_route_bound(np.asarray(x, np.float64), gates, chosen, _f64(w1), _f64(wv),
+                           _f64(w2), blocks)
 
 
 def _routing(rng, n, experts, k):
@@ -38,7 +54,25 @@ def test_fast_paths_equal_dense(experts, k, n, impl):
     gates, chosen = _routing(rng, n, experts, k)
     ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
     out = np.asarray(jax.jit(lambda *a: moe(*a, impl=impl))(x, gates, chosen, w1, wv, w2))
-    np.testing.assert_allclose(out, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+    assert_within(out, ref, _bound(x, gates, chosen, w1, wv, w2),
+                  f"moe {impl} vs dense ({experts}, {k}, {n})")
+
+
+def test_planted_bug_wrong_expert_is_caught():
+    """The same bound fails a result computed with a wrong expert (each token's second choice
+    replaced by the next expert: an off-by-one in the routing)."""
+    rng = np.random.default_rng(8 * 100 + 2 * 10 + 3)
+    w1, wv, w2 = _weights(rng, 8, 32, 48, 4)
+    x = jnp.asarray(rng.standard_normal((3, 32)), jnp.bfloat16)
+    gates, chosen = _routing(rng, 3, 8, 2)
+    wrong = chosen.at[:, 1].set((chosen[:, 1] + 1) % 8)
+    wrong = jnp.where(wrong[:, 1:] == chosen[:, :1], (wrong + 1) % 8, wrong).at[:, 0].set(
+        chosen[:, 0])
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
+    bug = np.asarray(moe(x, gates, wrong, w1, wv, w2, impl="grouped"))
+    with pytest.raises(AssertionError):
+        assert_within(bug, ref, _bound(x, gates, chosen, w1, wv, w2),
+                      "moe planted bug: wrong expert")
 
 
 @pytest.mark.parametrize("impl", ["gather", "grouped"])
@@ -59,7 +93,29 @@ def test_accelerator_int8_path_equals_dense(monkeypatch, impl):
     gates, chosen = _routing(rng, 3, 4, 2)
     ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
     out = np.asarray(jax.jit(lambda *a: moe(*a, impl=impl))(x, gates, chosen, w1, wv, w2))
-    np.testing.assert_allclose(out, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
+    # scales applied per row block after the dot: one more rounding per block, in the bound
+    assert_within(out, ref, _bound(x, gates, chosen, w1, wv, w2),
+                  f"moe {impl} accelerator int8 path vs dense")
+
+
+def _grad_w1_bound(x, gates, chosen, w1, wv, w2):
+    """Bound on the gap between two evaluations of d sum(moe(...)^2) / d w1 (float weights).
+    The one bfloat16 rounding on the backward path is the hidden layer's cotangent (<= 2u if it
+    flips), and the forward's flips move the output, and so that cotangent, by <= 2u more:
+    4u sum_n |x_n| |dL/da_n| (a = x w1), plus float32 order (gamma_N) on the same terms."""
+    x, gates, chosen = np.asarray(x, np.float64), np.asarray(gates), np.asarray(chosen)
+    w1, wv, w2 = _f64(w1), _f64(wv), _f64(w2)
+    c = np.sqrt(2 / np.pi)
+    a, b = np.einsum("nd,nkdf->nkf", x, w1[chosen]), np.einsum("nd,nkdf->nkf", x, wv[chosen])
+    hidden = to_bf16(gelu_tanh(a) * b)
+    out = np.einsum("nk,nkf,nkfd->nd", gates, hidden, w2[chosen])
+    cot_h = np.einsum("nk,nd,nkfd->nkf", gates, 2 * out, w2[chosen])
+    t = np.tanh(c * (a + 0.044715 * a ** 3))
+    slope = 0.5 * (1 + t) + 0.5 * a * (1 - t ** 2) * c * (1 + 3 * 0.044715 * a ** 2)
+    cot_a = np.abs(cot_h * b * slope)                                        # [N, k, F]
+    bound = np.zeros(w1.shape)
+    np.add.at(bound, chosen, np.einsum("nd,nkf->nkdf", np.abs(x), cot_a))
+    return (4 * BF16_EPS + 2 * gamma(x.shape[0] * chosen.shape[1])) * bound
 
 
 def test_float_weights_grouped_and_gradients():
@@ -69,11 +125,13 @@ def test_float_weights_grouped_and_gradients():
     x = jnp.asarray(rng.standard_normal((5, 16)), jnp.bfloat16)
     gates, chosen = _routing(rng, 5, 4, 2)
     ref = moe(x, gates, chosen, w1, wv, w2, impl="dense")
+    bound = _bound(x, gates, chosen, w1, wv, w2)          # float weights: rounded to bfloat16
     for impl in ("gather", "grouped", "pallas"):
-        np.testing.assert_allclose(moe(x, gates, chosen, w1, wv, w2, impl=impl), ref, atol=1e-5)
+        assert_within(moe(x, gates, chosen, w1, wv, w2, impl=impl), ref, bound,
+                      f"moe {impl} float weights vs dense")
     loss = lambda impl: lambda w: jnp.sum(moe(x, gates, chosen, w, wv, w2, impl=impl) ** 2)
-    np.testing.assert_allclose(jax.grad(loss("grouped"))(w1), jax.grad(loss("dense"))(w1),
-                               atol=1e-4)
+    assert_within(jax.grad(loss("grouped"))(w1), jax.grad(loss("dense"))(w1),
+                  _grad_w1_bound(x, gates, chosen, w1, wv, w2), "moe grad w1 grouped vs dense")
 
 
 def test_route_blocks_drops_nothing():
@@ -124,9 +182,15 @@ def test_model_fast_path_matches_dense(impl):
     fast = grok.from_flat(flat, config, moe_impl=impl)
     tokens = [[5, 9, 3, 17, 22, 8, 1, 30, 12, 40, 7]]
     ref = dense.logits(tokens)
-    np.testing.assert_allclose(fast.logits(tokens), ref, atol=1e-4 * np.abs(ref).max())
-    assert fast.generate([[5, 9, 3]], max_new_tokens=3) == \
-        dense.generate([[5, 9, 3]], max_new_tokens=3)
+    bound = flat_route_bound(flat, config)            # two correct evaluations of the model
+    assert_within(fast.logits(tokens), ref, bound, f"model {impl} vs dense logits")
+    # greedy tokens equal up to a step whose top-2 gap the bound could close
+    want = dense.generate([[5, 9, 3]], max_new_tokens=3)[0]
+    seq = ([5, 9, 3] + want + tokens[0])[:len(tokens[0])]   # causal: the tail changes nothing
+    gaps = top2_gaps(dense.logits([seq])[0, 2:2 + len(want)])   # (same shape: no new compile)
+    steps = trusted_steps(gaps, min_gap=greedy_gap(bound))
+    assert fast.generate([[5, 9, 3]], max_new_tokens=3)[0][:steps] == want[:steps]
+    assert steps >= 2, (gaps, greedy_gap(bound))
 
 
 @pytest.mark.parametrize("impl", ["dense", "gather", "grouped", "pallas"])
@@ -144,6 +208,7 @@ def test_layer_of_a_stack_equals_that_layer_alone(impl):
     for layer in (2, 1):
         alone = np.asarray(moe(x, gates, chosen, *layers[layer], impl=impl))
         stacked = np.asarray(run(x, gates, chosen, *stack, jnp.int32(layer)))
+        # bit for bit: the same ops on the same values in the same order; only the indexing moved
         np.testing.assert_array_equal(stacked, alone)
 
 
@@ -157,6 +222,8 @@ def test_any_block_size_gives_the_same_result(block_rows):
     gates, chosen = _routing(rng, 20, 4, 2)
     ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped"))
     out = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=block_rows))
-    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # blocks of other sizes may take other dot kernels (float32 order): the MoE route bound
+    assert_within(out, ref, _bound(x, gates, chosen, w1, wv, w2),
+                  f"moe grouped block_rows={block_rows}")
     with pytest.raises(ValueError, match="block_rows must be at least 1"):
         moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=-1)

@@ -1,0 +1,40 @@
+"""README.md stays true: its Python block runs as written, and its command lines name real flags."""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from grok.cli import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_the_python_api_block_runs_as_written(monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks, "README.md has no python block"
+    monkeypatch.chdir(ROOT)
+    out = io.StringIO()
+    for block in blocks:
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    assert out.getvalue().strip(), "the README's example printed nothing"
+
+
+def _usage_flags() -> set[str]:
+    usage = README[README.index("## Command line"):README.index("## Python API")]
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", usage))
+
+
+def test_every_flag_the_readme_names_is_a_flag_of_run_py():
+    import argparse
+    with contextlib.redirect_stdout(io.StringIO()) as help_text, pytest.raises(SystemExit):
+        parse_args(["--help"])
+    known = set(re.findall(r"(--[a-z][a-z-]*)", help_text.getvalue()))
+    flags = _usage_flags()
+    assert len(flags) > 15 and flags <= known, sorted(flags - known)
+    assert isinstance(parse_args(["x"]), argparse.Namespace)
