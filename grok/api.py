@@ -93,9 +93,7 @@ class Grok:
         if not requests or not all(isinstance(r, Request) for r in requests):
             raise ValueError("expected a non-empty list of grok.Request")
         engine = self._engine(requests)
-        for r in requests:
-            engine.check(r)
-        ids = [engine.submit(r) for r in requests]
+        ids = [engine.submit(r) for r in requests]   # checks each; nothing runs before all pass
         for _ in engine.run():
             pass
         return [engine.results[i] for i in ids]
