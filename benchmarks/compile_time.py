@@ -3,12 +3,12 @@
     python benchmarks/compile_time.py [--layers 1 64] [--prefill 512] [--unrolled]
                                       [--preset grok1|tiny|mid]
 
-Lowers and compiles the engine's own jitted steps at batch 1 (grok.engine.ModelRunner's prefill
+Lowers and compiles the engine's own jitted steps at batch 1 (grok.serving.engine.ModelRunner's prefill
 of `--prefill` tokens into a fresh row of a cache of as many slots, and its decode of one token
 attending over the whole cache) with the weights and the KV cache as shapes only: the params from
-grok.params.abstract_params, the cache from grok.model.init_cache (traced, never allocated), so
+grok.leaves.abstract_params, the cache from grok.model.init_cache (traced, never allocated), so
 the timed programs are exactly what a real run compiles. `--preset tiny` (or mid: the presets of
-grok.bench) sizes the model small, as a quick check of the script itself; the default is Grok-1.
+grok.tools.bench) sizes the model small, as a quick check of the script itself; the default is Grok-1.
 `--unrolled` also times the unrolled layout (a tuple of per-layer trees: the program grows with
 depth).
 
@@ -23,11 +23,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from grok.bench import PRESETS
+from grok.tools.bench import PRESETS
 from grok.config import GROK1, GrokConfig
-from grok.engine import ModelRunner
+from grok.serving.engine import ModelRunner
 from grok.model import init_cache
-from grok.params import EMBED_MODULE, abstract_params
+from grok.leaves import EMBED_MODULE, abstract_params
 from grok.quant import embedding_dtype
 
 CONFIGS: dict[str, GrokConfig] = {"grok1": GROK1, **PRESETS}
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill step")
     p.add_argument("--unrolled", action="store_true", help="also time the unrolled layout")
     p.add_argument("--preset", choices=sorted(CONFIGS), default="grok1",
-                   help="model width (tiny, mid: grok.bench's presets; a quick check)")
+                   help="model width (tiny, mid: grok.tools.bench's presets; a quick check)")
     args = p.parse_args(argv)
     if min(args.layers) < 1 or args.prefill < 1:
         p.error("--layers and --prefill must be >= 1")

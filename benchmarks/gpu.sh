@@ -50,19 +50,19 @@ timeout "$(left 200)" "$PY" benchmarks/moe_layer.py ${LAYER[@]+"${LAYER[@]}"} --
 log "1. exit status ${PIPESTATUS[0]}"
 
 log "2. Grok-1-width slice of $LAYERS layers: prefill 512, decode at batch 1/8/32 (auto, dense)"
-timeout "$(left 240)" "$PY" -m grok.bench "${SLICE[@]}" --moe-impl auto,dense \
+timeout "$(left 240)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl auto,dense \
   --json "$OUT/grok1_slice.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
 rc=${PIPESTATUS[0]}
 log "2. exit status $rc (1: an evaluation failed and was reported; others: the process died)"
 log "2b. the same slice, auto, with the layer loop unrolled (a separate process)"
-timeout "$(left 150)" "$PY" -m grok.bench "${SLICE[@]}" --moe-impl auto --unroll 0 \
+timeout "$(left 150)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl auto --unroll 0 \
   --json "$OUT/grok1_slice_unrolled.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
 log "2b. exit status ${PIPESTATUS[0]}"
 
 if [ "$rc" -gt 1 ]; then IMPLS=dense,grouped; else IMPLS=grouped; fi
 if [ "$(left 150)" -gt 100 ]; then
   log "2c. the same slice, moe_impl $IMPLS (a separate process)"
-  timeout "$(left 150)" "$PY" -m grok.bench "${SLICE[@]}" --moe-impl "$IMPLS" \
+  timeout "$(left 150)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl "$IMPLS" \
     --json "$OUT/grok1_slice_b.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
 fi
 
@@ -73,7 +73,7 @@ if [ "$(left 200)" -gt 90 ]; then
 fi
 if [ "$(left 120)" -gt 60 ] && [ "${SMOKE:-0}" != 1 ]; then   # (the tests run the engine)
   log "4. engine on the mid preset, dense vs auto"
-  timeout "$(left 120)" "$PY" -m grok.bench --preset mid --moe-impl auto,dense --steps \
+  timeout "$(left 120)" "$PY" -m grok.tools.bench --preset mid --moe-impl auto,dense --steps \
     --json "$OUT/mid.json" 2>&1 | tee -a "$OUT/full.log" | tail -30 | tee -a "$OUT/summary.md"
 fi
 log "done; results in $OUT"

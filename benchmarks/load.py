@@ -1,5 +1,5 @@
 """Loading benchmark: a synthetic release-format checkpoint of Grok-1 width (2 layers by default,
-~13 GB) streamed by grok.loader, against `cat` of the same files, with peak host RSS.
+~13 GB) streamed by grok.checkpoint.loader, against `cat` of the same files, with peak host RSS.
 
     python benchmarks/load.py [--dir /tmp/grok-load-bench] [--layers 2] [--mesh 1,1] [--loads 2]
                               [--keep] [--reuse] [--root CHECKOUT] [--cold] [--verify]
@@ -15,7 +15,7 @@ for anything that materialises them in host memory). `--root` measures another c
 every load (Linux, as root), so both read from the disk: the case of a checkpoint too large for
 the host's memory, like Grok-1's 318 GB. `--verify` also checks that every loaded tensor holds
 exactly the bytes written (a SHA-256 per tensor, as the model holds it: the embedding in
-bfloat16; needs a fresh write, not --reuse). `--preset tiny` (or mid: the presets of grok.bench)
+bfloat16; needs a fresh write, not --reuse). `--preset tiny` (or mid: the presets of grok.tools.bench)
 writes a small checkpoint of that width instead, a quick check of the script itself.
 
 Prints one line per step, `NAME  RATE GB/s  SECONDS s [details]`, and with --verify a line
@@ -40,11 +40,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def preset_config(preset: str, layers: int):
-    """Grok-1 (or a preset of grok.bench) with `layers` layers."""
+    """Grok-1 (or a preset of grok.tools.bench) with `layers` layers."""
     from grok.config import GROK1
     if preset == "grok1":
         return GROK1.replace(num_layers=layers)
-    from grok.bench import PRESETS
+    from grok.tools.bench import PRESETS
     return PRESETS[preset].replace(num_layers=layers)
 
 
@@ -70,7 +70,7 @@ def write(path: Path, config, digests: dict[str, str] | None = None) -> int:
     import ml_dtypes
 
     from grok.checkpoint import save_tensor
-    from grok.params import checkpoint_entries
+    from grok.leaves import checkpoint_entries
     from grok.quant import QuantizedWeight8bit
 
     ckpt = path / "ckpt-0"
@@ -119,9 +119,9 @@ LOAD = r'''
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[3])
 import jax
-from grok import loader
+from grok.checkpoint import loader
 from grok.checkpoint import read_config
-from grok.sharding import parse_mesh
+from grok.parallel.rules import parse_mesh
 path, mesh, verify = sys.argv[1], parse_mesh(sys.argv[2]), sys.argv[4] == "1"
 config = read_config(path)
 stats = loader.LoadStats()
@@ -143,7 +143,7 @@ VERIFY = r'''
 import hashlib
 import numpy as np
 def digests(params, config):
-    from grok.params import checkpoint_entries, from_model_params
+    from grok.leaves import checkpoint_entries, from_model_params
     flat = from_model_params(params, config)
     return {e.name: digest(flat[e.name], e.param == "embeddings")
             for e in checkpoint_entries(config)}
@@ -201,18 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path("/tmp/grok-load-bench"))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--preset", choices=["grok1", "mid", "tiny"], default="grok1",
-                   help="width of the checkpoint written (tiny, mid: grok.bench's presets)")
+                   help="width of the checkpoint written (tiny, mid: grok.tools.bench's presets)")
     p.add_argument("--mesh", default="1,1")
     p.add_argument("--loads", type=int, default=2, help="cat + load rounds")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     p.add_argument("--reuse", action="store_true", help="use the checkpoint already in --dir")
-    p.add_argument("--root", type=Path, default=ROOT, help="checkout whose grok.loader to run")
+    p.add_argument("--root", type=Path, default=ROOT, help="checkout whose grok.checkpoint.loader to run")
     p.add_argument("--cold", action="store_true",
                    help="empty the page cache before each cat and load (root)")
     p.add_argument("--verify", action="store_true",
                    help="check every loaded tensor against what was written")
     args = p.parse_args(argv)
-    from grok.sharding import ShardingError, parse_mesh
+    from grok.parallel.rules import ShardingError, parse_mesh
     try:
         parse_mesh(args.mesh)
     except ShardingError as err:
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             r = load(args.dir, args.mesh, args.root, verify=args.verify)
             if written is not None:
                 verify(written, r["digests"])
-            rows.append(("grok.loader (cold)" if args.cold else "grok.loader (after cat)",
+            rows.append(("grok.checkpoint.loader (cold)" if args.cold else "grok.checkpoint.loader (after cat)",
                          r["bytes_read"] / r["seconds"] / 1e9, r["seconds"], r))
             previous = "load"
         if not args.cold:

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
+from grok.tools.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
                         matmul_rate, pipelined_time)
-from grok.kernels.moe import (block_matmul, fit_shared, gated_block_matmul, pipeline_defaults,
+from grok.kernels.block_matmul import (block_matmul, fit_shared, gated_block_matmul, pipeline_defaults,
                               splits_for, tiles)
-from grok.moe import block_rows_for, moe, resolve_impl
+from grok.model.moe import block_rows_for, moe, resolve_impl
 from grok.quant import QuantizedWeight8bit, on_gpu
 
 EXPERTS, TOP_K, SCALE_BLOCKS = 8, 2, 8

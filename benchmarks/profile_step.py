@@ -4,7 +4,7 @@
                                       [--moe-impl auto] [--prefill-len 512] [--calls 5]
                                       [--unroll 1] [--json FILE]
 
-Builds the random-weight model of `grok.bench`, runs each step a few times under
+Builds the random-weight model of `grok.tools.bench`, runs each step a few times under
 `jax.profiler.trace` (Perfetto JSON), and prints per step: wall time per call, the device's busy
 time per call (the sum of its kernels) and the top kernels by total time. Busy time well under
 wall time means launch gaps; one kernel class far over its bytes means a slow kernel. On a CPU
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.bench import PRESETS, grok1_slice, machine, random_params, runner_for
-from grok.engine import bucket
+from grok.tools.bench import PRESETS, grok1_slice, machine, random_params, runner_for
+from grok.serving.engine import bucket
 from grok.model import KVCache
-from grok.moe import MOE_IMPLS
+from grok.model.moe import MOE_IMPLS
 
 
 def kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:

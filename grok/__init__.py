@@ -13,10 +13,10 @@ from typing import Any
 _EXPORTS = {
     "Grok": "grok.api", "from_flat": "grok.api", "load": "grok.api",
     "GROK1": "grok.config", "ConfigError": "grok.config", "GrokConfig": "grok.config",
-    "Engine": "grok.engine", "Request": "grok.engine", "Result": "grok.engine",
+    "Engine": "grok.serving.engine", "Request": "grok.serving.engine", "Result": "grok.serving.engine",
     "QuantizedWeight8bit": "grok.quant", "dequantize": "grok.quant", "quantize": "grok.quant",
-    "SamplingParams": "grok.sampling",
-    "Routing": "grok.routing",
+    "SamplingParams": "grok.serving.sampling",
+    "Routing": "grok.model.routing",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,11 +12,11 @@ import numpy as np
 
 from grok import checkpoint
 from grok.config import GrokConfig, model_dir
-from grok.engine import Engine, ModelRunner, Request, Result, bucket
-from grok.params import to_model_params
-from grok.routing import Routing
-from grok.sampling import SamplingParams, read_sampling_defaults
-from grok.tokenizer import Tokenizer
+from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
+from grok.leaves import to_model_params
+from grok.model.routing import Routing
+from grok.serving.sampling import SamplingParams, read_sampling_defaults
+from grok.serving.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Grok:
 
         `tokens`: one token list (or a string, with a tokenizer) -> arrays [L, T, ...]; a list of
         token lists -> [B, L, T, ...] padded to the longest (padding marked -1 / 0)."""
-        from grok import routing as routing_mod
+        from grok.model import routing as routing_mod
         single = isinstance(tokens, str) or (
             isinstance(tokens, (Sequence, np.ndarray)) and len(tokens) > 0
             and isinstance(tokens[0], (int, np.integer)))
@@ -220,7 +220,7 @@ def device_params(flat: dict[str, Any], config: GrokConfig, scan: bool = True) -
 
 def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
               scan: bool = True, moe_impl: str = "auto", max_batch: int = 8) -> Grok:
-    """A model from in-memory checkpoint leaves (e.g. `grok.params.random_flat(config)`)."""
+    """A model from in-memory checkpoint leaves (e.g. `grok.leaves.random_flat(config)`)."""
     return Grok(device_params(flat, config, scan), config, tokenizer, moe_impl, max_batch)
 
 
@@ -235,7 +235,7 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
 
     `mesh`: a `jax.sharding.Mesh` with axes ("data", "model"), a (data, model) pair or "D,M":
     the weights are streamed from the files straight onto the devices that own each piece
-    (grok.loader) by the partition rules of `layout` ("tensor" or "expert"; grok.sharding).
+    (grok.checkpoint.loader) by the partition rules of `layout` ("tensor" or "expert"; grok.parallel.rules).
     Before reading any weights the per-device memory (weights, KV cache for `max_batch` full-length
     sequences, workspace) is estimated against `memory_gb` (default: what the device reports;
     CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit."""
@@ -245,11 +245,12 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     config = checkpoint.read_config(path)
     sampling = read_sampling_defaults(path)
     if mesh is not None:
-        from grok import loader, sharding
+        from grok.checkpoint import loader
+        from grok.parallel import memory, rules as sharding
         mesh = sharding.make_mesh(mesh)
         capacity = memory_gb * 1e9 if memory_gb is not None \
-            else sharding.device_memory(mesh.devices.flat[0])
-        sharding.check_fits(config, mesh, capacity, batch=max_batch, layout=layout)
+            else memory.device_memory(mesh.devices.flat[0])
+        memory.check_fits(config, mesh, capacity, batch=max_batch, layout=layout)
         params = loader.load_params(path, config, mesh, layout=layout, scan=scan,
                                     progress=progress)
         tok = _tokenizer(path, tokenizer, config)

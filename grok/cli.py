@@ -126,7 +126,7 @@ def _check_ranges(p: _Parser, args: argparse.Namespace) -> None:
         if value is not None and not ok(value):   # NaN fails every comparison, so it lands here
             p.error(f"{flag} must be {words}, got {value}")
     if args.mesh is not None:
-        from grok.sharding import ShardingError, parse_mesh
+        from grok.parallel.rules import ShardingError, parse_mesh
         try:
             args.mesh = parse_mesh(args.mesh)
         except ShardingError as err:
@@ -180,7 +180,7 @@ def _distributed_mesh(args: argparse.Namespace):
     Every process runs the same program; only process 0 prints."""
     import jax
 
-    from grok import distributed
+    from grok.parallel import distributed
     if distributed.initialize(args.coordinator, args.num_processes, args.process_id):
         if not distributed.is_leader():
             sys.stdout = open(os.devnull, "w")
@@ -337,8 +337,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _enable_compile_cache()
         from grok.checkpoint import CheckpointError
         from grok.config import ConfigError
-        from grok.sharding import ShardingError
-        from grok.tokenizer import TokenizerError
+        from grok.parallel.rules import ShardingError
+        from grok.serving.tokenizer import TokenizerError
         try:
             mesh = _distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,

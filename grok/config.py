@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from grok.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration that cannot describe a Grok-shaped model."""
 
+PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
 
 DEMO = "demo"   # how `grok.load` and run.py name the small model a source checkout ships
 DEMO_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / DEMO

@@ -155,7 +155,7 @@ def _kernel_linears(x: jax.Array, ws: Sequence[Any], kernel: str) -> list[jax.Ar
     if kernel == "off" or (kernel == "auto" and not on_gpu()) or not all(
             isinstance(w, LayerSlice) and is_quantized(w.stack) for w in ws):
         return None
-    from grok.kernels.moe import block_matmul, kernel_applies, multi_block_matmul
+    from grok.kernels.block_matmul import block_matmul, kernel_applies, multi_block_matmul
     *lead, rows = x.shape
     n = int(np.prod(lead))
     bm = max(16, 1 << (n - 1).bit_length())

@@ -1,5 +1,5 @@
 """Float64 numpy statement of the sampling penalties (vLLM / OpenAI definitions): the test oracle
-for grok.sampling.apply_penalties and the engine's penalized decoding."""
+for grok.serving.sampling.apply_penalties and the engine's penalized decoding."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -78,7 +78,7 @@ def gated_hidden(x, w1, wv, blocks: int = 1):
 
 
 def moe_route_bound(x, gates, chosen, w1, wv, w2, blocks: int = 1) -> np.ndarray:
-    """Elementwise bound on the gap between two evaluations of the MoE block (grok.moe.moe: x
+    """Elementwise bound on the gap between two evaluations of the MoE block (grok.model.moe.moe: x
     [N, D] bfloat16 values, gates/chosen [N, k], weights [E, D, F], [E, F, D] as float64) that
     differ only in float32 summation order (another path, block layout, kernel or ISA): the
     hidden layer's float32 values lie within err of exact, so its bfloat16 rounding may differ

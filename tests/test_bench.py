@@ -1,10 +1,10 @@
-"""grok.bench in this process: its roofline arithmetic, its failure isolation, and gpu.sh in its
-SMOKE mode. (`python -m grok.bench` end to end, as a subprocess: tests/test_benchmarks.py.)"""
+"""grok.tools.bench in this process: its roofline arithmetic, its failure isolation, and gpu.sh in its
+SMOKE mode. (`python -m grok.tools.bench` end to end, as a subprocess: tests/test_benchmarks.py.)"""
 from __future__ import annotations
 
 import json
 
-from grok import bench
+from grok.tools import bench
 
 
 def test_roofline_bytes_count_chosen_experts():

@@ -102,15 +102,15 @@ def test_compile_time_rejects_bad_sizes(capsys):
 # --- load.py --------------------------------------------------------------------------------------
 
 def test_load_reports_rates_and_loads_what_was_written(tmp_path):
-    from grok.bench import PRESETS
-    from grok.params import checkpoint_entries
+    from grok.tools.bench import PRESETS
+    from grok.leaves import checkpoint_entries
 
     target = tmp_path / "ckpt"
     done = script("load.py", "--preset", "tiny", "--layers", "2", "--dir", str(target),
                   "--loads", "1", "--verify")
     rates = {m.group(1).strip(): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
         r"^(\S.*?)\s+(\d+\.\d+) GB/s\s+(\d+\.\d+) s", done.stdout, re.M)}
-    assert {"cat (after write)", "grok.loader (after cat)", "cat (after load)"} <= set(rates), \
+    assert {"cat (after write)", "grok.checkpoint.loader (after cat)", "cat (after load)"} <= set(rates), \
         done.stdout
     assert all(rate > 0 for rate, _ in rates.values()), rates
     assert re.search(r"grok\.loader \(after cat\).*peak RSS \d+\.\d+ GB", done.stdout)
@@ -229,13 +229,13 @@ def test_gpu_profile_script_smoke(tmp_path):
     assert [s["step"] for s in steps] == ["prefill 16", "decode batch 1"]
 
 
-# --- python -m grok.bench -------------------------------------------------------------------------
+# --- python -m grok.tools.bench -------------------------------------------------------------------------
 
 def test_grok_bench_module_prints_engine_and_step_tables(tmp_path):
-    """`python -m grok.bench` on the tiny preset: the logits check against dense, the engine's
+    """`python -m grok.tools.bench` on the tiny preset: the logits check against dense, the engine's
     throughput and the step times against the roofline, as tables and as JSON."""
     out = tmp_path / "bench.json"
-    done = run(sys.executable, "-m", "grok.bench", "--preset", "tiny", "--batches", "1",
+    done = run(sys.executable, "-m", "grok.tools.bench", "--preset", "tiny", "--batches", "1",
                "--prompt-len", "16", "--new-tokens", "3", "--steps", "--prefill-len", "16",
                "--repeats", "1", "--check", "--json", str(out))
     check = table(done.stdout, "| check |")
@@ -255,7 +255,7 @@ def test_grok_bench_module_prints_engine_and_step_tables(tmp_path):
 
 
 def test_grok_bench_arguments_are_checked(capsys):
-    from grok.bench import main
+    from grok.tools.bench import main
     for args, words in ((["--new-tokens", "2"], "--new-tokens"), (["--batches", "0"], "--batches"),
                         (["--batches", "1,x"], "--batches"), (["--moe-impl", "fast"], "--moe-impl"),
                         (["--grok1-slice", "0"], "--grok1-slice")):
@@ -264,11 +264,11 @@ def test_grok_bench_arguments_are_checked(capsys):
 
 @pytest.mark.parametrize("name", ["tiny", "mid", "grok1-slice-2"])
 def test_bench_random_params_have_the_library_layout(name):
-    """grok.bench's random weights (every preset, and the Grok-1 slice no CPU can hold) are the
-    tree grok.params.abstract_params describes: the same leaves, shapes and dtypes (traced only,
+    """grok.tools.bench's random weights (every preset, and the Grok-1 slice no CPU can hold) are the
+    tree grok.leaves.abstract_params describes: the same leaves, shapes and dtypes (traced only,
     nothing allocated)."""
-    from grok import bench
-    from grok.params import abstract_params
+    from grok.tools import bench
+    from grok.leaves import abstract_params
 
     config = bench.grok1_slice(2) if name.startswith("grok1") else bench.PRESETS[name]
     shapes = lambda tree: [(jax.tree_util.keystr(path), tuple(x.shape), str(x.dtype))

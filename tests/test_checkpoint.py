@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from grok.checkpoint import (CheckpointError, load_tensor, read_checkpoint,  # noqa: E402
                              read_config, save_tensor, write_checkpoint)
 from grok.config import GROK1, GrokConfig  # noqa: E402
-from grok.params import checkpoint_entries, random_flat  # noqa: E402
+from grok.leaves import checkpoint_entries, random_flat  # noqa: E402
 from grok.progress import Progress  # noqa: E402
 from grok.quant import QuantizedWeight8bit  # noqa: E402
 

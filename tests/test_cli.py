@@ -14,7 +14,7 @@ import pytest
 
 from conftest import tiny_config, tokenizer_path
 from grok.checkpoint import write_checkpoint
-from grok.params import random_flat
+from grok.leaves import random_flat
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILE_CACHE = tempfile.mkdtemp(prefix="grok-test-xla-")   # not the user's cache
@@ -177,8 +177,8 @@ def test_ctrl_c_exits_130_without_a_traceback(when):
 
 @pytest.mark.parametrize("module, args", [("grok.checkpoint", ["plan", "--devices", "8",
                                                                 "--memory", "80"]),
-                                          ("grok.bench", ["--help"]),
-                                          ("grok.train_demo", ["--help"])])
+                                          ("grok.tools.bench", ["--help"]),
+                                          ("grok.tools.train_demo", ["--help"])])
 def test_python_dash_m_commands_start_clean(module, args):
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                          timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from grok.config import GROK1
 from grok.model import forward, init_cache
-from grok.params import abstract_params
+from grok.leaves import abstract_params
 
 
 def _lowered_text(layers: int, scan: bool, tokens: int = 8, cache_len: int = 16) -> str:

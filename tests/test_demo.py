@@ -1,4 +1,4 @@
-"""The shipped demo model (checkpoints/demo, trained by `python -m grok.train_demo`)."""
+"""The shipped demo model (checkpoints/demo, trained by `python -m grok.tools.train_demo`)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 
 import grok
 from grok import checkpoint
-from grok.params import checkpoint_entries
+from grok.leaves import checkpoint_entries
 from grok.quant import QuantizedWeight8bit
 from precision import F64_EPS, params_route_bound, record
 
@@ -37,7 +37,7 @@ def _heldout_tokens(model) -> np.ndarray:
 
 def test_shipped_files():
     for name in ("ckpt-0", "config.json", "tokenizer.model", "heldout.txt", "metrics.json"):
-        assert (DEMO / name).exists(), f"{DEMO / name} missing: run python -m grok.train_demo"
+        assert (DEMO / name).exists(), f"{DEMO / name} missing: run python -m grok.tools.train_demo"
     size = sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file())
     assert size <= 20e6, f"the demo model takes {size / 1e6:.1f} MB"
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import tiny_config
 from oracle_sampling import penalized
 from grok.api import from_flat
-from grok.engine import Engine, Request, bucket
-from grok.params import random_flat
-from grok.sampling import SamplingParams
+from grok.serving.engine import Engine, Request, bucket
+from grok.leaves import random_flat
+from grok.serving.sampling import SamplingParams
 
 CONFIG = tiny_config(num_layers=3, sequence_len=128)
 PROMPTS = [[3, 17, 29, 4, 8, 11, 50, 6, 7, 9, 12, 40, 33][:n] for n in (1, 2, 3, 5, 7, 9, 11, 13)]

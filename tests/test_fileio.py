@@ -1,13 +1,13 @@
-"""grok.fileio: slices of checkpoint arrays copied into host arrays, by offset or strided."""
+"""grok.checkpoint.fileio: slices of checkpoint arrays copied into host arrays, by offset or strided."""
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from grok import fileio
+from grok.checkpoint import fileio
 from grok.checkpoint import save_tensor
-from grok.header import read_header
+from grok.checkpoint.header import read_header
 
 
 def bits(x):

@@ -1,4 +1,4 @@
-"""grok.header: a checkpoint pickle's arrays found by offset, under the allow-list."""
+"""grok.checkpoint.header: a checkpoint pickle's arrays found by offset, under the allow-list."""
 from __future__ import annotations
 
 import ml_dtypes
@@ -7,8 +7,8 @@ import pytest
 
 from conftest import tiny_config
 from grok.checkpoint import CheckpointError, load_tensor, save_tensor, write_checkpoint
-from grok.header import read_header
-from grok.params import checkpoint_entries, random_flat
+from grok.checkpoint.header import read_header
+from grok.leaves import checkpoint_entries, random_flat
 
 CONFIG = tiny_config(vocab_size=2048, emb_size=64)   # a 512 KB embedding: frames are skipped
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from grok.config import GROK1
-from grok.engine import ModelRunner
+from grok.serving.engine import ModelRunner
 from grok.kernels import moe as kmoe
 from grok.model import KVCache
-from grok.params import abstract_params
-from grok.moe import moe
+from grok.leaves import abstract_params
+from grok.model.moe import moe
 from grok.quant import QuantizedWeight8bit, dequantize, quantize
 
 from precision import (assert_within, bf16_spread, dot_bound, gated_hidden, moe_route_bound,
@@ -245,9 +245,9 @@ def test_mesh_kernels_lower_for_cuda_on_each_devices_shard(monkeypatch, layout, 
     pytest.importorskip("jax._src.lib.triton")
     monkeypatch.setattr("grok.quant.on_gpu", lambda: True)
     monkeypatch.setattr("grok.quant.on_cpu", lambda: False)
-    from grok import sharding as sh
-    from grok.moe import _pallas_mlp
-    from grok.moe_mesh import grouped_mlp, kernel_plan
+    from grok.parallel import rules as sh
+    from grok.model.moe import _pallas_mlp
+    from grok.parallel.mesh_kernels import grouped_mlp, kernel_plan
     config = GROK1.replace(num_layers=2)
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                          platform="gpu")

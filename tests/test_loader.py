@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, tiny_config
-from grok import fileio, loader
+from grok.checkpoint import fileio, loader
 from grok.api import device_params
 from grok.checkpoint import read_checkpoint, write_checkpoint
-from grok.params import checkpoint_entries, random_flat
+from grok.leaves import checkpoint_entries, random_flat
 
 CONFIG = tiny_config(vocab_size=2048, emb_size=64)   # a 512 KB embedding: frames are skipped
 
@@ -113,7 +113,7 @@ def test_fixture_matches_reader():
 
 def test_load_refuses_early_when_it_cannot_fit(ckpt, monkeypatch):
     import grok
-    from grok.sharding import ShardingError
+    from grok.parallel.rules import ShardingError
     monkeypatch.setattr(loader, "load_params", lambda *a, **k: pytest.fail("read weights"))
     with pytest.raises(ShardingError, match=r"does not fit: mesh 1x1: .* GB per device"):
         grok.load(ckpt, (1, 1), memory_gb=1e-4)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from grok.api import from_flat
-from grok.params import (abstract_flat, checkpoint_entries, from_model_params, random_flat,
+from grok.leaves import (abstract_flat, checkpoint_entries, from_model_params, random_flat,
                          to_model_params)
 import oracle
 from oracle import oracle_forward
@@ -101,7 +101,7 @@ def test_scan_and_unrolled_agree():
 @pytest.mark.parametrize("unroll", [True, 4])
 def test_unrolled_layer_loop_agrees(unroll):
     """The scanned model with its layer loop unrolled (wholly, or 4 of 11 layers per step)."""
-    from grok.engine import ModelRunner
+    from grok.serving.engine import ModelRunner
     config = CONFIGS["11-layers"]
     flat = random_flat(config, seed=3)
     model = from_flat(flat, config, scan=True)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok.moe import block_rows_for, moe, num_blocks, resolve_impl, route_blocks
+from grok.model.moe import block_rows_for, moe, num_blocks, resolve_impl, route_blocks
 from grok.quant import QuantizedWeight8bit, dequantize, quantize, is_quantized
 
 from conftest import tiny_config
@@ -79,13 +79,13 @@ def test_planted_bug_wrong_expert_is_caught():
 def test_accelerator_int8_path_equals_dense(monkeypatch, impl):
     """The GPU/TPU path of the selected-experts matmuls (int8 converted inside the dot, scales per
     row block after it) run on CPU: the same numbers as dense."""
-    import grok.moe
+    import grok.model.moe
     import grok.quant
     monkeypatch.setattr(grok.quant, "on_cpu", lambda: False)
 
     def widened(*_):
         raise AssertionError("the CPU path (weights widened before the dot) ran")
-    monkeypatch.setattr(grok.moe, "_dequantize_f32", widened)
+    monkeypatch.setattr(grok.model.moe, "_dequantize_f32", widened)
     monkeypatch.setattr(grok.quant, "_dequantize_f32", widened)
     rng = np.random.default_rng(11)
     w1, wv, w2 = _weights(rng, 4, 32, 48, 4)
@@ -175,7 +175,7 @@ def test_model_fast_path_matches_dense(impl):
     interpreted: the MoE, and the decode steps' projections read from the layer stack) equal
     dense."""
     import grok
-    from grok.params import random_flat
+    from grok.leaves import random_flat
     config = tiny_config(num_layers=2)
     flat = random_flat(config, seed=3)
     dense = grok.from_flat(flat, config, moe_impl="dense")

@@ -25,15 +25,15 @@ SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, "tests")
     from conftest import tiny_config
     from precision import top2_gaps
-    import grok.moe_mesh
-    from grok import sharding as sh
+    import grok.parallel.mesh_kernels
+    from grok.parallel import rules as sh
     from grok.api import Grok, device_params
-    from grok.engine import ModelRunner
-    from grok.params import random_flat
+    from grok.serving.engine import ModelRunner
+    from grok.leaves import random_flat
 
     calls = []
-    real = grok.moe_mesh.grouped_mlp
-    grok.moe_mesh.grouped_mlp = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = grok.parallel.mesh_kernels.grouped_mlp
+    grok.parallel.mesh_kernels.grouped_mlp = lambda *a, **k: calls.append(1) or real(*a, **k)
     config = tiny_config(**json.loads(sys.argv[2]))
     params = device_params(random_flat(config, seed=1, weight_scale=1.5), config, True)
     tokens = np.array(json.loads(sys.argv[3]))
@@ -71,7 +71,7 @@ SCRIPT = textwrap.dedent(r"""
         def partial(*b, **kw):
             return jnp.where(jax.lax.axis_index("model") == 3, 0.0, mlp(*b, **kw))
         return real(plan, partial, *a, **k)
-    grok.moe_mesh.grouped_mlp = dropped
+    grok.parallel.mesh_kernels.grouped_mlp = dropped
     mesh = sh.make_mesh((1, 8), jax.devices()[:8])
     p = jax.device_put(params, sh.params_shardings(params, mesh, config, "tensor"))
     out["dropped_partial"] = Grok(p, config, None, "pallas", 2, mesh=mesh).runner.logits(
@@ -98,7 +98,7 @@ def bound():
     """Per-logit bound for two correct evaluations (precision.logits_route_bound) and the rows
     whose routing is near a tie in the float64 oracle (they may move as a whole)."""
     from conftest import tiny_config
-    from grok.params import random_flat
+    from grok.leaves import random_flat
     from oracle import oracle_forward
     config = tiny_config(**CONFIG)
     flat = random_flat(config, seed=1, weight_scale=1.5)

@@ -26,10 +26,10 @@ WORKER = textwrap.dedent(r'''
                                " --xla_backend_optimization_level=0")
     os.environ["JAX_PLATFORMS"] = "cpu"
     port, pid, path, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    from grok import distributed
+    from grok.parallel import distributed
     distributed.initialize(f"127.0.0.1:{port}", 2, pid)
     import jax, numpy as np, grok
-    from grok import loader
+    from grok.checkpoint import loader
     assert jax.process_count() == 2 and jax.device_count() == 8
     model = grok.load(path, mesh=(2, 4), progress=False)
     prompts = json.loads(sys.argv[5])
@@ -67,7 +67,7 @@ def test_two_processes_match_one(tmp_path):
 
     import grok
     from grok.checkpoint import read_checkpoint, read_config
-    from grok.params import checkpoint_entries
+    from grok.leaves import checkpoint_entries
     from oracle import oracle_forward, weights64
     want = grok.load(path).logits(prompts)
     results = [json.loads((tmp_path / f"result{i}.json").read_text()) for i in range(2)]

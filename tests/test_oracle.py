@@ -13,7 +13,7 @@ if str(_ROOT) not in sys.path:   # no conftest/pyproject puts the repo root on t
     sys.path.insert(0, str(_ROOT))
 
 from grok.config import GrokConfig
-from grok.params import random_flat
+from grok.leaves import random_flat
 from tests.oracle import (greedy_gaps, oracle_forward, oracle_greedy, oracle_logits, rope,
                           weights64)
 from tests.precision import F32_EPS, F64_EPS, f64_route_bound, record

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 
 from conftest import tiny_config
-from grok.params import random_flat
+from grok.leaves import random_flat
 from precision import (BF16_EPS, F32_EPS, bf16_spread, dot_bound, flat_route_bound, gamma,
                        greedy_gap, near_tie_rows, router_tie, to_bf16, trusted_steps)
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok.bench import dequantized_buffers
-from grok.moe import moe
+from grok.tools.bench import dequantized_buffers
+from grok.model.moe import moe
 from grok.quant import QuantizedWeight8bit, dequantize, expert_qlinear, qlinear, quantize
 
 from conftest import tiny_config
@@ -79,7 +79,7 @@ def test_selected_experts_write_no_dequantised_stack():
 def test_attend_len_shorter_than_cache_is_identical():
     """Decode attention over the first attend_len slots equals attention over the whole cache."""
     from grok.model import forward, init_cache
-    from grok.params import random_flat
+    from grok.leaves import random_flat
     from grok.api import device_params
     config = tiny_config(num_layers=1)
     flat = random_flat(config, seed=2)
@@ -170,7 +170,7 @@ def test_layer_slice_through_the_kernel_equals_the_slice(monkeypatch, rows, bloc
     """A LayerSlice (a layer of a stacked weight, as the scanned model passes it) gives the same
     product through the Pallas kernel (interpreted here) as qlinear on the sliced layer; "auto"
     off the GPU, and too many rows, take XLA instead."""
-    import grok.kernels.moe as kmoe
+    import grok.kernels.block_matmul as kmoe
     from grok.quant import KERNEL_ROWS, LayerSlice
     rng = np.random.default_rng(rows * 10 + blocks)
     stack = _q(rng, (3, 64, 48), blocks)
@@ -195,7 +195,7 @@ def test_layer_slice_through_the_kernel_equals_the_slice(monkeypatch, rows, bloc
 def test_qlinears_share_one_launch_and_equal_qlinear(monkeypatch):
     """Several LayerSlices of one layer (the attention's q, k, v) through one kernel launch give
     what qlinear gives for each; without the kernel, each goes through qlinear."""
-    import grok.kernels.moe as kmoe
+    import grok.kernels.block_matmul as kmoe
     from grok.quant import LayerSlice, qlinears
     rng = np.random.default_rng(7)
     stacks = [_q(rng, (3, 64, 48), 1), _q(rng, (3, 64, 16), 4)]

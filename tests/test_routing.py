@@ -12,9 +12,9 @@ import grok
 from conftest import tiny_config
 from grok import checkpoint
 from grok.api import device_params
-from grok.params import random_flat
+from grok.leaves import random_flat
 from grok.quant import QuantizedWeight8bit
-from grok.tokenizer import Tokenizer
+from grok.serving.tokenizer import Tokenizer
 from oracle import oracle_forward
 from precision import BF16_EPS
 

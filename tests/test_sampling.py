@@ -8,7 +8,7 @@ import pytest
 
 from oracle_sampling import penalized
 
-from grok.sampling import (Penalties, SamplingParams, apply_penalties, filter_logits,
+from grok.serving.sampling import (Penalties, SamplingParams, apply_penalties, filter_logits,
                            read_sampling_defaults, row_keys, sample)
 
 LOGITS = np.log(np.array([0.30, 0.25, 0.15, 0.12, 0.08, 0.05, 0.03, 0.02]))

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from grok import sharding as sh
+from grok.parallel import memory
+from grok.parallel import rules as sh
 from grok.config import GROK1, GrokConfig
 from precision import (assert_rows_within, fixture_greedy_steps, flat_route_bound, greedy_gap,
                        near_tie_rows, record, trusted_steps)
@@ -74,20 +75,20 @@ def test_kv_heads_and_experts():
 
 
 def test_plan_grok1():
-    fits, report = sh.plan_report(GROK1, 8, 80)
+    fits, report = memory.plan_report(GROK1, 8, 80)
     assert fits and "mesh 1x8" in report and "fits on mesh(es): 1,8" in report
-    fits, report = sh.plan_report(GROK1, 8, 16)
+    fits, report = memory.plan_report(GROK1, 8, 16)
     assert not fits and "does not fit on any mesh of 8" in report and "such devices would" in report
-    est = sh.estimate_memory(GROK1, (1, 8))
+    est = memory.estimate_memory(GROK1, (1, 8))
     # int8 weights of Grok-1 are ~316 GB (embedding held in bf16): ~39.5 GB on each of 8 devices
     assert 38e9 < est.weights < 41e9
     with pytest.raises(sh.ShardingError, match="does not fit.*GB"):
-        sh.check_fits(GROK1, (1, 8), int(20e9))
+        memory.check_fits(GROK1, (1, 8), int(20e9))
     # the workspace covers the engine's batched prefill: 8 prompts of 512 take 8x one prompt's
     # activations (4096 tokens, the default budget); past the budget it stops growing
-    one = sh.estimate_memory(GROK1, (1, 8), batch=1, length=512).workspace
-    eight = sh.estimate_memory(GROK1, (1, 8), batch=8, length=512).workspace
-    many = sh.estimate_memory(GROK1, (1, 8), batch=32, length=512).workspace
+    one = memory.estimate_memory(GROK1, (1, 8), batch=1, length=512).workspace
+    eight = memory.estimate_memory(GROK1, (1, 8), batch=8, length=512).workspace
+    many = memory.estimate_memory(GROK1, (1, 8), batch=32, length=512).workspace
     assert eight - one > 6 * 4096 * GROK1.emb_size * 4 and many - eight < 0.01 * (eight - one)
 
 
@@ -123,7 +124,8 @@ SCRIPT = textwrap.dedent(r"""
     import sys, json
     import numpy as np, jax, jax.numpy as jnp
     import grok
-    from grok import loader, sharding as sh
+    from grok.checkpoint import loader
+    from grok.parallel import rules as sh
     from grok.checkpoint import read_config
     from grok.quant import QuantizedWeight8bit, dequantize, qlinear, quantize
     sys.path.insert(0, "tests")
@@ -174,7 +176,7 @@ SCRIPT = textwrap.dedent(r"""
 
     def same_bits(a, b):
         # the model runs with its embedding's bfloat16 values widened to float32 on CPU
-        from grok.engine import _with_compute_embedding
+        from grok.serving.engine import _with_compute_embedding
         a, b = (jax.tree.leaves(_with_compute_embedding(t)) for t in (a, b))
         return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and
                                         np.array_equal(bits(x), bits(y)) for x, y in zip(a, b))
@@ -223,7 +225,7 @@ SCRIPT = textwrap.dedent(r"""
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     from grok.checkpoint import write_checkpoint
-    from grok.params import random_flat
+    from grok.leaves import random_flat
 
     fixture = FIXTURES / "grok-tiny-top2"
     if not (fixture / "ckpt-0").is_dir():
@@ -266,7 +268,7 @@ def bounds(results):
     (precision.logits_route_bound) and, per prompt, its rows with a routing near-tie in the
     float64 oracle (they may take the other expert and move as a whole)."""
     from grok.checkpoint import read_checkpoint, read_config
-    from grok.params import random_flat
+    from grok.leaves import random_flat
     from oracle import oracle_forward, weights64
     _, prompts, _ = results
     fixture = FIXTURES / "grok-tiny-top2"

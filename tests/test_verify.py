@@ -1,4 +1,4 @@
-"""`python -m grok.checkpoint verify` (grok.verify) on a good and a broken checkpoint."""
+"""`python -m grok.checkpoint verify` (grok.checkpoint.verify) on a good and a broken checkpoint."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import tiny_config
 from grok.checkpoint import load_tensor, save_tensor, write_checkpoint
-from grok.params import checkpoint_entries, random_flat
+from grok.leaves import checkpoint_entries, random_flat
 from grok.quant import QuantizedWeight8bit
 
 ROOT = Path(__file__).resolve().parents[1]

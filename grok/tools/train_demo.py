@@ -1,6 +1,6 @@
 """Train the demo model: a small Grok-architecture model of Python's standard library.
 
-    python -m grok.train_demo [--out checkpoints/demo] [--minutes N] [--seed S] [--steps N]
+    python -m grok.tools.train_demo [--out checkpoints/demo] [--minutes N] [--seed S] [--steps N]
 
 Steps (all seeded, files listed in sorted order):
 1. list the standard library's `.py` files (`sysconfig.get_paths()["stdlib"]`, without tests,
@@ -37,10 +37,10 @@ import numpy as np
 
 from grok.config import GrokConfig
 from grok.model import forward, init_cache
-from grok.params import checkpoint_entries, from_model_params, map_entries, to_model_params
+from grok.leaves import checkpoint_entries, from_model_params, map_entries, to_model_params
 from grok.quant import quantize
 
-log = logging.getLogger("grok.train_demo")
+log = logging.getLogger("grok.tools.train_demo")
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
@@ -251,7 +251,7 @@ def perplexities(logits_fn, rows: np.ndarray, unigram: np.ndarray, batch: int = 
 # --- main -----------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m grok.train_demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m grok.tools.train_demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=25.0,
                    help="training time budget, compile included (default: %(default)s)")
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import grok
     from grok.checkpoint import write_checkpoint
-    from grok.tokenizer import Tokenizer
+    from grok.serving.tokenizer import Tokenizer
 
     started = time.time()
     out: Path = args.out

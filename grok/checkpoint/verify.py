@@ -13,9 +13,9 @@ import numpy as np
 
 from grok import checkpoint as ck
 from grok.config import GrokConfig
-from grok.fileio import Mapped
-from grok.header import header_problem, read_header
-from grok.params import Entry, checkpoint_entries
+from grok.checkpoint.fileio import Mapped
+from grok.checkpoint.header import header_problem, read_header
+from grok.leaves import Entry, checkpoint_entries
 
 
 @dataclasses.dataclass

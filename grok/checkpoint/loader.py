@@ -27,12 +27,12 @@ from typing import Any, Callable
 import numpy as np
 
 from grok import checkpoint as ck
-from grok import fileio
-from grok import sharding as sh
+from grok.checkpoint import fileio
+from grok.parallel import rules as sh
 from grok.config import GrokConfig
-from grok.fileio import Index
-from grok.header import header_problem, read_header
-from grok.params import Entry, checkpoint_entries
+from grok.checkpoint.fileio import Index
+from grok.checkpoint.header import header_problem, read_header
+from grok.leaves import Entry, checkpoint_entries
 from grok.progress import Progress
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.config import GrokConfig
-from grok.model import KVCache, forward, init_cache
-from grok.params import EMBED_MODULE, is_scanned
-from grok.quant import embedding_dtype
-from grok.sampling import Penalties, SamplingParams, row_keys, sample
-from grok.sharding import PREFILL_TOKENS, Placement
+from grok.config import PREFILL_TOKENS
+from grok.serving.runner import ModelRunner
+from grok.serving.sampling import Penalties, SamplingParams, row_keys
 
 log = logging.getLogger(__name__)
 MIN_BUCKET = 16          # prompt lengths
@@ -64,87 +61,6 @@ class Result:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
-
-
-def _with_compute_embedding(params: dict[str, Any]) -> dict[str, Any]:
-    """The params with the embedding in `embedding_dtype()`: on CPU its bfloat16 values widened to
-    float32 once here, instead of by every logits dot."""
-    table = params["embed"][EMBED_MODULE]["embeddings"]
-    if table.dtype == embedding_dtype():
-        return params
-    embed = {**params["embed"], EMBED_MODULE: {"embeddings": table.astype(embedding_dtype())}}
-    return {**params, "embed": embed}
-
-
-class ModelRunner:
-    """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
-
-    def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
-                 mesh: Any = None, unroll: int | bool = 1):
-        self.params = _with_compute_embedding(params)
-        self.config = config
-        self.scan = is_scanned(params)
-        self.compiles: collections.Counter[str] = collections.Counter()
-        # On a mesh (grok.sharding): params arrive sharded, the cache is made sharded, and the
-        # jitted functions pin the cache / logits layouts of their outputs (identity without one).
-        self.mesh = mesh
-        self.place = place = Placement(mesh, config)
-        # The Pallas kernels have no partitioning rule (GSPMD would gather their sharded weights):
-        # on a multi-device mesh they run per device under shard_map where the layout allows.
-        self.mesh_kernel = None
-        if mesh is not None and mesh.devices.size > 1 and moe_impl in ("auto", "pallas"):
-            from grok.moe_mesh import kernel_plan
-            self.mesh_kernel = kernel_plan(self.params, mesh)
-            if self.mesh_kernel is None and moe_impl == "auto":
-                moe_impl = "grouped"
-        if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
-                                   or unroll < 1):
-            raise ValueError(f"unroll must be True or a layer count >= 1, got {unroll!r}")
-        self.moe_impl = moe_impl    # as resolved for this mesh
-        fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll,   # see forward
-                   mesh_kernel=self.mesh_kernel)
-
-        def prefill(params, cache, tokens, rows, lengths):
-            # Prompts [R, P] as fresh sequences, prompt r written straight into cache row
-            # rows[r] (a row index past the cache's batch writes nothing: padding).
-            logits, cache = forward(params, tokens, cache, jnp.zeros(tokens.shape[:1], jnp.int32),
-                                    attend_len=0, rows=rows, logit_index=lengths - 1, **fwd)
-            return place.constrain("logits", logits), place.cache(cache)
-
-        def decode(params, cache, tokens, positions, attend_len):
-            logits, cache = forward(params, tokens[:, None], cache, positions,
-                                    attend_len=attend_len, logit_index=jnp.zeros_like(positions),
-                                    **fwd)
-            return place.constrain("logits", logits), place.cache(cache)
-
-        def full(params, tokens):
-            cache = init_cache(config, tokens.shape[0], tokens.shape[1], self.scan)
-            logits, _ = forward(params, tokens, cache, jnp.zeros(tokens.shape[:1], jnp.int32),
-                                attend_len=0, **fwd)
-            return place.constrain("logits", logits)
-
-        self._prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
-        self._decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
-                               static_argnums=4)
-        self._full = jax.jit(self._counted("forward", full))
-        self._sample = jax.jit(sample)
-
-    def _counted(self, name: str, fn: Callable) -> Callable:
-        def traced(*args):
-            shapes = [tuple(a.shape) for a in args if hasattr(a, "shape")]
-            self.compiles[name] += 1
-            log.info("compiling %s for shapes %s", name, shapes[-3:])
-            return fn(*args)
-        return traced
-
-    def new_cache(self, batch: int, length: int) -> KVCache:
-        return self.place.new_cache(init_cache, self.config, batch, length, self.scan)
-
-    def logits(self, tokens: np.ndarray) -> np.ndarray:
-        if self.mesh is not None:   # a global array, batch over "data" (any process count)
-            return np.asarray(self._full(self.params, self.place.put(
-                "tokens", np.asarray(tokens, np.int32))))
-        return np.asarray(self._full(self.params, jnp.asarray(tokens, jnp.int32)))
 
 
 class Engine:

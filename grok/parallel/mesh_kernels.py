@@ -2,7 +2,7 @@
 
 GSPMD cannot partition the kernel's custom call (it would gather the sharded weights onto every
 device), so on a multi-device mesh the kernel runs under `jax.shard_map`, following the weights'
-own layout (grok.sharding), read from the params' shardings:
+own layout (grok.parallel.rules), read from the params' shardings:
 - "tensor": w1, wv [L, E, D, F] split on F over "model" and w2 [L, E, F, D] on F: each device
   computes its F-slice of the hidden layer and a partial product through w2; a psum over "model"
   adds the partials.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grok.quant import QuantizedWeight8bit
-from grok.sharding import MODEL, local_shape, mesh_shape
+from grok.parallel.rules import MODEL, local_shape, mesh_shape
 
 MOE_LEAVES = ("linear", "linear_v", "linear_1")   # w1, wv, w2 under decoder_layer/moe/
 
@@ -105,7 +105,7 @@ def kernel_plan(params: dict[str, Any], mesh: Any) -> MeshKernel | None:
 def grouped_mlp(plan: MeshKernel, mlp: Any, xb: jax.Array, block_expert: jax.Array,
                 block_rows: jax.Array, w1: QuantizedWeight8bit, wv: QuantizedWeight8bit,
                 w2: QuantizedWeight8bit, layer: Any = None) -> jax.Array:
-    """`mlp` (grok.moe's kernel MLP over expert blocks: xb [G, bm, D], ids and rows [G], the three
+    """`mlp` (grok.model.moe's kernel MLP over expert blocks: xb [G, bm, D], ids and rows [G], the three
     weights, the layer -> float32 [G, bm, D]) run per device on its shard, the partial results
     summed over "model". Blocks, ids and rows are replicated; the result is too."""
     stacked = layer is not None

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from grok import checkpoint as ck
-from grok.params import Entry
+from grok.errors import one_line
+from grok.leaves import Entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +182,7 @@ def read_header(path: ck.PathLike) -> Header:
             from None
     except Exception as err:   # UnpicklingError, struct.error, ValueError, ...
         raise ck.CheckpointError(f"{where}: truncated or unreadable pickle "
-                                 f"({type(err).__name__}: {ck._one_line(err, 120)})") from None
+                                 f"({type(err).__name__}: {one_line(err, 120)})") from None
 
 
 def header_problem(header: Header, entry: Entry) -> str | None:

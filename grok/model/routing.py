@@ -1,7 +1,7 @@
 """Which experts each layer routes each token to: `Grok.routing(tokens)` -> `Routing`.
 
 The numbers come from the model's own forward pass (`grok.model.forward(..., routing=True)`,
-the same `grok.moe.Router` the MoE blocks use), so they are exactly what the MoE used.
+the same `grok.model.moe.Router` the MoE blocks use), so they are exactly what the MoE used.
 """
 from __future__ import annotations
 

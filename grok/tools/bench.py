@@ -1,11 +1,11 @@
 """Benchmarks: engine throughput, step times against the roofline, and MoE evaluations compared.
 
-    python -m grok.bench --preset mid                      # engine tokens/s at batch 1, 8, 32
-    python -m grok.bench --preset mid --steps              # + step times and fraction of roofline
-    python -m grok.bench --grok1-slice 8                   # Grok-1 width, 8 layers (a big GPU)
-    python -m grok.bench --grok1-slice 8 --unroll 0        # the same, layer loop unrolled
-    python -m grok.bench --preset mid --moe-impl dense,auto --check
-    python -m grok.bench --preset tiny --batches 1 --prompt-len 8 --new-tokens 3 --steps \
+    python -m grok.tools.bench --preset mid                      # engine tokens/s at batch 1, 8, 32
+    python -m grok.tools.bench --preset mid --steps              # + step times and fraction of roofline
+    python -m grok.tools.bench --grok1-slice 8                   # Grok-1 width, 8 layers (a big GPU)
+    python -m grok.tools.bench --grok1-slice 8 --unroll 0        # the same, layer loop unrolled
+    python -m grok.tools.bench --preset mid --moe-impl dense,auto --check
+    python -m grok.tools.bench --preset tiny --batches 1 --prompt-len 8 --new-tokens 3 --steps \
         --prefill-len 16 --repeats 1                       # a quick check (seconds, any CPU)
 
 Weights are random int8 generated on the device by a hash of each element's index (nothing is
@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GROK1, GrokConfig
-from grok.engine import Engine, ModelRunner, Request, bucket
+from grok.serving.engine import Engine, ModelRunner, Request, bucket
 from grok.model import KVCache
-from grok.moe import MOE_IMPLS, block_rows_for, resolve_impl
-from grok.params import checkpoint_entries
+from grok.model.moe import MOE_IMPLS, block_rows_for, resolve_impl
+from grok.leaves import checkpoint_entries
 from grok.quant import QuantizedWeight8bit
 
 PRESETS: dict[str, GrokConfig] = {
@@ -388,7 +388,7 @@ def dequantized_buffers(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m grok.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m grok.tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--grok1-slice", type=int, metavar="LAYERS",
                     help="Grok-1 width with LAYERS layers (step times and roofline only)")
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config, name = PRESETS[args.preset], args.preset
     info = machine()
-    print(f"# grok.bench {name}: {info}", flush=True)
+    print(f"# grok.tools.bench {name}: {info}", flush=True)
     start = time.perf_counter()
     params = random_params(config)
     _block(params)

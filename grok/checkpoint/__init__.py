@@ -1,7 +1,7 @@
 """Reading and writing checkpoints in the Grok-1 release layout (SPEC §3), safely.
 
 A checkpoint directory holds `ckpt-0/tensor{i:05d}_000`, one protocol-4 pickle per leaf (leaf i is
-`grok.params.checkpoint_entries(config)[i]`), and optionally `config.json`. A pickle can run any
+`grok.leaves.checkpoint_entries(config)[i]`), and optionally `config.json`. A pickle can run any
 code when loaded, so files are unpickled with an allow-list: the only globals resolved are the
 numpy array / dtype reconstructors, `ml_dtypes.bfloat16` and `__main__.QuantizedWeight8bit`, and
 even those resolve to inert stand-ins that merely record what the pickle asked for. Real numpy
@@ -24,7 +24,8 @@ import ml_dtypes
 import numpy as np
 
 from grok.config import GROK1, GrokConfig
-from grok.params import Entry, checkpoint_entries, describe
+from grok.errors import CheckpointError, one_line
+from grok.leaves import Entry, checkpoint_entries, describe
 from grok.progress import Progress
 from grok.quant import QuantizedWeight8bit
 
@@ -38,20 +39,8 @@ I8 = np.dtype(np.int8)
 PathLike = str | os.PathLike
 
 
-class CheckpointError(ValueError):
-    """Anything wrong with a checkpoint; the message is one line naming the file (or leaf)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
-
-
 class _BadPickle(Exception):
     """Raised inside the unpickler's stand-ins; load_tensor adds the file name."""
-
-
-def _one_line(text: Any, limit: int = 400) -> str:
-    text = "".join(c if c.isprintable() else " " for c in str(text))
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _kind(obj: Any) -> str:
@@ -148,7 +137,7 @@ class _SafeUnpickler(pickle.Unpickler):
                                   "__main__.QuantizedWeight8bit)") from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise CheckpointError(f"{self.where}: persistent id {_one_line(repr(pid), 60)} "
+        raise CheckpointError(f"{self.where}: persistent id {one_line(repr(pid), 60)} "
                               "not allowed in a checkpoint file")
 
 
@@ -160,7 +149,7 @@ def _to_dtype(stub: Any) -> np.dtype:
     elif isinstance(stub.spec, str) and stub.spec in _TYPECODES:
         base = np.dtype(stub.spec)
     else:
-        raise _BadPickle(f"dtype {_one_line(repr(stub.spec), 60)} not allowed "
+        raise _BadPickle(f"dtype {one_line(repr(stub.spec), 60)} not allowed "
                          "(only plain numeric dtypes and bfloat16)")
     # numpy writes (3, byteorder, subarray, names, fields, elsize, alignment, flags).
     state = stub.state
@@ -240,7 +229,7 @@ def load_tensor(path: PathLike) -> np.ndarray | QuantizedWeight8bit:
         raise CheckpointError(f"{where}: {'empty file' if empty else 'truncated pickle'}") from None
     except Exception as err:   # UnpicklingError, ValueError, TypeError, MemoryError, ...
         raise CheckpointError(f"{where}: truncated or unreadable pickle "
-                              f"({type(err).__name__}: {_one_line(err, 120)})") from None
+                              f"({type(err).__name__}: {one_line(err, 120)})") from None
 
 
 # --- validation against the config ----------------------------------------------------------------
@@ -449,67 +438,3 @@ def _commit(tmp: Path, target: Path, stale_config: bool) -> None:
         log.warning("%s: removed, the checkpoint written is Grok-1 (no config.json)",
                     target / CONFIG_FILE)
         (target / CONFIG_FILE).unlink()
-
-
-# --- command line: python -m grok.checkpoint verify DIR | plan ... -------------------------------
-def main(argv: list[str] | None = None) -> int:
-    """`verify DIR [--config FILE]`: check a downloaded checkpoint without loading it (exit 1 on any
-    problem). `plan --devices N --memory GB [--batch B --length T] [--config FILE]`: will the
-    model (Grok-1 by default) fit, on which meshes (exit 1 if on none)."""
-    import argparse
-    import sys
-
-    from grok import sharding
-    from grok.verify import verify
-    from grok.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
-                                     description="Checkpoint checks and memory planning.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="check a checkpoint's files without loading it")
-    v.add_argument("directory", help="directory holding ckpt-0/ (or ckpt-0 itself)")
-    v.add_argument("--config", default=None,
-                   help="config.json (default: DIR/config.json, else Grok-1)")
-    v.add_argument("--workers", type=int, default=4, help="files checked in parallel")
-    v.add_argument("-q", "--quiet", action="store_true", help="report only the problems")
-    p = sub.add_parser("plan", help="per-device memory of a model on N devices")
-    p.add_argument("--devices", type=int, required=True, help="number of devices")
-    p.add_argument("--memory", type=float, required=True, help="memory per device, GB")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    p.add_argument("--length", type=int, default=None, help="tokens per sequence "
-                   "(default: the context length)")
-    p.add_argument("--layout", choices=sorted(sharding.LAYOUTS), default="tensor")
-    p.add_argument("--config", default=None, help="config.json (default: Grok-1)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "plan":
-            if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
-                    or (args.length is not None and args.length < 1):
-                parser.error("--devices, --memory, --batch and --length must be positive")
-            config = GrokConfig.from_json(args.config) if args.config else GROK1
-            fits, report = sharding.plan_report(config, args.devices, args.memory,
-                                                batch=args.batch, length=args.length,
-                                                layout=args.layout)
-            print(report)
-            return 0 if fits else 1
-        config = GrokConfig.from_json(args.config) if args.config else read_config(args.directory)
-        bad = total = 0
-        for report in verify(args.directory, config, workers=args.workers):
-            total += 1
-            bad += not report.ok
-            if not report.ok or not args.quiet:
-                status = "ok  " if report.ok else "FAIL"
-                print(f"{status} {report.file} {report.leaf}: {report.message}", flush=True)
-        print(f"{total - bad} of {total} files ok" + (f", {bad} with problems" if bad else ""))
-        return 1 if bad else 0
-    except (CheckpointError, ConfigError, sharding.ShardingError, OSError) as err:
-        print(f"python -m grok.checkpoint: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    import sys as _sys
-
-    # Run the package's module, not this __main__ copy, so error classes are shared.
-    from grok import checkpoint as _checkpoint
-    _sys.exit(_checkpoint.main())

@@ -4,9 +4,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-
-class TokenizerError(ValueError):
-    """A tokenizer file that is missing or unreadable."""
+from grok.errors import TokenizerError
 
 
 class Tokenizer:

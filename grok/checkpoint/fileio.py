@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from grok import checkpoint as ck
-from grok.header import ArrayRef
+from grok.checkpoint.header import ArrayRef
 
 
 Index = tuple[slice, ...]

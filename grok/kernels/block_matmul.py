@@ -21,7 +21,7 @@ once for w1 and wv, keeps both products in registers and writes gelu(x w1) * (x 
 column tile belongs to one weight): the attention's query, key and value projections at decode.
 
 On GPU the kernel lowers through Pallas' Triton backend; `interpret=True` evaluates it with the
-Pallas interpreter on any backend (slow: tests only). XLA paths in grok.moe are the fallback.
+Pallas interpreter on any backend (slow: tests only). XLA paths in grok.model.moe are the fallback.
 """
 from __future__ import annotations
 

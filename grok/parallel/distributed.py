@@ -3,7 +3,7 @@
 Every host runs the same program (`python run.py ... --coordinator HOST:PORT --num-processes N
 --process-id I`, or the environment variables below). `initialize` must run before anything
 touches a jax device; afterwards `jax.devices()` lists the devices of all hosts, a mesh spans
-them, and grok.loader makes each process read only the checkpoint slices of its own devices.
+them, and grok.checkpoint.loader makes each process read only the checkpoint slices of its own devices.
 """
 from __future__ import annotations
 

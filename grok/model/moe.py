@@ -53,7 +53,7 @@ class Router(hk.Module):
         return gates, experts
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(probs [B, T, E], gates, experts): also the full distribution (grok.routing)."""
+        """(probs [B, T, E], gates, experts): also the full distribution (grok.model.routing)."""
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=jnp.zeros)
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), w.astype(jnp.float32))
@@ -108,7 +108,7 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
     -> float32 [N, D]. With `layer`, the weights are [L, E, In, Out] and layer `layer`'s experts
     are used, read in place. `block_rows` overrides `block_rows_for` (grouped, pallas: tuning).
     On a multi-device mesh the kernels run per device under `mesh_kernel`
-    (`grok.moe_mesh.kernel_plan`); without one, "auto" takes the XLA grouped path there."""
+    (`grok.parallel.mesh_kernels.kernel_plan`); without one, "auto" takes the XLA grouped path there."""
     n, k = experts.shape
     num_experts = w1.shape[-3]
     if block_rows is not None and block_rows < 1:
@@ -144,7 +144,7 @@ def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None
         return impl
     weights = [w for w in (w1, wv, w2) if w is not None]
     if quant.on_gpu() and weights and all(map(is_quantized, weights)):
-        from grok.kernels.moe import kernel_applies
+        from grok.kernels.block_matmul import kernel_applies
         bm = block_rows_for(assignments, num_experts, "pallas")
         shapes = [w.shape[-3:] for w in weights]
         if mesh_kernel is not None:   # each device's shard is what the kernel sees
@@ -239,7 +239,7 @@ def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False, mesh_k
         jnp.arange(n * k, dtype=jnp.int32) // k)
     xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(groups, bm, -1)
     if pallas and mesh_kernel is not None and all(map(is_quantized, (w1, wv, w2))):
-        from grok.moe_mesh import grouped_mlp
+        from grok.parallel.mesh_kernels import grouped_mlp
         y = grouped_mlp(mesh_kernel, _pallas_mlp, xb, block_expert, block_rows, w1, wv, w2,
                         layer)
     else:
@@ -275,7 +275,7 @@ def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
     hidden layer gelu(x w1) * (x wv) in one, w2 in the other."""
     if not all(map(is_quantized, (w1, wv, w2))):
         return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
-    from grok.kernels.moe import block_matmul, gated_block_matmul
+    from grok.kernels.block_matmul import block_matmul, gated_block_matmul
     interpret = not quant.on_gpu()
     if layer is not None:   # [L, E, In, Out] -> [L*E, In, Out] (free) and ids offset to the layer
         block_expert = block_expert + layer * w1.shape[-3]

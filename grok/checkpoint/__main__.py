@@ -1,0 +1,64 @@
+"""`python -m grok.checkpoint verify DIR` and `python -m grok.checkpoint plan ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from grok.checkpoint import CheckpointError, read_config
+from grok.checkpoint.verify import verify
+from grok.config import GROK1, ConfigError, GrokConfig
+from grok.errors import one_line
+from grok.parallel import memory
+from grok.parallel import rules as sharding
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`verify DIR [--config FILE]`: check a downloaded checkpoint without loading it (exit 1 on any
+    problem). `plan --devices N --memory GB [--batch B --length T] [--config FILE]`: will the
+    model (Grok-1 by default) fit, on which meshes (exit 1 if on none)."""
+    parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
+                                     description="Checkpoint checks and memory planning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="check a checkpoint's files without loading it")
+    v.add_argument("directory", help="directory holding ckpt-0/ (or ckpt-0 itself)")
+    v.add_argument("--config", default=None,
+                   help="config.json (default: DIR/config.json, else Grok-1)")
+    v.add_argument("--workers", type=int, default=4, help="files checked in parallel")
+    v.add_argument("-q", "--quiet", action="store_true", help="report only the problems")
+    p = sub.add_parser("plan", help="per-device memory of a model on N devices")
+    p.add_argument("--devices", type=int, required=True, help="number of devices")
+    p.add_argument("--memory", type=float, required=True, help="memory per device, GB")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--length", type=int, default=None, help="tokens per sequence "
+                   "(default: the context length)")
+    p.add_argument("--layout", choices=sorted(sharding.LAYOUTS), default="tensor")
+    p.add_argument("--config", default=None, help="config.json (default: Grok-1)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "plan":
+            if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
+                    or (args.length is not None and args.length < 1):
+                parser.error("--devices, --memory, --batch and --length must be positive")
+            config = GrokConfig.from_json(args.config) if args.config else GROK1
+            fits, report = memory.plan_report(config, args.devices, args.memory,
+                                                batch=args.batch, length=args.length,
+                                                layout=args.layout)
+            print(report)
+            return 0 if fits else 1
+        config = GrokConfig.from_json(args.config) if args.config else read_config(args.directory)
+        bad = total = 0
+        for report in verify(args.directory, config, workers=args.workers):
+            total += 1
+            bad += not report.ok
+            if not report.ok or not args.quiet:
+                status = "ok  " if report.ok else "FAIL"
+                print(f"{status} {report.file} {report.leaf}: {report.message}", flush=True)
+        print(f"{total - bad} of {total} files ok" + (f", {bad} with problems" if bad else ""))
+        return 1 if bad else 0
+    except (CheckpointError, ConfigError, sharding.ShardingError, OSError) as err:
+        print(f"python -m grok.checkpoint: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Per-device memory of a model on a mesh, estimated before any weight is read: `grok.load`
+refuses a mesh it cannot fit, and `python -m grok.checkpoint plan` lists the meshes that fit."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from grok.config import PREFILL_TOKENS, GrokConfig
+from grok.parallel.rules import (DATA, MODEL, ShardingError, check_layout, local_shape,
+                                 mesh_shape, param_spec)
+
+GB = 1e9
+
+
+# --- memory estimates ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Bytes per device (the busiest one) of a model on a mesh."""
+
+    mesh: tuple[int, int]
+    weights: int
+    kv_cache: int
+    workspace: int
+    capacity: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def describe(self) -> str:
+        d, m = self.mesh
+        cap = "" if self.capacity is None else f" of {self.capacity / GB:.1f} GB"
+        verdict = "" if self.capacity is None else (" fits" if self.fits else " DOES NOT FIT")
+        return (f"mesh {d}x{m}: {self.total / GB:.2f} GB per device{cap} (weights "
+                f"{self.weights / GB:.2f} + KV cache {self.kv_cache / GB:.2f} + workspace "
+                f"{self.workspace / GB:.2f}){verdict}")
+
+
+def _local(shape: Sequence[int], spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
+    return math.prod(local_shape(shape, spec, sizes))
+
+
+def _leaf_layout(config: GrokConfig) -> Iterable[tuple[str, tuple[int, ...], Any, bool]]:
+    """(rule path, per-layer shape, numpy dtype, per-layer?) of every params leaf (embed in bf16)."""
+    import ml_dtypes
+    from grok.leaves import checkpoint_entries
+
+    bf16, i8, f32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.int8), np.dtype(np.float32)
+    for e in checkpoint_entries(config):
+        if e.layer not in (None, 0):
+            continue
+        top = "embed" if e.layer is None else "layers"
+        path = f"{top}/{e.module}/{e.param}"
+        if e.quantized:
+            yield f"{path}/weight", e.shape, i8, e.layer is not None
+            yield f"{path}/scales", e.scales_shape, bf16, e.layer is not None
+        else:
+            yield path, e.shape, (bf16 if e.param == "embeddings" else f32), e.layer is not None
+
+
+def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: int | None = None,
+                    layout: str = "tensor", capacity_gb: float | None = None,
+                    overhead_gb: float = 1.0, prefill_tokens: int = PREFILL_TOKENS
+                    ) -> MemoryEstimate:
+    """Per-device bytes on `mesh` ((data, model), a dict or a Mesh) for `batch` sequences of
+    `length` tokens (default: the full context):
+
+    - weights: each leaf's shard under the layout's rules (embedding held in bfloat16);
+    - KV cache: [L, B, Hkv, T, K] bfloat16 x2, batch over "data" and kv heads over "model" when
+      they divide;
+    - workspace: one layer's weights gathered over "data" (the scan gathers a layer at a time)
+      with a bfloat16 copy of the largest weight shard (int8 -> bf16 in the matmul), the
+      activations of a prefill of `length`-token prompts (as many rows as the engine batches
+      within `prefill_tokens`, at least one) or a batch decode step (MoE hidden [N, E, F] float32
+      x2, attention scores, logits), and `overhead_gb` for the runtime.
+    """
+    sizes = mesh_shape(mesh)
+    check_layout(config, sizes, layout)
+    d, m = sizes[DATA], sizes[MODEL]
+    length = config.sequence_len if length is None else int(length)
+    weights = 0
+    layer_gathered = 0
+    largest = 0
+    no_data = {DATA: 1, MODEL: m}
+    weight_shapes: dict[str, tuple[int, ...]] = {}
+    for path, shape, dtype, per_layer in _leaf_layout(config):
+        weight_shape = weight_shapes.get(path[: -len("scales")] + "weight") \
+            if path.endswith("/scales") else None
+        weight_shapes[path] = shape
+        spec = param_spec(path, shape, sizes, config, layout, weight_shape=weight_shape)
+        local = _local(shape, spec, sizes) * dtype.itemsize
+        weights += local * (config.num_layers if per_layer else 1)
+        if per_layer:
+            gathered_spec = param_spec(path, shape, no_data, config, layout,
+                                       weight_shape=weight_shape)
+            gathered = _local(shape, gathered_spec, no_data) * dtype.itemsize
+            layer_gathered += gathered if d > 1 else 0
+            largest = max(largest, gathered)
+    kv_heads = config.num_kv_heads // m if config.num_kv_heads % m == 0 else config.num_kv_heads
+    local_batch = batch // d if batch % d == 0 else batch
+    kv = 2 * config.num_layers * local_batch * length * kv_heads * config.key_size * 2
+    # activations (float32), per device, for the larger of prefill (R x T) and decode (B x 1)
+    prefill_rows = max(1, min(batch, prefill_tokens // max(1, length)))
+    f_local = config.ffn_size // m if config.ffn_size % m == 0 else config.ffn_size
+    e_local = config.num_experts // m if layout == "expert" else config.num_experts
+    hq_local = config.num_q_heads // m if config.num_q_heads % m == 0 else config.num_q_heads
+    v_local = config.vocab_size // m if config.vocab_size % m == 0 else config.vocab_size
+    acts = 0
+    for n_tokens, keys in ((prefill_rows * length, length), (local_batch, length)):
+        moe = 2 * n_tokens * e_local * f_local * 4 + n_tokens * config.num_experts * \
+            config.emb_size * 4
+        scores = 2 * n_tokens * hq_local * keys * 4
+        logits = n_tokens * v_local * 4
+        resid = 4 * n_tokens * config.emb_size * 4
+        acts = max(acts, moe + scores + logits + resid)
+    workspace = layer_gathered + 2 * largest + acts + int(overhead_gb * GB)
+    capacity = None if capacity_gb is None else int(capacity_gb * GB)
+    return MemoryEstimate((d, m), int(weights), int(kv), int(workspace), capacity)
+
+
+def mesh_shapes(devices: int) -> list[tuple[int, int]]:
+    """Every (data, model) factorisation of `devices`, model-heaviest first."""
+    return [(devices // m, m) for m in range(devices, 0, -1) if devices % m == 0]
+
+
+def plan(config: GrokConfig, devices: int, memory_gb: float, *, batch: int = 1,
+         length: int | None = None, layout: str = "tensor") -> list[MemoryEstimate]:
+    """The estimate on every mesh of `devices` devices of `memory_gb` GB each."""
+    out = []
+    for shape in mesh_shapes(devices):
+        try:
+            out.append(estimate_memory(config, shape, batch=batch, length=length, layout=layout,
+                                       capacity_gb=memory_gb))
+        except ShardingError:
+            continue
+    return out
+
+
+def plan_report(config: GrokConfig, devices: int, memory_gb: float, *, batch: int = 1,
+                length: int | None = None, layout: str = "tensor") -> tuple[bool, str]:
+    """(any mesh fits, a human-readable report) for `python -m grok.checkpoint plan`."""
+    estimates = plan(config, devices, memory_gb, batch=batch, length=length, layout=layout)
+    length = config.sequence_len if length is None else length
+    lines = [f"{devices} device(s) x {memory_gb:g} GB, batch {batch}, length {length}, "
+             f"layout {layout}:"]
+    lines += ["  " + e.describe() for e in estimates]
+    fitting = [e for e in estimates if e.fits]
+    if fitting:
+        best = min(fitting, key=lambda e: e.total)
+        lines.append(f"fits on mesh(es): {', '.join(f'{e.mesh[0]},{e.mesh[1]}' for e in fitting)}"
+                     f" (least memory: --mesh {best.mesh[0]},{best.mesh[1]})")
+    else:
+        more = next((n for n in itertools.chain(range(devices + 1, 4 * devices + 1),
+                                                (2 ** k for k in range(1, 16)))
+                     if n > devices and any(e.fits for e in plan(
+                         config, n, memory_gb, batch=batch, length=length, layout=layout))), None)
+        hint = f"; {more} such devices would" if more else ""
+        lines.append(f"does not fit on any mesh of {devices} device(s){hint}")
+    return bool(fitting), "\n".join(lines)
+
+
+def check_fits(config: GrokConfig, mesh: Any, memory_bytes: int | None, *, batch: int = 1,
+               length: int | None = None, layout: str = "tensor") -> MemoryEstimate:
+    """Raise ShardingError with the numbers (and meshes that would fit) when the model cannot fit
+    in `memory_bytes` per device on `mesh`; None memory skips the check."""
+    sizes = mesh_shape(mesh)
+    cap_gb = None if memory_bytes is None else memory_bytes / GB
+    estimate = estimate_memory(config, (sizes[DATA], sizes[MODEL]), batch=batch, length=length,
+                               layout=layout, capacity_gb=cap_gb)
+    if not estimate.fits:
+        devices = sizes[DATA] * sizes[MODEL]
+        _, report = plan_report(config, devices, cap_gb, batch=batch, length=length, layout=layout)
+        others = report.splitlines()[-1]
+        raise ShardingError(f"model does not fit: {estimate.describe()}; {others}")
+    return estimate
+
+
+def device_memory(device: Any) -> int | None:
+    """Bytes of memory of one device, when the runtime says (None on CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:   # not implemented on some backends
+        return None
+    if not stats:
+        return None
+    return stats.get("bytes_limit") or None
