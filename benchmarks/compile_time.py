@@ -52,9 +52,9 @@ def lower_and_compile(config: GrokConfig, scan: bool, step: str, prefill: int
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     start = time.perf_counter()
     if step == "prefill":
-        lowered = runner._prefill.lower(params, cache, ints(1, prefill), ints(1), ints(1))
+        lowered = runner.prefill.lower(params, cache, ints(1, prefill), ints(1), ints(1))
     else:
-        lowered = runner._decode.lower(params, cache, ints(1), ints(1), cache_len)
+        lowered = runner.decode.lower(params, cache, ints(1), ints(1), cache_len)
     lowered_at = time.perf_counter()
     lowered.compile()
     return lowered_at - start, time.perf_counter() - lowered_at

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     state = {"cache": runner.new_cache(1, max_len)}
 
     def prefill():
-        logits, state["cache"] = runner._prefill(runner.params, state["cache"], tokens,
+        logits, state["cache"] = runner.prefill(runner.params, state["cache"], tokens,
                                                  jnp.asarray([0]),
                                                  jnp.asarray([args.prefill_len]))
         return logits
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         attend = bucket(args.prefill_len + 1, max_len)
 
         def decode():
-            logits, state["cache"] = runner._decode(runner.params, state["cache"], toks,
+            logits, state["cache"] = runner.decode(runner.params, state["cache"], toks,
                                                     positions, attend)
             return logits
         results.append(profile(f"decode batch {batch}", decode, args.calls))

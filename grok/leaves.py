@@ -41,6 +41,12 @@ class Entry:
         return f"tensor{self.index:05d}_000"
 
     @property
+    def tree_path(self) -> str:
+        """Where the leaf sits in the model's params tree: "embed/<module>/<param>" or
+        "layers/decoder_layer/<module>/<param>" (the same path for every layer)."""
+        return f"{'embed' if self.layer is None else 'layers'}/{self.module}/{self.param}"
+
+    @property
     def scales_shape(self) -> tuple[int, ...]:
         return (*self.shape[:-2], self.scale_blocks, self.shape[-1])
 

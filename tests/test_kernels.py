@@ -211,9 +211,9 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
     cache = KVCache(kv, kv, jax.ShapeDtypeStruct((batch, 1024), bool))
     with _lowering_for_h100():
         if tokens == 1:
-            traced = runner._decode.trace(runner.params, cache, ints(batch), ints(batch), 1024)
+            traced = runner.decode.trace(runner.params, cache, ints(batch), ints(batch), 1024)
         else:
-            traced = runner._prefill.trace(runner.params, cache, ints(batch, tokens),
+            traced = runner.prefill.trace(runner.params, cache, ints(batch, tokens),
                                            ints(batch), ints(batch))
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
     stack = r"tensor<32x(?:6144x32768|32768x6144)xi8>"

@@ -156,7 +156,7 @@ class Engine:
         attend = bucket(int(max(positions[s] for s, _ in live)) + 1, self.max_len,
                         MIN_ATTEND_BUCKET)
         self.attend_spans[attend] += 1
-        logits, self.cache = self.runner._decode(self.runner.params, self.cache,
+        logits, self.cache = self.runner.decode(self.runner.params, self.cache,
                                                  jnp.asarray(tokens), jnp.asarray(positions),
                                                  attend)
         chosen = self._draw(logits, seeds, steps, settings, self._penalties(live, self.batch_size))
@@ -166,7 +166,7 @@ class Engine:
 
     def _draw(self, logits, seeds, steps, settings, penalties=None) -> np.ndarray:
         keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps))
-        return np.asarray(self.runner._sample(logits, keys, jnp.asarray(settings[0]),
+        return np.asarray(self.runner.sample(logits, keys, jnp.asarray(settings[0]),
                                               jnp.asarray(settings[1]),
                                               jnp.asarray(settings[2], jnp.int32), penalties))
 
@@ -222,7 +222,7 @@ class Engine:
             settings[:, i] = (s.temperature, s.top_p, s.top_k)
         tokens[len(group):], lengths[len(group):] = tokens[0], lengths[0]
         self.prefill_shapes[(rows, length)] += 1
-        logits, self.cache = self.runner._prefill(
+        logits, self.cache = self.runner.prefill(
             self.runner.params, self.cache, jnp.asarray(tokens), jnp.asarray(cache_rows),
             jnp.asarray(lengths))
         chosen = self._draw(logits, seeds, np.zeros(rows, np.int32), settings,

@@ -76,11 +76,11 @@ class ModelRunner:
                                 attend_len=0, **fwd)
             return place.constrain("logits", logits)
 
-        self._prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
-        self._decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
+        self.prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
+        self.decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
                                static_argnums=4)
-        self._full = jax.jit(self._counted("forward", full))
-        self._sample = jax.jit(sample)
+        self.full = jax.jit(self._counted("forward", full))
+        self.sample = jax.jit(sample)
 
     def _counted(self, name: str, fn: Callable) -> Callable:
         def traced(*args):
@@ -95,6 +95,6 @@ class ModelRunner:
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         if self.mesh is not None:   # a global array, batch over "data" (any process count)
-            return np.asarray(self._full(self.params, self.place.put(
+            return np.asarray(self.full(self.params, self.place.put(
                 "tokens", np.asarray(tokens, np.int32))))
-        return np.asarray(self._full(self.params, jnp.asarray(tokens, jnp.int32)))
+        return np.asarray(self.full(self.params, jnp.asarray(tokens, jnp.int32)))

@@ -228,7 +228,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
     state = {"cache": cache}
 
     def prefill():
-        logits, state["cache"] = runner._prefill(runner.params, state["cache"], tokens,
+        logits, state["cache"] = runner.prefill(runner.params, state["cache"], tokens,
                                                  jnp.asarray([0]), jnp.asarray([prefill_len]))
         return first(f"prefill {prefill_len}", logits)
     t = median_time(prefill, repeats)
@@ -248,7 +248,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
         attend = bucket(prefill_len + 1, max_len)
 
         def decode():
-            logits, state["cache"] = runner._decode(runner.params, state["cache"], toks,
+            logits, state["cache"] = runner.decode(runner.params, state["cache"], toks,
                                                     positions, attend)
             return first(f"decode batch {batch}", logits)
         t = median_time(decode, repeats)
@@ -324,7 +324,7 @@ def check_against_dense(params, config, impls: list[str], batches: list[int],
                 cache = runner.new_cache(batch, bucket(prompt_len + 1, config.sequence_len))
                 cache = KVCache(cache.k, cache.v, jnp.ones_like(cache.valid))
                 toks = jnp.asarray(np.arange(batch) * 7 % (config.vocab_size - 3) + 3, jnp.int32)
-                logits, _ = runner._decode(runner.params, cache, toks,
+                logits, _ = runner.decode(runner.params, cache, toks,
                                            jnp.full((batch,), prompt_len, jnp.int32),
                                            bucket(prompt_len + 1, config.sequence_len))
                 outs[impl] = np.asarray(logits)
