@@ -28,7 +28,7 @@ from grok.config import GROK1, GrokConfig
 from grok.serving.engine import ModelRunner
 from grok.model import init_cache
 from grok.leaves import EMBED_MODULE, abstract_params
-from grok.quant import embedding_dtype
+from grok.kernels.plan import resolve_plan
 
 CONFIGS: dict[str, GrokConfig] = {"grok1": GROK1, **PRESETS}
 
@@ -39,7 +39,7 @@ def abstract_runner(config: GrokConfig, scan: bool) -> tuple[ModelRunner, dict]:
     params = abstract_params(config, scan=scan)
     table = params["embed"][EMBED_MODULE]["embeddings"]
     params["embed"][EMBED_MODULE]["embeddings"] = jax.ShapeDtypeStruct(table.shape,
-                                                                       embedding_dtype())
+                                                                       resolve_plan().embedding_dtype)
     return ModelRunner(params, config), params
 
 

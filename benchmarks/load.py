@@ -116,16 +116,20 @@ def cat(path: Path) -> float:
 
 
 LOAD = r'''
-import json, resource, sys, time
+import inspect, json, resource, sys, time
 sys.path.insert(0, sys.argv[3])
 import jax
 from grok.checkpoint import loader
 from grok.checkpoint import read_config
-from grok.parallel.rules import parse_mesh
+from grok.parallel.rules import make_mesh, params_shardings, parse_mesh
 path, mesh, verify = sys.argv[1], parse_mesh(sys.argv[2]), sys.argv[4] == "1"
 config = read_config(path)
 stats = loader.LoadStats()
 start = time.perf_counter()
+if "shardings" in inspect.signature(loader.load_params).parameters:   # the loader is told
+    from grok.leaves import abstract_params                          # where each leaf goes
+    mesh = params_shardings(abstract_params(config), make_mesh(mesh), config)
+# (a --root checkout from before that takes the mesh itself)
 params = loader.load_params(path, config, mesh, stats=stats, progress=False)
 jax.block_until_ready(params)
 seconds = time.perf_counter() - start

@@ -27,19 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok.tools.bench import (_hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
+from grok.tools.bench import (hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
                         matmul_rate, pipelined_time)
-from grok.kernels.block_matmul import (block_matmul, fit_shared, gated_block_matmul, pipeline_defaults,
+from grok.kernels.pallas_int8 import (block_matmul, fit_shared, gated_block_matmul, pipeline_defaults,
                               splits_for, tiles)
-from grok.model.moe import block_rows_for, moe, resolve_impl
-from grok.quant import QuantizedWeight8bit, on_gpu
+from grok.kernels.plan import block_rows_for, resolve_plan
+from grok.model.moe import grouped, moe
+from grok.quant import QuantizedWeight8bit
+
+INTERPRET = resolve_plan().interpret   # the kernels compile on a GPU only
 
 EXPERTS, TOP_K, SCALE_BLOCKS = 8, 2, 8
 
 
 def stacked_weight(layers: int, rows: int, cols: int, blocks: int, seed: int):
     def make():
-        h = _hash_uniform((layers, EXPERTS, rows, cols), seed)
+        h = hash_uniform((layers, EXPERTS, rows, cols), seed)
         return ((h >> 24).astype(jnp.int32) % 255 - 127).astype(jnp.int8)
     scales = jnp.full((layers, EXPERTS, blocks, cols), 1.0 / (73.3 * rows ** 0.5), jnp.bfloat16)
     return QuantizedWeight8bit(jax.jit(make)(), scales)
@@ -64,9 +67,14 @@ def layer_rows(args, weights, bandwidth) -> list[dict]:
         ref = None
         for name in impls:
             impl, _, bm = name.partition("/bm")
-            runs = resolve_impl(impl, n * TOP_K, EXPERTS, *weights)
-            fn = jax.jit(lambda x, g, c, w1, wv, w2, l, impl=impl, bm=int(bm or 0) or None:
-                         moe(x, g, c, w1, wv, w2, impl=impl, layer=l, block_rows=bm))
+            plan = resolve_plan(impl)
+            runs = plan.moe_path(n * TOP_K, *weights)
+            if bm:   # a block size other than block_rows_for's (sweep)
+                fn = jax.jit(lambda x, g, c, w1, wv, w2, l, plan=plan, bm=int(bm): grouped(
+                    x, g, c, w1, wv, w2, bm, plan, l, kernels=runs == "pallas"))
+            else:
+                fn = jax.jit(lambda x, g, c, w1, wv, w2, l, plan=plan:
+                             moe(x, g, c, w1, wv, w2, plan, layer=l))
             row = dict(tokens=n, impl=name, runs=runs, experts=used)
             try:
                 start = time.perf_counter()
@@ -102,7 +110,7 @@ def _time_kernel(row: dict, x, ids, valid, pairs, calls: int, repeats: int,
                  **tiles_kw) -> float | None:
     """Back-to-back time of the kernel over `pairs` (one: block_matmul; two: gated_block_matmul)
     with `tiles_kw`, or None with the error in `row`."""
-    interpret = not on_gpu()
+    interpret = INTERPRET
     kernel = block_matmul if len(pairs) == 1 else gated_block_matmul
     operands = [a for pair in pairs for a in pair]
     try:   # weights as arguments, not jit constants
@@ -115,7 +123,7 @@ def _time_kernel(row: dict, x, ids, valid, pairs, calls: int, repeats: int,
 
 def sweep_rows(args, weights, bandwidth) -> list[dict]:
     """block_matmul alone at decode shapes: 2 blocks (the 2 chosen experts) of 16 rows."""
-    interpret = not on_gpu()
+    interpret = INTERPRET
     rows = []
     rng = np.random.default_rng(1)
     for name, pairs in _kernel_stacks(weights):
@@ -154,7 +162,7 @@ def sweep_rows(args, weights, bandwidth) -> list[dict]:
 def prefill_sweep_rows(args, weights, rate) -> list[dict]:
     """The kernels alone at prefill shapes: 512 tokens x top-2 = 8 full blocks of 128 rows (or
     16 of 64), one expert each; FLOP/s against the bf16 matmul rate."""
-    interpret = not on_gpu()
+    interpret = INTERPRET
     rows = []
     rng = np.random.default_rng(2)
     for name, pairs in _kernel_stacks(weights):

@@ -30,7 +30,7 @@ import numpy as np
 from grok.tools.bench import PRESETS, grok1_slice, machine, random_params, runner_for
 from grok.serving.engine import bucket
 from grok.model import KVCache
-from grok.model.moe import MOE_IMPLS
+from grok.kernels.plan import MOE_IMPLS
 
 
 def kernel_times(trace_dir: str) -> dict[tuple[str, str], list[float]]:

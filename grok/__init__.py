@@ -13,7 +13,10 @@ from typing import Any
 _EXPORTS = {
     "Grok": "grok.api", "from_flat": "grok.api", "load": "grok.api",
     "GROK1": "grok.config", "ConfigError": "grok.config", "GrokConfig": "grok.config",
-    "Engine": "grok.serving.engine", "Request": "grok.serving.engine", "Result": "grok.serving.engine",
+    "Engine": "grok.serving.engine", "Request": "grok.serving.request",
+    "Result": "grok.serving.request", "Event": "grok.serving.request",
+    "Detokenizer": "grok.serving.detokenizer",
+    "GrokError": "grok.errors", "RequestError": "grok.errors",
     "QuantizedWeight8bit": "grok.quant", "dequantize": "grok.quant", "quantize": "grok.quant",
     "SamplingParams": "grok.serving.sampling",
     "Routing": "grok.model.routing",

@@ -12,6 +12,7 @@ import numpy as np
 
 from grok import checkpoint
 from grok.config import GrokConfig, model_dir
+from grok.errors import RequestError, TokenizerError
 from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
 from grok.leaves import to_model_params
 from grok.model.routing import Routing
@@ -34,6 +35,11 @@ class Grok:
         self.sampling_defaults = sampling_defaults
         self.max_batch = max_batch
         self.runner = ModelRunner(params, config, moe_impl=moe_impl, mesh=mesh)
+        # One engine for the model's lifetime: its KV cache is made at the first request and
+        # grown (powers of two, up to max_batch slots of the full context) only when one needs
+        # more. `model.engine.start()` drives it from a thread of its own (for a server).
+        self.engine = Engine(self.runner, batch_size=max_batch, max_len=config.sequence_len,
+                             tokenizer=tokenizer, grow=True)
         self._routing_fn = None     # jitted on the first `routing` call
 
     @property
@@ -59,7 +65,7 @@ class Grok:
         lists = _token_lists(token_lists, self.config)
         longest = max(len(t) for t in lists)
         if longest > self.config.sequence_len:
-            raise ValueError(f"a token list of {longest} tokens exceeds the context of "
+            raise RequestError(f"a token list of {longest} tokens exceeds the context of "
                              f"{self.config.sequence_len}")
         padded = np.full((len(lists), bucket(longest, self.config.sequence_len)),
                          self.config.pad_token, np.int32)
@@ -70,33 +76,40 @@ class Grok:
     # --- generation -------------------------------------------------------------------------------
     def _requests(self, token_lists, max_new_tokens, sampling: dict[str, Any], seed, stop_ids,
                   stop_strings, truncate) -> list[Request]:
-        params = SamplingParams(**sampling)
-        return [Request(list(t), max_new_tokens, params, seed, tuple(stop_ids),
-                        tuple(stop_strings), truncate)
+        try:
+            params = SamplingParams(**sampling)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        if isinstance(stop_ids, (str, bytes)) or isinstance(stop_strings, (str, bytes)):
+            raise RequestError("stop_ids and stop_strings take lists (stop_strings=['\\n'], "
+                               "not '\\n')")
+        try:
+            stops = (tuple(stop_ids), tuple(stop_strings))
+        except TypeError:
+            raise RequestError(f"stop_ids and stop_strings must be lists, got {stop_ids!r} and "
+                               f"{stop_strings!r}"[:200]) from None
+        return [Request(t, max_new_tokens, params, seed, *stops, truncate)
                 for t in _token_lists(token_lists, self.config)]
-
-    def _engine(self, requests: Sequence[Request]) -> Engine:
-        need = max(min(len(r.prompt), self.config.sequence_len - r.max_new_tokens)
-                   + r.max_new_tokens for r in requests)
-        max_len = bucket(need, self.config.sequence_len)
-        # Slots in powers of two: few distinct shapes, so few compiles.
-        slots = bucket(min(len(requests), self.max_batch), self.max_batch, minimum=1)
-        return Engine(self.runner, batch_size=slots, max_len=max_len,
-                      tokenizer=self.tokenizer)
 
     def run(self, requests: Sequence[Request]) -> list[Result]:
         """Run `grok.Request`s to completion, each with its own sampling settings and seed, up to
         `max_batch` at a time; returns their `grok.Result`s (tokens, finish reason, and the text
-        when the model has a tokenizer) in order. Invalid requests raise ValueError before any
-        runs."""
-        requests = list(requests)
-        if not requests or not all(isinstance(r, Request) for r in requests):
-            raise ValueError("expected a non-empty list of grok.Request")
-        engine = self._engine(requests)
-        ids = [engine.submit(r) for r in requests]   # checks each; nothing runs before all pass
-        for _ in engine.run():
-            pass
-        return [engine.results[i] for i in ids]
+        when the model has a tokenizer) in order. Invalid requests raise RequestError (a
+        ValueError) before any runs. They go through `model.engine`, beside whatever else it
+        runs; a request a failed step ended has finish_reason "error" and its `error`."""
+        if isinstance(requests, Request) or not isinstance(requests, Sequence) or not requests \
+                or not all(isinstance(r, Request) for r in requests):
+            raise RequestError("expected a non-empty list of grok.Request")
+        for r in requests:
+            self.engine.check(r)      # all of them, before any is queued
+        ids = []
+        try:
+            ids = [self.engine.submit(r) for r in requests]
+            return [self.engine.wait(rid) for rid in ids]
+        finally:
+            for rid in ids:           # interrupted: cancelled; then forgotten by the engine
+                self.engine.cancel(rid)
+                self.engine.pop(rid)
 
     def generate(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
@@ -108,13 +121,17 @@ class Grok:
         a stop id or string, or `max_new_tokens`. Uses the KV cache: prompts prefilled together,
         then one token per step, with up to `max_batch` prompts decoding together. The settings
         apply to every prompt (`run` takes one `grok.Request` each); see `grok.SamplingParams`
-        for the penalties."""
+        for the penalties. RuntimeError if a step failed."""
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty)
         requests = self._requests(token_lists, max_new_tokens, sampling, seed, stop_ids,
                                   stop_strings, truncate)
-        return [r.tokens for r in self.run(requests)]
+        results = self.run(requests)
+        failed = next((r for r in results if r.finish_reason == "error"), None)
+        if failed is not None:
+            raise RuntimeError(f"generation failed: {failed.error}")
+        return [r.tokens for r in results]
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
@@ -123,45 +140,37 @@ class Grok:
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0
                ) -> Iterator[tuple[int, str | None]]:
         """Yield (token id, new text or None without a tokenizer) for one prompt as each token is
-        produced. The request is checked before the first token: bad input raises here."""
+        produced; the text never shows a partial character or the start of a stop string that
+        may still complete (grok.serving.detokenizer). The request is checked and queued before
+        the first token: bad input raises here. Dropping the iterator early cancels it."""
         sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty)
         requests = self._requests([self._encode(prompt)], max_new_tokens, sampling, seed,
                                   stop_ids, stop_strings, truncate)
-        engine = self._engine(requests)
-        rid = engine.submit(requests[0])
-        return self._stream_tokens(engine, rid, max((len(s) for s in stop_strings), default=0))
-
-    def _stream_tokens(self, engine: Engine, rid: int, longest_stop: int
-                       ) -> Iterator[tuple[int, str | None]]:
-        shown = ""
-        for _, token in engine.run():
-            if self.tokenizer is None:
-                yield token, None
-                continue
-            result = engine.results[rid]
-            if result.done and result.text is not None:
-                text = result.text
-            else:
-                # Hold back what may still change: a partial UTF-8 character, or the start of a
-                # stop string that the next tokens could complete.
-                text = self.tokenizer.decode(result.tokens).rstrip("\ufffd")
-                text = text[:len(text) - max(longest_stop - 1, 0)]
-            piece = text[len(shown):] if text.startswith(shown) else ""
-            shown = shown + piece
-            yield token, piece
+        return _TokenStream(self.engine, self.engine.submit(requests[0]))
 
     def complete(self, text: str, max_new_tokens: int = 64, **kwargs: Any) -> str:
         """Continue `text` (needs a tokenizer); returns only the new text."""
+        if not isinstance(text, str):
+            raise RequestError(f"complete takes a string, got {type(text).__name__} (token ids: "
+                               "use generate or stream)")
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: complete needs one")
         return "".join(piece or "" for _, piece in self.stream(text, max_new_tokens, **kwargs))
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass token ids, or load it with "
-                                 "tokenizer=PATH")
-            return self.tokenizer.encode(prompt)
+                raise RequestError("this model has no tokenizer: pass token ids, or load it with "
+                                   "tokenizer=PATH")
+            try:
+                return self.tokenizer.encode(prompt)
+            except (UnicodeError, TypeError, RuntimeError) as err:
+                raise RequestError(f"the prompt cannot be tokenized: {err}") from None
+        if isinstance(prompt, bytes) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise RequestError(f"a prompt is a string or a list of token ids, got "
+                               f"{type(prompt).__name__}")
         return list(prompt)
 
     # --- routing --------------------------------------------------------------------------------
@@ -178,8 +187,7 @@ class Grok:
         lists, padded = self._padded([self._encode(tokens)] if single else tokens)
         runner = self.runner
         if self._routing_fn is None:    # the MoE evaluation the runner uses
-            self._routing_fn = routing_mod.jitted(self.config, runner.scan, runner.moe_impl,
-                                                  runner.mesh_kernel)
+            self._routing_fn = routing_mod.jitted(self.config, runner.scan, runner.plan)
         placed = runner.place.put("tokens", padded) if self.mesh is not None \
             else jnp.asarray(padded)
         arrays = [np.asarray(a) for a in self._routing_fn(runner.params, placed)]
@@ -195,19 +203,57 @@ class Grok:
 def _token_lists(token_lists: Any, config: GrokConfig) -> list[list[int]]:
     if isinstance(token_lists, (str, bytes)) or not isinstance(token_lists, Sequence) \
             or not token_lists:
-        raise ValueError("expected a non-empty list of token lists")
+        raise RequestError("expected a non-empty list of token lists")
     lists = []
     for i, tokens in enumerate(token_lists):
         if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
-            raise ValueError(f"token list {i} is not a sequence of ints")
+            raise RequestError(f"token list {i} is not a sequence of ints")
+        bad = next((t for t in tokens if isinstance(t, (bool, np.bool_))
+                    or not isinstance(t, (int, np.integer))), None)
+        if bad is not None:
+            raise RequestError(f"token list {i}: {bad!r} ({type(bad).__name__}) is not a token "
+                               "id"[:200])
         tokens = [int(t) for t in tokens]
         if not tokens:
-            raise ValueError(f"token list {i} is empty")
+            raise RequestError(f"token list {i} is empty")
         bad = [t for t in tokens if not 0 <= t < config.vocab_size]
         if bad:
-            raise ValueError(f"token list {i}: id {bad[0]} is outside [0, {config.vocab_size})")
+            raise RequestError(f"token list {i}: id {bad[0]} is outside [0, "
+                               f"{config.vocab_size})")
         lists.append(tokens)
     return lists
+
+
+class _TokenStream:
+    """`Grok.stream`'s iterator of (token, text) over the engine's events; the request is
+    cancelled and forgotten once finished, closed or dropped (even never iterated)."""
+
+    def __init__(self, engine: Engine, rid: int):
+        self._engine, self._rid = engine, rid
+        self._events = engine.events(rid)
+        self._open = True
+
+    def __iter__(self) -> "_TokenStream":
+        return self
+
+    def __next__(self) -> tuple[int, str | None]:
+        while self._open:
+            event = next(self._events, None)
+            if event is None or event.done:
+                self.close()
+            if event is not None and event.finish_reason == "error":
+                raise RuntimeError(f"generation failed: {event.error}")
+            if event is not None and event.token is not None:
+                return event.token, event.text
+        raise StopIteration
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine.release(self._rid)
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def device_params(flat: dict[str, Any], config: GrokConfig, scan: bool = True) -> dict[str, Any]:
@@ -246,13 +292,15 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     sampling = read_sampling_defaults(path)
     if mesh is not None:
         from grok.checkpoint import loader
+        from grok.leaves import abstract_params
         from grok.parallel import memory, rules as sharding
         mesh = sharding.make_mesh(mesh)
         capacity = memory_gb * 1e9 if memory_gb is not None \
             else memory.device_memory(mesh.devices.flat[0])
         memory.check_fits(config, mesh, capacity, batch=max_batch, layout=layout)
-        params = loader.load_params(path, config, mesh, layout=layout, scan=scan,
-                                    progress=progress)
+        # The layout's rules place every leaf; the loader only follows the shardings given.
+        shardings = sharding.params_shardings(abstract_params(config, scan), mesh, config, layout)
+        params = loader.load_params(path, config, shardings, scan=scan, progress=progress)
         tok = _tokenizer(path, tokenizer, config)
         log.info("loaded %s onto mesh %s: %s", path, dict(mesh.shape), config)
         return Grok(params, config, tok, moe_impl, max_batch, mesh=mesh,
@@ -270,6 +318,6 @@ def _tokenizer(path: Path, tokenizer: str | os.PathLike | None,
     tok_path = Path(tokenizer) if tokenizer is not None else path / "tokenizer.model"
     tok = Tokenizer(tok_path) if tokenizer is not None or tok_path.is_file() else None
     if tok is not None and tok.vocab_size > config.vocab_size:
-        raise ValueError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's "
+        raise TokenizerError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's "
                          f"vocabulary is {config.vocab_size}")
     return tok

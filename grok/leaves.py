@@ -1,13 +1,23 @@
-"""The parameter layout, in one place: checkpoint file index <-> SPEC §3 path <-> model leaf.
+"""The leaf table: every weight of a Grok checkpoint described once.
+
+Each `Entry` says where a leaf lives (checkpoint file index and SPEC §3 path, the model tree's
+module and parameter), its shape, its storage (float32, or quantised with S row-block scales) and
+the logical name of each of its axes. Everything else is derived from this table: the model's
+params tree (`model_tree`, `to_model_params`), abstract and random leaves, the partition specs
+(grok.parallel.rules maps logical axes to mesh axes per layout), the memory plan and the
+streaming loader's targets.
 
 The model holds `{"embed": {...}, "layers": ...}`: `embed` is the haiku tree of the embedding and
 the final norm; `layers` is one haiku tree of a decoder layer whose leaves are stacked on a leading
 [num_layers] axis (for the layer scan), or a tuple of per-layer trees (for the unrolled model).
+
+Logical axes: vocab, embed (the model width D of a weight), q_heads / kv_heads (H*K columns, split
+only in whole heads), experts, ffn (the expert width F), norm (a norm's scale), router_in /
+router_experts (the router, small and replicated); a stacked leaf adds "layers" in front.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -15,26 +25,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig
-from grok.quant import QuantizedWeight8bit, is_quantized, quantize
+from grok.quant import QuantizedWeight, is_quantized, quantize
 
 LAYER_MODULE = "decoder_layer"   # the haiku name of one layer inside the layer transform
 EMBED_MODULE = "language_model/in_out_embed"
 FINAL_NORM_MODULE = "language_model/rms_norm"
-_LAYER_NAME = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)/([^/]+)$")
+LAYERS_AXIS = "layers"           # the logical name of a stacked leaf's leading axis
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One checkpoint file: `ckpt-0/tensor{index:05d}_000` holds the leaf `name`."""
+    """One leaf, and the checkpoint file `ckpt-0/tensor{index:05d}_000` that holds it."""
 
     index: int
     name: str                 # SPEC §3 path, e.g. transformer/decoder_layer_3/router/w
     shape: tuple[int, ...]
-    quantized: bool           # QuantizedWeight8bit (int8 + bfloat16 scales) or float32 array
+    quantized: bool           # QuantizedWeight (int8 + bfloat16 scales) or float32 array
     scale_blocks: int = 0     # S of scales [..., S, out]; 0 for float32 leaves
     layer: int | None = None  # decoder layer index, None for the embedding / final norm
     module: str = ""          # haiku module path inside its tree (embed tree or layer tree)
     param: str = ""           # haiku parameter name
+    axes: tuple[str, ...] = ()  # the logical name of each axis of `shape`
 
     @property
     def filename(self) -> str:
@@ -50,44 +61,69 @@ class Entry:
     def scales_shape(self) -> tuple[int, ...]:
         return (*self.shape[:-2], self.scale_blocks, self.shape[-1])
 
+    @property
+    def fan_in(self) -> int:
+        """The inputs each output sums over (the embedding: its width), for random weights."""
+        if self.param == "embeddings":
+            return self.shape[-1]
+        return self.shape[-2] if len(self.shape) > 1 else 1
 
-def _layer_leaves(c: GrokConfig) -> list[tuple[str, tuple[int, ...], int]]:
-    """(sub-path, shape, scale blocks or 0) of one layer, in file order (paths sorted as strings)."""
+
+def _layer_leaves(c: GrokConfig) -> list[tuple[str, tuple[int, ...], int, tuple[str, ...]]]:
+    """(sub-path, shape, scale blocks or 0, logical axes) of one layer, in file order (paths sorted
+    as strings)."""
     d, e, f, s = c.emb_size, c.num_experts, c.ffn_size, c.scale_blocks
     return [
-        ("moe/linear/w", (e, d, f), 1),
-        ("moe/linear_1/w", (e, f, d), s),
-        ("moe/linear_v/w", (e, d, f), 1),
-        ("multi_head_attention/key/w", (d, c.kv_size), 1),
-        ("multi_head_attention/linear/w", (c.q_size, d), s),
-        ("multi_head_attention/query/w", (d, c.q_size), 1),
-        ("multi_head_attention/value/w", (d, c.kv_size), 1),
-        ("rms_norm/scale", (d,), 0),
-        ("rms_norm_1/scale", (d,), 0),
-        ("rms_norm_2/scale", (d,), 0),
-        ("rms_norm_3/scale", (d,), 0),
-        ("router/w", (d, e), 0),
+        ("moe/linear/w", (e, d, f), 1, ("experts", "embed", "ffn")),
+        ("moe/linear_1/w", (e, f, d), s, ("experts", "ffn", "embed")),
+        ("moe/linear_v/w", (e, d, f), 1, ("experts", "embed", "ffn")),
+        ("multi_head_attention/key/w", (d, c.kv_size), 1, ("embed", "kv_heads")),
+        ("multi_head_attention/linear/w", (c.q_size, d), s, ("q_heads", "embed")),
+        ("multi_head_attention/query/w", (d, c.q_size), 1, ("embed", "q_heads")),
+        ("multi_head_attention/value/w", (d, c.kv_size), 1, ("embed", "kv_heads")),
+        ("rms_norm/scale", (d,), 0, ("norm",)),
+        ("rms_norm_1/scale", (d,), 0, ("norm",)),
+        ("rms_norm_2/scale", (d,), 0, ("norm",)),
+        ("rms_norm_3/scale", (d,), 0, ("norm",)),
+        ("router/w", (d, e), 0, ("router_in", "router_experts")),
     ]
 
 
 def checkpoint_entries(config: GrokConfig) -> list[Entry]:
     """Every leaf of the checkpoint, in file order (the order jax flattens the release's dict)."""
-    named: list[tuple[str, tuple[int, ...], int, int | None, str, str]] = [
+    named: list[tuple[str, tuple[int, ...], int, int | None, str, str, tuple[str, ...]]] = [
         (f"{EMBED_MODULE}/embeddings", (config.vocab_size, config.emb_size), 0, None,
-         EMBED_MODULE, "embeddings"),
-        (f"{FINAL_NORM_MODULE}/scale", (config.emb_size,), 0, None, FINAL_NORM_MODULE, "scale"),
+         EMBED_MODULE, "embeddings", ("vocab", "embed")),
+        (f"{FINAL_NORM_MODULE}/scale", (config.emb_size,), 0, None, FINAL_NORM_MODULE, "scale",
+         ("norm",)),
     ]
     for layer in range(config.num_layers):
-        for sub, shape, blocks in _layer_leaves(config):
+        for sub, shape, blocks, axes in _layer_leaves(config):
             module, param = sub.rsplit("/", 1)
             named.append((f"transformer/decoder_layer_{layer}/{sub}", shape, blocks, layer,
-                          f"{LAYER_MODULE}/{module}", param))
+                          f"{LAYER_MODULE}/{module}", param, axes))
     named.sort(key=lambda item: item[0])
-    return [Entry(i, name, shape, blocks > 0, blocks, layer, module, param)
-            for i, (name, shape, blocks, layer, module, param) in enumerate(named)]
+    return [Entry(i, name, shape, blocks > 0, blocks, layer, module, param, axes)
+            for i, (name, shape, blocks, layer, module, param, axes) in enumerate(named)]
 
 
-Flat = Mapping[str, Any]   # SPEC §3 path -> numpy array or QuantizedWeight8bit
+def model_tree(config: GrokConfig, make: Callable[[Entry, bool], Any],
+               scan: bool = True) -> dict[str, Any]:
+    """The model's params tree with `make(entry, stacked)` at every leaf. Scanned, the layer tree
+    is made once from layer 0's entries with stacked=True (its leaves stand for all layers, with a
+    leading [num_layers] axis); unrolled, `layers` is a tuple of per-layer trees."""
+    embed: dict[str, dict[str, Any]] = {}
+    layers: list[dict[str, dict[str, Any]]] = [{} for _ in range(1 if scan else config.num_layers)]
+    for entry in checkpoint_entries(config):
+        if entry.layer is None:
+            embed.setdefault(entry.module, {})[entry.param] = make(entry, False)
+        elif not scan or entry.layer == 0:
+            tree = layers[0 if scan else entry.layer]
+            tree.setdefault(entry.module, {})[entry.param] = make(entry, scan)
+    return {"embed": embed, "layers": layers[0] if scan else tuple(layers)}
+
+
+Flat = Mapping[str, Any]   # SPEC §3 path -> numpy array or QuantizedWeight
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -137,7 +173,7 @@ def abstract_flat(config: GrokConfig, embed_dtype: Any = jnp.bfloat16) -> dict[s
     """ShapeDtypeStructs of every leaf as the model holds them (nothing allocated)."""
     def make(entry: Entry) -> Any:
         if entry.quantized:
-            return QuantizedWeight8bit(jax.ShapeDtypeStruct(entry.shape, jnp.int8),
+            return QuantizedWeight(jax.ShapeDtypeStruct(entry.shape, jnp.int8),
                                        jax.ShapeDtypeStruct(entry.scales_shape, jnp.bfloat16))
         dtype = embed_dtype if entry.param == "embeddings" else jnp.float32
         return jax.ShapeDtypeStruct(entry.shape, dtype)
@@ -146,11 +182,14 @@ def abstract_flat(config: GrokConfig, embed_dtype: Any = jnp.bfloat16) -> dict[s
 
 def abstract_params(config: GrokConfig, scan: bool = True) -> dict[str, Any]:
     """The model's tree as ShapeDtypeStructs: lower and compile Grok-1 with no weights in memory."""
-    tree = to_model_params(abstract_flat(config), config, scan=False)
-    if scan:
-        stack = lambda x: jax.ShapeDtypeStruct((config.num_layers, *x.shape), x.dtype)
-        tree["layers"] = jax.tree.map(stack, tree["layers"][0])
-    return tree
+    def make(entry: Entry, stacked: bool) -> Any:
+        lead = (config.num_layers,) if stacked else ()
+        if entry.quantized:
+            return QuantizedWeight(jax.ShapeDtypeStruct((*lead, *entry.shape), jnp.int8),
+                                   jax.ShapeDtypeStruct((*lead, *entry.scales_shape), jnp.bfloat16))
+        dtype = jnp.bfloat16 if entry.param == "embeddings" else jnp.float32
+        return jax.ShapeDtypeStruct((*lead, *entry.shape), dtype)
+    return model_tree(config, make, scan)
 
 
 def random_flat(config: GrokConfig, seed: int = 0, weight_scale: float = 1.0) -> dict[str, Any]:
@@ -163,8 +202,7 @@ def random_flat(config: GrokConfig, seed: int = 0, weight_scale: float = 1.0) ->
     def make(entry: Entry) -> Any:
         if entry.param == "scale":
             return (1.0 + 0.1 * rng.standard_normal(entry.shape)).astype(np.float32)
-        fan_in = entry.shape[-1] if entry.param == "embeddings" else entry.shape[-2]
-        w = (weight_scale / np.sqrt(fan_in)) * rng.standard_normal(entry.shape, np.float32)
+        w = (weight_scale / np.sqrt(entry.fan_in)) * rng.standard_normal(entry.shape, np.float32)
         return quantize(w, entry.scale_blocks) if entry.quantized else w.astype(np.float32)
     return map_entries(config, make)
 
@@ -172,6 +210,6 @@ def random_flat(config: GrokConfig, seed: int = 0, weight_scale: float = 1.0) ->
 def describe(leaf: Any) -> str:
     """Shape and dtype of a leaf for error messages."""
     if is_quantized(leaf):
-        return (f"QuantizedWeight8bit(weight {leaf.weight.dtype}{list(leaf.weight.shape)}, "
+        return (f"QuantizedWeight(weight {leaf.weight.dtype}{list(leaf.weight.shape)}, "
                 f"scales {leaf.scales.dtype}{list(leaf.scales.shape)})")
     return f"{getattr(leaf, 'dtype', type(leaf).__name__)}{list(getattr(leaf, 'shape', ()))}"

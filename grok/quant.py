@@ -1,27 +1,52 @@
-"""8-bit weights with row-block scales (SPEC §3) and matmuls that never dequantise a whole weight."""
+"""Quantised weights (one type that carries its storage format) and the one scaled matmul over
+them, `qeinsum`, that never dequantises a whole weight on an accelerator.
+
+Today's format is the release's: int8 [..., In, Out] with bfloat16 scales [..., S, Out], row
+block s of In scaled by scales[s] (SPEC §3). A new format (int4 packed two per byte with
+per-group scales) is a new `WeightFormat` and a branch in `qeinsum` / `dequantize`.
+"""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+if TYPE_CHECKING:
+    from grok.kernels.plan import ExecutionPlan
+
 BF16 = jnp.bfloat16
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """How a quantised weight is stored: `name`, bits per weight, the storage dtype of `weight`
+    and of `scales`."""
+
+    name: str
+    bits: int
+    dtype: Any
+    scales_dtype: Any
+
+
+INT8 = WeightFormat("int8", 8, np.dtype(np.int8), np.dtype(ml_dtypes.bfloat16))
+FORMATS = {INT8.name: INT8}
+
+
 @jax.tree_util.register_pytree_node_class
-class QuantizedWeight8bit:
-    """int8 `weight` [..., In, Out] with `scales` [..., S, Out]: row block s of In uses scales[s].
+class QuantizedWeight:
+    """A quantised `weight` [..., In, Out] with `scales` [..., S, Out] in format `fmt` (INT8: int8
+    values, row block s of In scaled by scales[s]). The release pickles this type as
+    `__main__.QuantizedWeight8bit` (grok.checkpoint reads and writes that name)."""
 
-    The class name is the one the release pickles as `__main__.QuantizedWeight8bit`.
-    """
-
-    def __init__(self, weight: Any, scales: Any):
+    def __init__(self, weight: Any, scales: Any, fmt: WeightFormat = INT8):
         self.weight = weight
         self.scales = scales
+        self.fmt = fmt
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -40,24 +65,27 @@ class QuantizedWeight8bit:
         return int(np.prod(self.weight.shape)) * np.dtype(self.weight.dtype).itemsize + \
             int(np.prod(self.scales.shape)) * np.dtype(self.scales.dtype).itemsize
 
-    def __getitem__(self, index: Any) -> "QuantizedWeight8bit":
+    def __getitem__(self, index: Any) -> "QuantizedWeight":
         """Index the leading (stacking) axes of weight and scales alike: w[layer], w[l, e]."""
-        return QuantizedWeight8bit(self.weight[index], self.scales[index])
+        return QuantizedWeight(self.weight[index], self.scales[index], self.fmt)
 
     def tree_flatten(self):
-        return (self.weight, self.scales), None
+        return (self.weight, self.scales), self.fmt
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
+    def tree_unflatten(cls, fmt, children):
+        return cls(*children, fmt)
 
     def __repr__(self) -> str:
-        return (f"QuantizedWeight8bit(weight={getattr(self.weight, 'dtype', '?')}"
+        return (f"QuantizedWeight({self.fmt.name}, weight={getattr(self.weight, 'dtype', '?')}"
                 f"{list(self.shape)}, scales={list(self.scales.shape)})")
 
 
+QuantizedWeight8bit = QuantizedWeight   # the release's name for the int8 format
+
+
 def is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedWeight8bit)
+    return isinstance(x, QuantizedWeight)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -70,7 +98,7 @@ class LayerSlice:
     one layer's, so haiku's parameter checks see the layer's weight.
     """
 
-    def __init__(self, stack: QuantizedWeight8bit, layer: Any):
+    def __init__(self, stack: QuantizedWeight, layer: Any):
         self.stack = stack
         self.layer = layer
 
@@ -82,7 +110,7 @@ class LayerSlice:
     def dtype(self) -> Any:
         return self.stack.dtype
 
-    def get(self) -> QuantizedWeight8bit:
+    def get(self) -> QuantizedWeight:
         return self.stack[self.layer]
 
     def tree_flatten(self):
@@ -123,72 +151,21 @@ def dequantize(q: QuantizedWeight8bit, dtype: Any = np.float32) -> np.ndarray:
     return (blocked * scales[..., :, None, :]).reshape(weight.shape).astype(dtype)
 
 
-def dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """einsum with float32 accumulation and result. XLA's CPU runtime lacks some bf16 x bf16 -> f32
-    dots, so on CPU the operands are widened first (exact: bfloat16 is a subset of float32)."""
-    if jax.default_backend() == "cpu":   # the runtime's limit, not a choice of path
+def dot(spec: str, a: jax.Array, b: jax.Array, plan: "ExecutionPlan") -> jax.Array:
+    """einsum with float32 accumulation and result. Where the plan says the backend's dots take
+    no bfloat16 operands (XLA's CPU runtime) they are widened first (exact: bf16 is in f32)."""
+    if plan.widen_dots:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def on_cpu() -> bool:
-    """Whether computations run on XLA's CPU backend, whose dots take no int8 or bfloat16
-    operands in some layouts: weights are then widened to float32 before the dot (elsewhere the
-    conversion happens inside the dot and scales are applied per row block after it)."""
-    return jax.default_backend() == "cpu"
-
-
-def on_gpu() -> bool:
-    """Whether computations run on a GPU (where the Pallas kernels run through Triton)."""
-    return jax.default_backend() == "gpu"
-
-
-# Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
-# the weight once, in place. Larger ones are compute-bound, where XLA's GEMMs do better.
-KERNEL_ROWS = 64
-KERNEL_MODES = ("off", "auto", "always")   # auto: on GPU only; always: also interpreted elsewhere
-
-
-def _kernel_linears(x: jax.Array, ws: Sequence[Any], kernel: str) -> list[jax.Array] | None:
-    """x [..., In] times layer w.layer of each stack, by one Pallas kernel launch (float32
-    [..., Out_i] each), or None where the kernel is off or does not apply to all of them."""
-    if kernel == "off" or (kernel == "auto" and not on_gpu()) or not all(
-            isinstance(w, LayerSlice) and is_quantized(w.stack) for w in ws):
-        return None
-    from grok.kernels.block_matmul import block_matmul, kernel_applies, multi_block_matmul
-    *lead, rows = x.shape
-    n = int(np.prod(lead))
-    bm = max(16, 1 << (n - 1).bit_length())
-    interpret = not on_gpu()
-    if n > KERNEL_ROWS or any(w.shape[-2] != rows or not kernel_applies(
-            rows, w.shape[-1], w.stack.scale_blocks, bm, interpret,
-            weight_bytes=int(np.prod(w.stack.shape))) for w in ws):
-        return None
-    xb = jnp.pad(x.reshape(n, rows).astype(BF16), ((0, bm - n), (0, 0)))[None]
-    layer = jnp.reshape(jnp.asarray(ws[0].layer, jnp.int32), (1,))
-    valid = jnp.full((1,), n, jnp.int32)
-    if len(ws) == 1:
-        ys = [block_matmul(xb, layer, valid, ws[0].stack.weight, ws[0].stack.scales,
-                           interpret=interpret)]
-    else:
-        ys = multi_block_matmul(xb, layer, valid, tuple((w.stack.weight, w.stack.scales)
-                                                        for w in ws), interpret=interpret)
-    return [y[0, :n].reshape(*lead, y.shape[-1]) for y in ys]
-
-
-def embedding_dtype() -> Any:
-    """The embedding's dtype in compute: bfloat16, or on CPU its bfloat16 values widened to float32
-    (CPU dots widen bf16 operands, which would cost a full copy of the table at every step)."""
-    return jnp.float32 if on_cpu() else BF16
-
-
-def _dequantize_f32(q: QuantizedWeight8bit) -> jax.Array:
+def _dequantize_f32(q: QuantizedWeight) -> jax.Array:
     """weight * scales in float32: exact (an int8 times a bfloat16 needs 16 significant bits).
 
-    The CPU path only: XLA's CPU dots cannot take an int8 or bfloat16 operand and a convert feeding
-    a dot is always written out in full there, so scaling inside that convert costs nothing and
-    leaves one plain dot (scaling row blocks after the dot instead is 2-3x slower on CPU). GPU
-    backends keep the convert inside the dot and scale each row block's product afterwards.
+    For backends whose dots widen their operands anyway (XLA's CPU: a convert feeding a dot is
+    always written out in full there, so scaling inside that convert costs nothing and leaves one
+    plain dot; scaling row blocks after the dot instead is 2-3x slower on CPU). Accelerators keep
+    the convert inside the dot and scale each row block's product afterwards.
     """
     blocks = q.scale_blocks
     *lead, rows, cols = q.weight.shape
@@ -197,56 +174,40 @@ def _dequantize_f32(q: QuantizedWeight8bit) -> jax.Array:
     return w.reshape(*lead, rows, cols)
 
 
-def _blocked(x: jax.Array, blocks: int) -> jax.Array:
-    """[..., In] -> [..., S, In/S]: the row blocks that share one row of scales."""
-    return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
+def qeinsum(spec: str, x: jax.Array, w: Any, plan: "ExecutionPlan",
+            out_dtype: Any = jnp.float32) -> jax.Array:
+    """einsum(spec, x, w) for any weight: a float array, a QuantizedWeight or a LayerSlice.
+
+    `spec` names the weight's last two axes (In, Out) last, and x's last axis is In, e.g.
+    "...i,io->...o" (a linear layer), "ni,eio->neo" (every expert), "nki,nkio->nko" (per-token
+    experts). The int8 weight is converted inside the dot with float32 accumulation and each row
+    block's product is scaled after it, unless the plan says to dequantise the weight in float32
+    first (the CPU; see `_dequantize_f32`)."""
+    if isinstance(w, LayerSlice):
+        w = w.get()
+    if not is_quantized(w):
+        return dot(spec, x, w.astype(x.dtype), plan).astype(out_dtype)
+    if not plan.scales_after_dot:
+        return dot(spec, x, _dequantize_f32(w), plan).astype(out_dtype)
+    inputs, out = spec.split("->")
+    xs, ws = inputs.split(",")
+    s = next(c for c in "zyxwsrqp" if c not in spec)      # a letter for the row blocks
+    blocks = w.scale_blocks
+    *lead, rows, cols = w.weight.shape
+    xb = x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
+    wb = w.weight.reshape(*lead, blocks, rows // blocks, cols).astype(x.dtype)
+    blocked_out = out[:-1] + s + out[-1]
+    y = dot(f"{xs[:-1]}{s}{xs[-1]},{ws[:-2]}{s}{ws[-2:]}->{blocked_out}", xb, wb, plan)
+    scales = w.scales.astype(jnp.float32)
+    return jnp.einsum(f"{blocked_out},{ws[:-2]}{s}{ws[-1]}->{out}", y, scales).astype(out_dtype)
 
 
-def qlinear(x: jax.Array, q: QuantizedWeight8bit | LayerSlice | jax.Array, out_dtype: Any = BF16,
-            kernel: str = "off") -> jax.Array:
-    """x [..., In] times the int8 weight [In, Out]: int8 converted inside the dot, float32
-    accumulation, each row block's product scaled after the matmul. A float weight (training,
-    tests) is used as it is. A LayerSlice of a few rows goes through the Pallas kernel when
-    `kernel` allows (see KERNEL_MODES), reading the layer in place."""
-    if isinstance(q, LayerSlice):
-        ys = _kernel_linears(x, [q], kernel)
-        if ys is not None:
-            return ys[0].astype(out_dtype)
-        q = q.get()
-    if not is_quantized(q):
-        return dot("...i,io->...o", x, q.astype(x.dtype)).astype(out_dtype)
-    if on_cpu():
-        return dot("...i,io->...o", x, _dequantize_f32(q)).astype(out_dtype)
-    blocks = q.scale_blocks
-    rows, cols = q.weight.shape
-    w = q.weight.reshape(blocks, rows // blocks, cols).astype(x.dtype)
-    y = dot("...si,sio->...so", _blocked(x, blocks), w)
-    return jnp.einsum("...so,so->...o", y, q.scales.astype(jnp.float32)).astype(out_dtype)
-
-
-def qlinears(x: jax.Array, ws: Sequence[Any], out_dtype: Any = BF16,
-             kernel: str = "off") -> list[jax.Array]:
-    """x [..., In] times several weights that share it ([In, Out_i] each), as `qlinear` gives
-    them; LayerSlices of one layer that the kernel takes (decoding) go through one launch."""
-    ys = _kernel_linears(x, ws, kernel) if len(ws) > 1 else None
-    if ys is None:
-        return [qlinear(x, w, out_dtype, kernel) for w in ws]
-    return [y.astype(out_dtype) for y in ys]
-
-
-def expert_qlinear(x: jax.Array, q: QuantizedWeight8bit | jax.Array,
-                   out_dtype: Any = BF16) -> jax.Array:
-    """Per-expert int8 matmul. x [N, In] (shared by all experts) or [N, E, In];
-    weight [E, In, Out], scales [E, S, Out] -> [N, E, Out]. A float weight is used as it is."""
-    if not is_quantized(q):
-        spec = "ni,eio->neo" if x.ndim == 2 else "nei,eio->neo"
-        return dot(spec, x, q.astype(x.dtype)).astype(out_dtype)
-    if on_cpu():
-        spec = "ni,eio->neo" if x.ndim == 2 else "nei,eio->neo"
-        return dot(spec, x, _dequantize_f32(q)).astype(out_dtype)
-    blocks = q.scale_blocks
-    experts, rows, cols = q.weight.shape
-    w = q.weight.reshape(experts, blocks, rows // blocks, cols).astype(x.dtype)
-    spec = "nsi,esio->neso" if x.ndim == 2 else "nesi,esio->neso"
-    y = dot(spec, _blocked(x, blocks), w)
-    return jnp.einsum("neso,eso->neo", y, q.scales.astype(jnp.float32)).astype(out_dtype)
+def linears(x: jax.Array, ws: Sequence[Any], plan: "ExecutionPlan",
+            out_dtype: Any = BF16) -> list[jax.Array]:
+    """x [..., In] times several weights [In, Out_i] that share it: through one kernel launch
+    where the plan takes the kernel for them (decoding: layer slices read in place), else each by
+    `qeinsum` (the reference)."""
+    ys = plan.linear_kernel(x, ws, out_dtype)
+    if ys is not None:
+        return ys
+    return [qeinsum("...i,io->...o", x, w, plan, out_dtype) for w in ws]

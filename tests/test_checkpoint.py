@@ -1,4 +1,4 @@
-"""Tests of grok/checkpoint.py: release-format reading/writing and the unpickling allow-list."""
+"""Tests of grok.checkpoint: release-format reading/writing and the unpickling allow-list."""
 from __future__ import annotations
 
 import hashlib
@@ -209,8 +209,8 @@ def _hostile(marker: Path) -> dict[str, tuple[bytes, str]]:
     touch = f"touch {marker}"
     scales = np.ones((1, 4), BF16)
     nested = io.BytesIO()
-    from grok.checkpoint import _ReleasePickler
-    _ReleasePickler(nested, protocol=4).dump(
+    from grok.checkpoint.release import ReleasePickler
+    ReleasePickler(nested, protocol=4).dump(
         QuantizedWeight8bit(Payload(os.system, touch), scales))
     return {
         "os.system": (pickle.dumps(Payload(os.system, touch), protocol=4), "posix.system"),
@@ -261,8 +261,8 @@ def test_disallowed_module_is_not_imported(tmp_path, monkeypatch):
 
 
 def test_allowed_globals_cannot_be_modified(tmp_path):
-    import grok.checkpoint as ck
-    reconstruct = ck._ALLOWED[("numpy.core.multiarray", "_reconstruct")]
+    from grok.checkpoint import unpickle as ck
+    reconstruct = ck.ALLOWED[("numpy.core.multiarray", "_reconstruct")]
     bad = tmp_path / "t"
     for target in (b"cnumpy.core.multiarray\n_reconstruct\n", b"c__main__\nQuantizedWeight8bit\n",
                    b"cnumpy\nndarray\n", b"cml_dtypes\nbfloat16\n"):
@@ -270,7 +270,7 @@ def test_allowed_globals_cannot_be_modified(tmp_path):
         bad.write_bytes(b"\x80\x04" + target + b"(N}V__doc__\nVpwned\nstb.")
         error_of(load_tensor, bad)
     assert getattr(reconstruct, "__doc__", None) != "pwned"
-    assert ck._QWStub.__doc__ != "pwned" and getattr(ck._NDARRAY, "__doc__", None) != "pwned"
+    assert ck.QWStub.__doc__ != "pwned" and getattr(ck.NDARRAY, "__doc__", None) != "pwned"
     load_tensor(fixture_dir("grok-tiny-top2") / "ckpt-0" / "tensor00002_000")   # still works
 
 
@@ -286,10 +286,10 @@ def test_persistent_ids_are_refused(tmp_path):
 
 
 def test_qw_state_may_only_hold_weight_and_scales(tmp_path):
-    from grok.checkpoint import _ReleasePickler
+    from grok.checkpoint.release import ReleasePickler
     q = QuantizedWeight8bit(np.zeros((4, 2), np.int8), np.ones((1, 2), BF16))
     buf = io.BytesIO()
-    _ReleasePickler(buf, protocol=4).dump(q)
+    ReleasePickler(buf, protocol=4).dump(q)
     data = buf.getvalue().replace(b"\x8c\x06scales", b"\x8c\x06extras", 1)
     bad = tmp_path / "t"
     bad.write_bytes(data)
@@ -440,3 +440,68 @@ def test_progress_bar_on_tty():
             bar.update(1, 10**9)
     text = stream.getvalue()
     assert "\r" in text and "3/3 files" in text and "3.00 GB" in text and text.endswith("\n")
+
+
+# --- the package's structure ---------------------------------------------------------------------
+PACKAGE = ROOT / "grok" / "checkpoint"
+MAY_IMPORT = {"grok.config", "grok.errors", "grok.leaves", "grok.quant", "grok.progress"}
+CLI_MAY_IMPORT = {"grok.parallel", "grok.parallel.memory", "grok.parallel.rules"}   # for `plan`
+
+
+def _grok_imports(tree):
+    """(module imported, names taken from it, at module level?) of every grok import."""
+    import ast
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.ClassDef))
+              for n in ast.walk(f) if n is not f}
+    for node in ast.walk(tree):
+        top = id(node) not in nested
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("grok"):
+                    yield alias.name, [], top
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("grok"):
+            names = [a.name for a in node.names]
+            subs = [n for n in names if (PACKAGE / f"{n}.py").is_file()] \
+                if node.module == "grok.checkpoint" else []
+            for sub in subs:
+                yield f"grok.checkpoint.{sub}", [], top
+            if len(subs) < len(names):
+                yield node.module, [n for n in names if n not in subs], top
+
+
+def test_checkpoint_modules_import_only_what_they_may_without_cycles():
+    """grok.checkpoint depends on config, errors, the leaf table, quant and progress only (its
+    CLI on grok.parallel for `plan`), at module level (no import hidden in a function), takes no
+    underscore name from another module, its modules form no cycle, and none of them reaches
+    back into the package's __init__."""
+    import ast
+    import re
+    graph = {}
+    for file in sorted(PACKAGE.glob("*.py")):
+        source = file.read_text()
+        tree = ast.parse(source)
+        module = file.stem
+        graph[module] = set()
+        allowed = MAY_IMPORT | (CLI_MAY_IMPORT if module == "__main__" else set())
+        bound = set()
+        for imported, names, top in _grok_imports(tree):
+            assert top, f"{file.name}: imports {imported} inside a function"
+            assert not any(n.startswith("_") for n in names), f"{file.name}: {imported} {names}"
+            if imported.startswith("grok.checkpoint."):
+                graph[module].add(imported.rsplit(".", 1)[1])
+                bound.add(imported.rsplit(".", 1)[1])
+            elif imported == "grok.checkpoint":
+                assert module == "__init__", f"{file.name}: imports names of grok.checkpoint"
+            else:
+                assert imported in allowed, f"{file.name}: imports {imported}"
+                bound.update(names)
+        for name in bound:   # no module._private through an imported module either
+            assert not re.search(rf"\b{name}\._[a-z]", source), f"{file.name}: {name}._..."
+    graph.pop("__init__")
+
+    def visit(module, path):
+        assert module not in path, f"import cycle: {' -> '.join(path + [module])}"
+        for dep in graph.get(module, ()):
+            visit(dep, path + [module])
+    for module in graph:
+        visit(module, [])

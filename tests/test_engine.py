@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -225,3 +226,210 @@ def test_decode_attends_over_the_live_context_not_the_whole_cache(model):
     engine.submit(Request([5] * 300, max_new_tokens=3))
     list(engine.run())
     assert set(engine.attend_spans) == {256, 512}
+
+
+# --- the long-lived engine: reuse, threads, cancellation, events, failures ----------------------
+
+def test_the_model_keeps_one_engine_and_its_cache_across_calls(model):
+    engine = model.engine
+    model.generate(PROMPTS[:2], max_new_tokens=4)
+    made, shape = engine.cache_allocations, (engine.batch_size, engine.max_len)
+    assert made >= 1
+    model.generate([PROMPTS[2]], max_new_tokens=5)
+    model.generate(PROMPTS[:2], max_new_tokens=3)
+    list(model.stream(PROMPTS[1], max_new_tokens=3))
+    assert model.engine is engine and engine.cache_allocations == made
+    assert (engine.batch_size, engine.max_len) == shape
+    assert not engine.results, "finished results are kept"
+
+
+def test_a_growing_engine_remakes_its_cache_only_when_a_request_needs_more(model):
+    engine = Engine(model.runner, batch_size=4, max_len=128, grow=True)
+
+    def run(*requests):
+        ids = [engine.submit(r) for r in requests]
+        list(engine.run())
+        return [engine.pop(i).tokens for i in ids]
+
+    assert engine.cache is None and engine.cache_allocations == 0
+    assert run(Request(PROMPTS[3], 5)) == [_alone(model, PROMPTS[3], 5)]
+    assert (engine.batch_size, engine.max_len, engine.cache_allocations) == (1, 16, 1)
+    run(Request(PROMPTS[1], 4))
+    assert engine.cache_allocations == 1
+    assert run(*(Request(p, 5) for p in PROMPTS[1:4])) == [_alone(model, p, 5)
+                                                           for p in PROMPTS[1:4]]
+    assert (engine.batch_size, engine.max_len, engine.cache_allocations) == (4, 16, 2)
+    run(Request(PROMPTS[7], 40))                             # a longer context
+    assert (engine.batch_size, engine.max_len, engine.cache_allocations) == (4, 64, 3)
+    run(*(Request(p, 3) for p in PROMPTS[:4]))                # fits: nothing re-made
+    assert engine.cache_allocations == 3
+    # while a request is live, a longer one waits for it rather than dropping its slot
+    short = engine.submit(Request(PROMPTS[5], 6))
+    engine.step()
+    long = engine.submit(Request(PROMPTS[5], 100))
+    engine.step()
+    assert engine.cache_allocations == 3 and list(engine.waiting) == [long]
+    list(engine.run())
+    assert engine.max_len == 128 and engine.cache_allocations == 4
+    assert engine.results[short].tokens == _alone(model, PROMPTS[5], 6)
+
+
+def _alone(model, prompt, new, **kwargs):
+    return model.generate([prompt], max_new_tokens=new, **kwargs)[0]
+
+
+def test_requests_submitted_from_several_threads_while_one_drives(model):
+    import threading
+    want = {i: _alone(model, PROMPTS[i], 6) for i in range(8)}
+    engine = Engine(model.runner, batch_size=4, max_len=64)
+    engine.start()
+    got, errors = {}, []
+
+    def client(indices):
+        try:
+            ids = {i: engine.submit(Request(PROMPTS[i], max_new_tokens=6)) for i in indices}
+            for i, rid in ids.items():
+                events = list(engine.events(rid))
+                got[i] = [e.token for e in events]
+                assert events[-1].finish_reason == engine.results[rid].finish_reason
+        except Exception as err:      # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(range(k, 8, 4),)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        engine.stop()
+    assert not errors and got == want
+    assert engine.idle and engine._driver is None
+
+
+def test_cancel_frees_the_slot_within_one_step_and_leaves_the_others_unchanged(model):
+    engine = Engine(model.runner, batch_size=2, max_len=64)
+    long = engine.submit(Request(PROMPTS[3], max_new_tokens=40))
+    other = engine.submit(Request(PROMPTS[4], max_new_tokens=8))
+    late = engine.submit(Request(PROMPTS[5], max_new_tokens=8))
+    engine.step()
+    assert engine.slots == [long, other] and list(engine.waiting) == [late]
+    assert engine.cancel(long) and not engine.cancel(long)
+    assert engine.results[long].finish_reason == "cancelled"
+    assert engine.slots[0] is None
+    engine.step()
+    assert engine.slots[0] == late        # the freed slot took the waiting request at once
+    list(engine.run())
+    assert engine.results[other].tokens == _alone(model, PROMPTS[4], 8)
+    assert engine.results[late].tokens == _alone(model, PROMPTS[5], 8)
+    assert len(engine.results[long].tokens) == 2
+    events = list(engine.events(long))
+    assert events[-1].finish_reason == "cancelled" and events[-1].token is None
+
+
+def test_cancel_from_another_thread_ends_a_driven_stream(model):
+    engine = Engine(model.runner, batch_size=2, max_len=128, tokenizer=_CharTokenizer())
+    engine.start()
+    try:
+        rid = engine.submit(Request(PROMPTS[3], max_new_tokens=100))
+        events = engine.events(rid)
+        first = [next(events), next(events)]
+        assert engine.cancel(rid)
+        rest = list(events)
+        assert rest[-1].finish_reason == "cancelled"
+        assert len(first) + len(rest) <= len(engine.results[rid].tokens) + 1 < 100
+        assert "".join(e.text for e in first + rest) == engine.results[rid].text
+    finally:
+        engine.stop()
+
+
+def test_the_event_stream_concatenates_to_the_final_text(model):
+    tok = _CharTokenizer()
+    free = _alone(model, PROMPTS[5], 12)
+    stop = tok.decode(free[6:9])
+    engine = Engine(model.runner, batch_size=2, max_len=64, tokenizer=tok)
+    ids = [engine.submit(Request(PROMPTS[5], 12, stop_strings=(stop,))),
+           engine.submit(Request(PROMPTS[5], 12))]
+    streams = [list(engine.events(rid)) for rid in ids]     # no driver: the iterator steps
+    for rid, events in zip(ids, streams):
+        result = engine.results[rid]
+        assert "".join(e.text for e in events) == result.text
+        assert [e.token for e in events] == result.tokens
+        assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+    assert streams[0][-1].finish_reason == "stop" and stop not in engine.results[ids[0]].text
+    assert engine.results[ids[1]].text == tok.decode(free)
+    assert engine.pop(ids[0]).id == ids[0] and ids[0] not in engine.results
+
+
+@pytest.mark.parametrize("where", ["sampler", "decode after the cache was donated"])
+def test_a_failing_step_fails_its_requests_only_and_the_engine_goes_on(model, monkeypatch,
+                                                                       where):
+    engine = Engine(model.runner, batch_size=2, max_len=64)
+    ids = [engine.submit(Request(p, max_new_tokens=5)) for p in PROMPTS[2:6]]
+    calls = []
+    if where == "sampler":
+        real = model.runner.sample
+
+        def failing(*args):          # the 2nd call: the first step's decode
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected sampler failure")
+            return real(*args)
+        monkeypatch.setattr(model.runner, "sample", failing)
+    else:
+        real = model.runner.decode
+
+        def failing(*args):
+            out = real(*args)        # the cache argument is donated: gone now
+            calls.append(1)
+            if len(calls) == 1:
+                jax.block_until_ready(out)
+                raise RuntimeError("injected decode failure")
+            return out
+        monkeypatch.setattr(model.runner, "decode", failing)
+    list(engine.run())
+    results = [engine.results[i] for i in ids]
+    assert [r.finish_reason for r in results[:2]] == ["error", "error"]
+    assert all("injected" in r.error for r in results[:2])
+    for prompt, result in zip(PROMPTS[4:6], results[2:]):
+        assert result.finish_reason == "length" and result.tokens == _alone(model, prompt, 5)
+    assert engine.idle and engine.slots == [None, None]
+    rid = engine.submit(Request(PROMPTS[7], max_new_tokens=4))
+    list(engine.run())
+    assert engine.results[rid].tokens == _alone(model, PROMPTS[7], 4)
+
+
+def test_dropping_a_stream_cancels_and_forgets_its_request(model):
+    stream = model.stream(PROMPTS[3], max_new_tokens=50)
+    next(stream)
+    assert len(model.engine.results) == 1
+    del stream
+    model.generate([PROMPTS[2]], max_new_tokens=2)           # one more step, then all is gone
+    assert not model.engine.results and all(s is None for s in model.engine.slots)
+    never_read = model.stream(PROMPTS[3], max_new_tokens=50)
+    del never_read
+    assert not model.engine.results
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(seed=2 ** 40), "seed must be"),
+    (dict(sampling=None), "sampling must be a grok.SamplingParams"),
+    (dict(stop_strings=(5,)), "stop_strings must be a sequence of strings"),
+    (dict(stop_ids=None), "stop_ids must be a sequence of token ids"),
+    (dict(prompt=[1.7, 2]), r"prompt holds 1.7 \(float\)"),
+    (dict(prompt=[True]), "prompt holds True"),
+    (dict(prompt="abc"), "prompt must be a sequence of token ids"),
+])
+def test_bad_request_fields_are_refused_at_submit_and_the_engine_still_runs(model, change,
+                                                                             words):
+    import dataclasses
+
+    from grok.errors import RequestError
+    engine = Engine(model.runner, batch_size=2, max_len=64)
+    good = Request(PROMPTS[2], max_new_tokens=3)
+    with pytest.raises(RequestError, match=words):
+        engine.submit(dataclasses.replace(good, **change))
+    rid = engine.submit(dataclasses.replace(good, prompt=np.array(PROMPTS[2])))
+    list(engine.run())
+    assert engine.results[rid].tokens == _alone(model, PROMPTS[2], 3)

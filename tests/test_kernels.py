@@ -12,9 +12,10 @@ import pytest
 
 from grok.config import GROK1
 from grok.serving.engine import ModelRunner
-from grok.kernels import moe as kmoe
+from grok.kernels import pallas_int8 as kmoe
+from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.model import KVCache
-from grok.leaves import abstract_params
+from grok.leaves import abstract_params, checkpoint_entries
 from grok.model.moe import moe
 from grok.quant import QuantizedWeight8bit, dequantize, quantize
 
@@ -122,8 +123,8 @@ def test_pallas_moe_equals_xla():
     w1, wv, w2 = _q(rng, (e, d, f), 1), _q(rng, (e, d, f), 1), _q(rng, (e, f, d), 4)
     x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
     gates, chosen = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.standard_normal((n, e)))), k)
-    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped"))
-    out = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="pallas"))  # interpreter on CPU
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, resolve_plan("grouped")))
+    out = np.asarray(moe(x, gates, chosen, w1, wv, w2, resolve_plan("pallas")))  # interpreter on CPU
     deq = [dequantize(w, np.float64) for w in (w1, wv, w2)]
     # float32 order differs; the hidden layer's bfloat16 rounding only where a rounding point
     # is within that difference (precision.moe_route_bound)
@@ -195,16 +196,15 @@ def test_lowers_for_triton():
 
 
 @pytest.mark.parametrize("batch,tokens", [(1, 1), (8, 1), (32, 1), (1, 512)])
-def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch, batch, tokens):
+def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(batch, tokens):
     """The whole step at Grok-1 width (4 layers), as a GPU runs it (auto -> the Pallas kernel),
     lowers for CUDA on this CPU-only machine, and the expert matmuls of the scanned layer (gated w1/wv, then w2)
     take the whole layer-stacked weight [L*E, In, Out]: no layer's experts are sliced (copied)
     out of the stack. Also catches GPU-only code paths that CPU tests never trace."""
     pytest.importorskip("jax._src.lib.triton")
-    monkeypatch.setattr("grok.quant.on_gpu", lambda: True)
-    monkeypatch.setattr("grok.quant.on_cpu", lambda: False)
     config = GROK1.replace(num_layers=4, sequence_len=1024)
-    runner = ModelRunner(abstract_params(config, True), config, moe_impl="auto")
+    params = abstract_params(config, True)
+    runner = ModelRunner(params, config, plan=resolve_plan("auto", params=params, backend="gpu"))
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     kv = jax.ShapeDtypeStruct((4, batch, config.num_kv_heads, 1024, config.key_size),
                               jnp.bfloat16)
@@ -239,15 +239,12 @@ def test_grok1_width_model_lowers_for_cuda_reading_experts_in_place(monkeypatch,
 
 @pytest.mark.parametrize("layout,local", [("tensor", ["16x6144x4096", "16x4096x6144"]),
                                           ("expert", ["2x6144x32768", "2x32768x6144"])])
-def test_mesh_kernels_lower_for_cuda_on_each_devices_shard(monkeypatch, layout, local):
+def test_mesh_kernels_lower_for_cuda_on_each_devices_shard(layout, local):
     """On an 8-way model axis (an abstract mesh of H100s: no devices needed) the MoE kernels
     lower to Triton calls inside shard_map on each device's shard of the layer stacks."""
     pytest.importorskip("jax._src.lib.triton")
-    monkeypatch.setattr("grok.quant.on_gpu", lambda: True)
-    monkeypatch.setattr("grok.quant.on_cpu", lambda: False)
     from grok.parallel import rules as sh
-    from grok.model.moe import _pallas_mlp
-    from grok.parallel.mesh_kernels import grouped_mlp, kernel_plan
+    from grok.parallel.mesh_kernels import kernel_plan
     config = GROK1.replace(num_layers=2)
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                          platform="gpu")
@@ -256,24 +253,24 @@ def test_mesh_kernels_lower_for_cuda_on_each_devices_shard(monkeypatch, layout, 
     params = abstract_params(config, True)
     layers = params["layers"]
     ws = []
+    sizes = {"data": 1, "model": 8}
+    entries = {e.tree_path: e for e in checkpoint_entries(config) if e.layer == 0}
     for name in ("linear", "linear_v", "linear_1"):
         w = layers[f"decoder_layer/moe/{name}"]["w"]
-        path = f"layers/decoder_layer/moe/{name}/w/"
-        parts = []
-        for part, leaf in (("weight", w.weight), ("scales", w.scales)):
-            spec = sh.param_spec(path + part, leaf.shape, {"data": 1, "model": 8}, config,
-                                 layout, stacked=True, weight_shape=w.weight.shape)
-            parts.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                              sharding=jax.sharding.NamedSharding(
-                                                  mesh, jax.sharding.PartitionSpec(*spec))))
+        specs = sh.leaf_specs(entries[f"layers/decoder_layer/moe/{name}/w"], sizes, config,
+                              layout, stacked=True)
+        parts = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.NamedSharding(
+                     mesh, jax.sharding.PartitionSpec(*spec)))
+                 for leaf, spec in zip((w.weight, w.scales), specs)]
         ws.append(QuantizedWeight8bit(*parts))
         layers[f"decoder_layer/moe/{name}"]["w"] = ws[-1]
-    plan = kernel_plan(params, mesh)
-    assert plan is not None and plan.layout == layout
+    mesh_kernel = kernel_plan(params, mesh)
+    assert mesh_kernel is not None and mesh_kernel.layout == layout
+    plan = ExecutionPlan(backend="gpu", moe="auto", mesh_kernel=mesh_kernel)
     xb = jax.ShapeDtypeStruct((2, 16, 6144), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2,), jnp.int32)
-    fn = jax.jit(lambda xb, ids, rows, w1, wv, w2, layer: grouped_mlp(
-        plan, _pallas_mlp, xb, ids, rows, w1, wv, w2, layer))
+    fn = jax.jit(lambda xb, ids, rows, w1, wv, w2, layer: plan.expert_kernels(
+        xb, ids, rows, w1, wv, w2, layer))
     with jax.sharding.use_abstract_mesh(mesh):
         text = fn.trace(xb, ids, ids, *ws, jax.ShapeDtypeStruct((), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()

@@ -101,17 +101,18 @@ def test_scan_and_unrolled_agree():
 @pytest.mark.parametrize("unroll", [True, 4])
 def test_unrolled_layer_loop_agrees(unroll):
     """The scanned model with its layer loop unrolled (wholly, or 4 of 11 layers per step)."""
-    from grok.serving.engine import ModelRunner
+    from grok.kernels.plan import resolve_plan
+    from grok.serving.runner import ModelRunner
     config = CONFIGS["11-layers"]
     flat = random_flat(config, seed=3)
     model = from_flat(flat, config, scan=True)
     tokens = np.asarray(_tokens(config)[:2])
-    unrolled = ModelRunner(model.runner.params, config, unroll=unroll)
+    unrolled = ModelRunner(model.runner.params, config, plan=resolve_plan(unroll=unroll))
     _route_check(unrolled.logits(tokens), model.runner.logits(tokens), flat, config, tokens,
                  f"model unroll={unroll} vs scan")
     for bad in (0, -2, False, 1.5):
         with pytest.raises(ValueError, match="unroll must be"):
-            ModelRunner(model.runner.params, config, unroll=bad)
+            resolve_plan(unroll=bad)
 
 
 def test_padding_does_not_leak_into_real_positions():

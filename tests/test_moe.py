@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok.model.moe import block_rows_for, moe, num_blocks, resolve_impl, route_blocks
+from grok.kernels.plan import ExecutionPlan, block_rows_for, resolve_plan
+from grok.model.moe import grouped, moe, num_blocks, route_blocks
 from grok.quant import QuantizedWeight8bit, dequantize, quantize, is_quantized
 
 from conftest import tiny_config
@@ -52,8 +53,8 @@ def test_fast_paths_equal_dense(experts, k, n, impl):
     w1, wv, w2 = _weights(rng, experts, d, f, blocks)
     x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
     gates, chosen = _routing(rng, n, experts, k)
-    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
-    out = np.asarray(jax.jit(lambda *a: moe(*a, impl=impl))(x, gates, chosen, w1, wv, w2))
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, resolve_plan("dense")))
+    out = np.asarray(jax.jit(lambda *a: moe(*a, resolve_plan(impl)))(x, gates, chosen, w1, wv, w2))
     assert_within(out, ref, _bound(x, gates, chosen, w1, wv, w2),
                   f"moe {impl} vs dense ({experts}, {k}, {n})")
 
@@ -68,8 +69,8 @@ def test_planted_bug_wrong_expert_is_caught():
     wrong = chosen.at[:, 1].set((chosen[:, 1] + 1) % 8)
     wrong = jnp.where(wrong[:, 1:] == chosen[:, :1], (wrong + 1) % 8, wrong).at[:, 0].set(
         chosen[:, 0])
-    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
-    bug = np.asarray(moe(x, gates, wrong, w1, wv, w2, impl="grouped"))
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, resolve_plan("dense")))
+    bug = np.asarray(moe(x, gates, wrong, w1, wv, w2, resolve_plan("grouped")))
     with pytest.raises(AssertionError):
         assert_within(bug, ref, _bound(x, gates, chosen, w1, wv, w2),
                       "moe planted bug: wrong expert")
@@ -79,20 +80,19 @@ def test_planted_bug_wrong_expert_is_caught():
 def test_accelerator_int8_path_equals_dense(monkeypatch, impl):
     """The GPU/TPU path of the selected-experts matmuls (int8 converted inside the dot, scales per
     row block after it) run on CPU: the same numbers as dense."""
-    import grok.model.moe
     import grok.quant
-    monkeypatch.setattr(grok.quant, "on_cpu", lambda: False)
 
     def widened(*_):
         raise AssertionError("the CPU path (weights widened before the dot) ran")
-    monkeypatch.setattr(grok.model.moe, "_dequantize_f32", widened)
     monkeypatch.setattr(grok.quant, "_dequantize_f32", widened)
+    accelerator = ExecutionPlan(moe=impl, scale_after_dot=True)   # as on a GPU or TPU
     rng = np.random.default_rng(11)
     w1, wv, w2 = _weights(rng, 4, 32, 48, 4)
     x = jnp.asarray(rng.standard_normal((3, 32)), jnp.bfloat16)
     gates, chosen = _routing(rng, 3, 4, 2)
-    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="dense"))
-    out = np.asarray(jax.jit(lambda *a: moe(*a, impl=impl))(x, gates, chosen, w1, wv, w2))
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2,
+                         ExecutionPlan(moe="dense", scale_after_dot=True)))
+    out = np.asarray(jax.jit(lambda *a: moe(*a, accelerator))(x, gates, chosen, w1, wv, w2))
     # scales applied per row block after the dot: one more rounding per block, in the bound
     assert_within(out, ref, _bound(x, gates, chosen, w1, wv, w2),
                   f"moe {impl} accelerator int8 path vs dense")
@@ -124,12 +124,12 @@ def test_float_weights_grouped_and_gradients():
     w1, wv, w2 = _weights(rng, 4, 16, 24, 2, quantized=False)
     x = jnp.asarray(rng.standard_normal((5, 16)), jnp.bfloat16)
     gates, chosen = _routing(rng, 5, 4, 2)
-    ref = moe(x, gates, chosen, w1, wv, w2, impl="dense")
+    ref = moe(x, gates, chosen, w1, wv, w2, resolve_plan("dense"))
     bound = _bound(x, gates, chosen, w1, wv, w2)          # float weights: rounded to bfloat16
     for impl in ("gather", "grouped", "pallas"):
-        assert_within(moe(x, gates, chosen, w1, wv, w2, impl=impl), ref, bound,
+        assert_within(moe(x, gates, chosen, w1, wv, w2, resolve_plan(impl)), ref, bound,
                       f"moe {impl} float weights vs dense")
-    loss = lambda impl: lambda w: jnp.sum(moe(x, gates, chosen, w, wv, w2, impl=impl) ** 2)
+    loss = lambda impl: lambda w: jnp.sum(moe(x, gates, chosen, w, wv, w2, resolve_plan(impl)) ** 2)
     assert_within(jax.grad(loss("grouped"))(w1), jax.grad(loss("dense"))(w1),
                   _grad_w1_bound(x, gates, chosen, w1, wv, w2), "moe grad w1 grouped vs dense")
 
@@ -165,8 +165,15 @@ def test_batch1_reads_only_the_chosen_experts():
     assert np.asarray(block_rows).tolist() == [1, 1]
 
 
-def test_auto_on_cpu_is_grouped():
-    assert jax.default_backend() != "cpu" or resolve_impl("auto", 2, 8) == "grouped"
+def test_auto_takes_the_kernels_only_on_a_gpu_with_int8_weights():
+    rng = np.random.default_rng(0)
+    ws = _weights(rng, 4, 64, 128, 4)   # tiles the compiled kernel takes (>= 16 each way)
+    floats = [jnp.asarray(dequantize(w)) for w in ws]
+    assert resolve_plan("auto", backend="cpu").moe_path(2, *ws) == "grouped"
+    assert resolve_plan("auto", backend="tpu").moe_path(2, *ws) == "grouped"
+    assert resolve_plan("auto", backend="gpu").moe_path(2, *ws) == "pallas"
+    assert resolve_plan("auto", backend="gpu").moe_path(2, *floats) == "grouped"
+    assert resolve_plan("pallas", backend="cpu").moe_path(2, *floats) == "grouped"
 
 
 @pytest.mark.parametrize("impl", ["grouped", "pallas"])
@@ -203,10 +210,10 @@ def test_layer_of_a_stack_equals_that_layer_alone(impl):
                                  jnp.stack([ws[i].scales for ws in layers])) for i in range(3)]
     x = jnp.asarray(rng.standard_normal((5, 32)), jnp.bfloat16)
     gates, chosen = _routing(rng, 5, 4, 2)
-    run = jax.jit(lambda x, g, c, w1, wv, w2, layer: moe(x, g, c, w1, wv, w2, impl=impl,
-                                                        layer=layer))
+    run = jax.jit(lambda x, g, c, w1, wv, w2, layer: moe(x, g, c, w1, wv, w2,
+                                                        resolve_plan(impl), layer=layer))
     for layer in (2, 1):
-        alone = np.asarray(moe(x, gates, chosen, *layers[layer], impl=impl))
+        alone = np.asarray(moe(x, gates, chosen, *layers[layer], resolve_plan(impl)))
         stacked = np.asarray(run(x, gates, chosen, *stack, jnp.int32(layer)))
         # bit for bit: the same ops on the same values in the same order; only the indexing moved
         np.testing.assert_array_equal(stacked, alone)
@@ -214,16 +221,14 @@ def test_layer_of_a_stack_equals_that_layer_alone(impl):
 
 @pytest.mark.parametrize("block_rows", [1, 4, 64])
 def test_any_block_size_gives_the_same_result(block_rows):
-    """`block_rows` (tuning) changes only the layout: one row per block, several blocks per
+    """The block size (tuning) changes only the layout: one row per block, several blocks per
     expert, or one block holding every row."""
     rng = np.random.default_rng(block_rows)
     w1, wv, w2 = _weights(rng, 4, 32, 48, 4)
     x = jnp.asarray(rng.standard_normal((20, 32)), jnp.bfloat16)
     gates, chosen = _routing(rng, 20, 4, 2)
-    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped"))
-    out = np.asarray(moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=block_rows))
+    ref = np.asarray(moe(x, gates, chosen, w1, wv, w2, resolve_plan("grouped")))
+    out = np.asarray(grouped(x, gates, chosen, w1, wv, w2, block_rows, resolve_plan("grouped")))
     # blocks of other sizes may take other dot kernels (float32 order): the MoE route bound
     assert_within(out, ref, _bound(x, gates, chosen, w1, wv, w2),
                   f"moe grouped block_rows={block_rows}")
-    with pytest.raises(ValueError, match="block_rows must be at least 1"):
-        moe(x, gates, chosen, w1, wv, w2, impl="grouped", block_rows=-1)

@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(r"""
         p = jax.device_put(params, sh.params_shardings(params, mesh, config, layout))
         calls.clear()
         m = Grok(p, config, None, "pallas", 2, mesh=mesh)
-        plan = m.runner.mesh_kernel
+        plan = m.runner.plan.mesh_kernel
         out[f"{shape} {layout}"] = {
             "plan": plan and [plan.layout, plan.slice_w2_scales],
             "logits": m.runner.logits(tokens).tolist(),
@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(r"""
     calls.clear()
     runner = ModelRunner(p, config, moe_impl="pallas", mesh=mesh)
     out["unstacked"] = {"logits": runner.logits(tokens).tolist(), "calls": len(calls),
-                        "plan": runner.mesh_kernel.layout}
+                        "plan": runner.plan.mesh_kernel.layout}
     # a planted bug: device 3's partial product left out of the psum over "model"
     def dropped(plan, mlp, *a, **k):
         def partial(*b, **kw):

@@ -8,7 +8,8 @@ import pytest
 
 from grok.tools.bench import dequantized_buffers
 from grok.model.moe import moe
-from grok.quant import QuantizedWeight8bit, dequantize, expert_qlinear, qlinear, quantize
+from grok.kernels.plan import ExecutionPlan, KERNEL_ROWS, resolve_plan
+from grok.quant import QuantizedWeight8bit, dequantize, linears, qeinsum, quantize
 
 from conftest import tiny_config
 from precision import BF16_EPS, F32_EPS, assert_within, flat_route_bound, gamma, to_bf16
@@ -25,6 +26,15 @@ def _exact(x, w, routes=1):
     spec = "...i,io->...o" if wf.ndim == 2 else ("ni,eio->neo" if xf.ndim == 2 else
                                                   "nei,eio->neo")
     return np.einsum(spec, xf, wf), routes * gamma(n) * np.einsum(spec, np.abs(xf), np.abs(wf))
+
+
+CPU = ExecutionPlan()                                  # weights dequantised in f32 first
+ACCELERATOR = ExecutionPlan(scale_after_dot=True)      # int8 in the dot, scales after it
+KERNEL = ExecutionPlan(moe="pallas", projections=True)  # decode projections: kernel, interpreted
+
+
+def qlinear(x, w, out_dtype=jnp.float32, plan=CPU):
+    return qeinsum("...i,io->...o", x, w, plan, out_dtype)
 
 
 def _q(rng, shape, blocks):
@@ -64,7 +74,7 @@ def test_selected_experts_write_no_dequantised_stack():
     gates, chosen = jax.lax.top_k(jax.nn.softmax(jnp.asarray(rng.standard_normal((n, e)))), 2)
 
     def compiled(impl):
-        fn = jax.jit(lambda *a: moe(*a, impl=impl))
+        fn = jax.jit(lambda *a: moe(*a, resolve_plan(impl)))
         return fn.lower(x, gates, chosen, w1, wv, w2).compile()
 
     grouped = compiled("grouped")
@@ -147,22 +157,20 @@ def test_quantize_zero_blocks_and_bad_block_counts():
 
 
 @pytest.mark.parametrize("blocks", [1, 4, 8])
-def test_scale_after_the_dot_path_matches_dequantised_weights(monkeypatch, blocks):
+def test_scale_after_the_dot_path_matches_dequantised_weights(blocks):
     """The accelerator path (row blocks scaled after the int8 dot) is exercised here on CPU too."""
-    import grok.quant
-    monkeypatch.setattr(grok.quant, "on_cpu", lambda: False)
     rng = np.random.default_rng(blocks)
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16)
     w = _q(rng, (64, 24), blocks)
     # row blocks scaled after the int8 dot: one scaling and add per block, in the bound
-    assert_within(jax.jit(qlinear, static_argnums=2)(x, w, jnp.float32), *_exact(x, w),
-                  f"qlinear scale-after-dot S={blocks}")
+    run = jax.jit(lambda spec, x, w: qeinsum(spec, x, w, ACCELERATOR), static_argnums=0)
+    assert_within(run("...i,io->...o", x, w), *_exact(x, w), f"linear scale-after-dot S={blocks}")
     we = _q(rng, (3, 64, 24), blocks)
-    got = jax.jit(expert_qlinear, static_argnums=2)(x, we, jnp.float32)
-    assert_within(got, *_exact(x, we), f"expert_qlinear scale-after-dot S={blocks}")
+    got = run("ni,eio->neo", x, we)
+    assert_within(got, *_exact(x, we), f"experts scale-after-dot S={blocks}")
     xe = jnp.asarray(rng.standard_normal((5, 3, 64)), jnp.bfloat16)
-    got = jax.jit(expert_qlinear, static_argnums=2)(xe, we, jnp.float32)
-    assert_within(got, *_exact(xe, we), f"expert_qlinear [N, E, In] scale-after-dot S={blocks}")
+    got = run("nei,eio->neo", xe, we)
+    assert_within(got, *_exact(xe, we), f"experts [N, E, In] scale-after-dot S={blocks}")
 
 
 @pytest.mark.parametrize("rows,blocks", [(1, 1), (5, 4), (3, 8)])
@@ -170,8 +178,8 @@ def test_layer_slice_through_the_kernel_equals_the_slice(monkeypatch, rows, bloc
     """A LayerSlice (a layer of a stacked weight, as the scanned model passes it) gives the same
     product through the Pallas kernel (interpreted here) as qlinear on the sliced layer; "auto"
     off the GPU, and too many rows, take XLA instead."""
-    import grok.kernels.block_matmul as kmoe
-    from grok.quant import KERNEL_ROWS, LayerSlice
+    import grok.kernels.moe_mlp as kmoe
+    from grok.quant import LayerSlice
     rng = np.random.default_rng(rows * 10 + blocks)
     stack = _q(rng, (3, 64, 48), blocks)
     x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.bfloat16)
@@ -179,24 +187,24 @@ def test_layer_slice_through_the_kernel_equals_the_slice(monkeypatch, rows, bloc
         ref = np.asarray(qlinear(x, QuantizedWeight8bit(stack.weight[layer], stack.scales[layer]),
                                  jnp.float32))
         sliced = LayerSlice(stack, jnp.int32(layer))
-        out = np.asarray(qlinear(x, sliced, jnp.float32, kernel="always"))
+        out = np.asarray(linears(x, [sliced], KERNEL, jnp.float32)[0])
         # kernel and XLA: two float32 orders of the same sums
         _, bound = _exact(x, QuantizedWeight8bit(stack.weight[layer], stack.scales[layer]), 2)
         assert_within(out, ref, bound, f"LayerSlice kernel vs qlinear S={blocks}")
     calls = []
     real = kmoe.block_matmul
     monkeypatch.setattr(kmoe, "block_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-    qlinear(x, sliced, kernel="always")
-    qlinear(x, sliced, kernel="auto")                     # CPU: XLA
-    qlinear(jnp.zeros((KERNEL_ROWS + 1, 64), jnp.bfloat16), sliced, kernel="always")
+    linears(x, [sliced], KERNEL)
+    linears(x, [sliced], resolve_plan("auto", backend="cpu"))     # "auto" off a GPU: XLA
+    linears(jnp.zeros((KERNEL_ROWS + 1, 64), jnp.bfloat16), [sliced], KERNEL)   # too many rows
     assert calls == [1]
 
 
-def test_qlinears_share_one_launch_and_equal_qlinear(monkeypatch):
+def test_linears_share_one_launch_and_equal_the_reference(monkeypatch):
     """Several LayerSlices of one layer (the attention's q, k, v) through one kernel launch give
-    what qlinear gives for each; without the kernel, each goes through qlinear."""
-    import grok.kernels.block_matmul as kmoe
-    from grok.quant import LayerSlice, qlinears
+    what the reference (qeinsum) gives for each; without the kernel, each goes through it."""
+    import grok.kernels.moe_mlp as kmoe
+    from grok.quant import LayerSlice
     rng = np.random.default_rng(7)
     stacks = [_q(rng, (3, 64, 48), 1), _q(rng, (3, 64, 16), 4)]
     x = jnp.asarray(rng.standard_normal((2, 1, 64)), jnp.bfloat16)
@@ -205,11 +213,11 @@ def test_qlinears_share_one_launch_and_equal_qlinear(monkeypatch):
     real = kmoe.multi_block_matmul
     monkeypatch.setattr(kmoe, "multi_block_matmul",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    fused = qlinears(x, ws, jnp.float32, kernel="always")
-    plain = qlinears(x, ws, jnp.float32, kernel="off")
+    fused = linears(x, ws, KERNEL, jnp.float32)
+    plain = linears(x, ws, CPU, jnp.float32)
     assert calls == [1]
     for got, want, st in zip(fused, plain, stacks):
         ref, bound = _exact(x, QuantizedWeight8bit(st.weight[1], st.scales[1]))
         assert got.shape == want.shape == ref.shape
-        assert_within(got, want, 2 * bound, "qlinears one launch vs qlinear")
-        assert_within(want, ref, bound, "qlinears vs float64")
+        assert_within(got, want, 2 * bound, "linears one launch vs reference")
+        assert_within(want, ref, bound, "linears vs float64")

@@ -21,6 +21,7 @@ from conftest import FIXTURES
 from grok.parallel import memory
 from grok.parallel import rules as sh
 from grok.config import GROK1, GrokConfig
+from grok.leaves import checkpoint_entries
 from precision import (assert_rows_within, fixture_greedy_steps, flat_route_bound, greedy_gap,
                        near_tie_rows, record, trusted_steps)
 
@@ -32,8 +33,33 @@ RANDOM = GrokConfig(vocab_size=128, emb_size=64, key_size=8, num_q_heads=8, num_
 
 # --- rules (no devices needed) -------------------------------------------------------------------
 def _spec(path, shape, data, model, config=GROK1, layout="tensor", weight_shape=None):
-    return sh.param_spec(path, shape, {"data": data, "model": model}, config, layout,
-                         weight_shape=weight_shape)
+    """The spec of the params leaf at `path` (".../w/weight" or ".../w/scales": a quantised
+    leaf's part), from the leaf table and the layout's rules."""
+    base, part = path.rsplit("/", 1)
+    entry = next(e for e in checkpoint_entries(config)
+                 if e.layer in (None, 0) and e.tree_path == base)
+    specs = sh.leaf_specs(entry, {"data": data, "model": model}, config, layout)
+    assert (entry.scales_shape if part == "scales" else entry.shape) == tuple(shape)
+    return specs[1] if part == "scales" else specs[0]
+
+
+@pytest.mark.parametrize("layout", sorted(sh.LAYOUTS))
+def test_every_leaf_of_grok1_is_covered_by_a_rule(layout):
+    """Each logical axis of every Grok-1 leaf and activation has a rule in each layout (none is
+    replicated by omission), and on a 2x8 mesh every matrix but the router is split."""
+    rules = sh.layout_rules(layout)
+    sizes = {"data": 2, "model": 8}
+    for entry in checkpoint_entries(GROK1):
+        rules.mesh_axes(entry.axes)                        # raises for an axis with no rule
+        assert len(entry.axes) == len(entry.shape), entry.name
+        specs = sh.leaf_specs(entry, sizes, GROK1, layout)
+        if len(entry.shape) > 1 and entry.param != "w" or entry.quantized:
+            assert any(specs[0]), f"{entry.name} replicated on a 2x8 mesh ({layout})"
+    for name in sh.ACTIVATIONS:
+        rules.mesh_axes(sh.ACTIVATIONS[name])
+    bad = sh.ShardingRules("partial", {a: v for a, v in rules.axes.items() if a != "ffn"})
+    with pytest.raises(sh.ShardingError, match="no rule for logical axis 'ffn'"):
+        bad.mesh_axes(checkpoint_entries(GROK1)[2].axes)
 
 
 def test_scales_follow_rows_only_when_blocks_divide():
@@ -46,7 +72,8 @@ def test_scales_follow_rows_only_when_blocks_divide():
     assert _spec(s, sshape, 1, 4, weight_shape=wshape) == ("model", None)      # S=8, model 4
     assert _spec(w, wshape, 1, 16) == ("model", None)                          # 48 heads / 16
     assert _spec(s, sshape, 1, 16, weight_shape=wshape) == (None, None)        # S=8, model 16
-    assert _spec(s, (1, c.emb_size), 1, 8, weight_shape=wshape) == (None, None)  # S=1
+    one_block = GROK1.replace(scale_blocks=1)
+    assert _spec(s, (1, c.emb_size), 1, 8, one_block) == (None, None)          # S=1
     # 48 heads on a model axis of 32: whole heads only, so the rows stay whole (and so do scales)
     assert _spec(w, wshape, 1, 32) == (None, None)
     assert _spec(s, sshape, 1, 32, weight_shape=wshape) == (None, None)
@@ -121,13 +148,15 @@ def test_make_mesh_errors():
 # compiled the same way.
 XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 SCRIPT = textwrap.dedent(r"""
-    import sys, json
+    import dataclasses, sys, json
     import numpy as np, jax, jax.numpy as jnp
     import grok
     from grok.checkpoint import loader
     from grok.parallel import rules as sh
     from grok.checkpoint import read_config
-    from grok.quant import QuantizedWeight8bit, dequantize, qlinear, quantize
+    from grok.leaves import abstract_params, checkpoint_entries
+    from grok.kernels.plan import resolve_plan
+    from grok.quant import QuantizedWeight8bit, dequantize, qeinsum, quantize
     sys.path.insert(0, "tests")
     from precision import dot_bound, top2_gaps
     name, path, prompts, out_file = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
@@ -139,9 +168,10 @@ SCRIPT = textwrap.dedent(r"""
         rng = np.random.default_rng(0)
         x = rng.standard_normal((3, 64)).astype(np.float32)
         w = rng.standard_normal((64, 16)).astype(np.float32)
-        wpath = "layers/decoder_layer/multi_head_attention/linear/w/"
         cfg = grok.GrokConfig(key_size=8, num_q_heads=8, num_kv_heads=8)
-        matmul = jax.jit(lambda a, b: qlinear(a, b, jnp.float32))
+        entry = next(e for e in checkpoint_entries(cfg) if e.layer == 0
+                     and e.tree_path.endswith("multi_head_attention/linear/w"))   # [H*K, D]
+        matmul = jax.jit(lambda a, b: qeinsum("...i,io->...o", a, b, resolve_plan()))
         for s in (1, 2, 4, 8):
             q = quantize(w, s)
             want = np.asarray(matmul(jnp.asarray(x), QuantizedWeight8bit(jnp.asarray(q.weight),
@@ -150,9 +180,8 @@ SCRIPT = textwrap.dedent(r"""
             # |x| @ |w|, n = In + 2 S + 8 (precision.dot_bound)
             bound = dot_bound(np.abs(x), np.abs(dequantize(q, np.float64)), 64 + 2 * s + 8, 2)
             sizes = {"data": 1, "model": 8}
-            ws = sh.param_spec(wpath + "weight", q.weight.shape, sizes, cfg)
-            ss = sh.param_spec(wpath + "scales", q.scales.shape, sizes, cfg,
-                               weight_shape=q.weight.shape)
+            ws, ss = sh.leaf_specs(dataclasses.replace(entry, shape=w.shape, scale_blocks=s),
+                                   sizes, cfg)
             qs = QuantizedWeight8bit(jax.device_put(q.weight, sh.named(mesh, ws)),
                                      jax.device_put(q.scales, sh.named(mesh, ss)))
             got = np.asarray(matmul(jnp.asarray(x), qs))
@@ -176,8 +205,10 @@ SCRIPT = textwrap.dedent(r"""
 
     def same_bits(a, b):
         # the model runs with its embedding's bfloat16 values widened to float32 on CPU
-        from grok.serving.engine import _with_compute_embedding
-        a, b = (jax.tree.leaves(_with_compute_embedding(t)) for t in (a, b))
+        from grok.kernels.plan import resolve_plan
+        from grok.serving.runner import with_compute_embedding
+        dtype = resolve_plan().embedding_dtype
+        a, b = (jax.tree.leaves(with_compute_embedding(t, dtype)) for t in (a, b))
         return len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype and
                                         np.array_equal(bits(x), bits(y)) for x, y in zip(a, b))
 
@@ -208,9 +239,11 @@ SCRIPT = textwrap.dedent(r"""
             # mesh also through the loader's copying path (reused host buffers, on-device
             # in-place layer updates: what a GPU takes)
             "params_equal": same_bits(m.params, ref.params),
-            "copy_path_equal": (same_bits(loader.load_params(path, read_config(path), m.mesh,
-                                                             zero_copy=False, progress=False),
-                                          ref.params) if mesh == (2, 4) else None),
+            "copy_path_equal": (same_bits(loader.load_params(
+                path, read_config(path),
+                sh.params_shardings(abstract_params(read_config(path)), m.mesh,
+                                    read_config(path)),
+                zero_copy=False, progress=False), ref.params) if mesh == (2, 4) else None),
         }
         del m
     if name == "random":

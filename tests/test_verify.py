@@ -74,3 +74,26 @@ def test_verify(ckpt, tmp_path):
     assert "trailing" in lines[quantized[4].filename]
     assert len(lines) == 6 and not (tmp_path / "pwned").exists()
     assert f"{n - 6} of {n} files ok, 6 with problems" in out.stdout
+
+
+@pytest.mark.parametrize("index, where", [(0, "first"), (0, "middle"), (1, "first")],
+                         ids=["embedding-start", "embedding-middle", "small-norm"])
+def test_a_nan_in_float_data_is_reported_not_raised(ckpt, tmp_path, index, where):
+    """A NaN in the (sampled) embedding or in a small float leaf is a FAIL line, not a
+    BufferError from closing the memory map under a live view (as it once was)."""
+    from grok.checkpoint.verify import verify as verify_files
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    entry = checkpoint_entries(CONFIG)[index]
+    file = bad / "ckpt-0" / entry.filename
+    array = load_tensor(file).copy()
+    array.reshape(-1)[0 if where == "first" else array.size // 2] = np.nan
+    save_tensor(file, array)
+    reports = {r.file: r for r in verify_files(bad, CONFIG)}
+    assert not reports[entry.filename].ok
+    assert "non-finite" in reports[entry.filename].message
+    assert sum(not r.ok for r in reports.values()) == 1
+    if where == "middle":   # and the command line says so (one subprocess is enough)
+        out = verify(bad)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert f"FAIL {entry.filename}" in out.stdout

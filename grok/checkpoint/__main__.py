@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from grok.checkpoint import CheckpointError, read_config
+from grok.checkpoint.directory import read_config
 from grok.checkpoint.verify import verify
-from grok.config import GROK1, ConfigError, GrokConfig
-from grok.errors import one_line
+from grok.config import GROK1, GrokConfig
+from grok.errors import GrokError, one_line
 from grok.parallel import memory
-from grok.parallel import rules as sharding
+from grok.parallel import rules as sharding   # the layouts' names, for --layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{status} {report.file} {report.leaf}: {report.message}", flush=True)
         print(f"{total - bad} of {total} files ok" + (f", {bad} with problems" if bad else ""))
         return 1 if bad else 0
-    except (CheckpointError, ConfigError, sharding.ShardingError, OSError) as err:
+    except (GrokError, OSError) as err:   # checkpoint, config and mesh errors alike
         print(f"python -m grok.checkpoint: error: {one_line(err)}", file=sys.stderr)
         return 2
 

@@ -12,14 +12,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from grok import checkpoint as ck
-from grok.checkpoint.header import ArrayRef
+from grok.checkpoint.arrays import ArrayRef
+from grok.errors import CheckpointError
 
 
 Index = tuple[slice, ...]
 
 
 def slice_key(index: Index) -> tuple:
+    """A hashable key of a slice tuple (slices are not hashable before Python 3.12)."""
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
@@ -36,11 +37,17 @@ class Mapped:
             buf = np.frombuffer(ref.raw.inline, ref.dtype)
         else:
             buf = np.frombuffer(self._map, ref.dtype, math.prod(ref.shape), ref.raw.offset)
-        return buf.reshape(ref.shape, order="F" if ref.fortran else "C")
+        return buf.reshape(ref.shape)
 
     def close(self) -> None:
+        """Unmap and close; a view still alive (only after an error) keeps the map open until
+        it goes, instead of raising BufferError over the error being reported."""
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+            self._map = None
         self._file.close()
 
 
@@ -67,7 +74,7 @@ class Source:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:done + (1 << 30)]], offset + done)
             if n <= 0:
-                raise ck.CheckpointError(f"{self.path}: truncated while reading")
+                raise CheckpointError(f"{self.path}: truncated while reading")
             done += n
 
     def close(self) -> None:
@@ -75,17 +82,14 @@ class Source:
             os.close(self.fd)
             self.fd = -1
         if self._mapped is not None:
-            try:
-                self._mapped.close()
-            except BufferError:   # a worker still holds a view (only after an error)
-                pass
+            self._mapped.close()
             self._mapped = None
 
 
 def byte_range(ref: ArrayRef, index: Index) -> tuple[int, int] | None:
     """(file offset, length) of the slice `index` of `ref` when it is one contiguous byte range
     of the file (dims before some k select one element, dims after k are whole), else None."""
-    if ref.raw.inline is not None or ref.fortran:
+    if ref.raw.inline is not None:
         return None
     ranges = [s.indices(n) for s, n in zip(index, ref.shape)]
     if any(step != 1 for _, _, step in ranges):

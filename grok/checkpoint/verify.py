@@ -1,25 +1,29 @@
 """`verify(path, config)`: check a downloaded checkpoint without loading it -- every file present,
-its header parsed under the allow-list, shapes, dtypes and sizes as the config says, scales finite
-and positive, float data sampled for non-finite values."""
+its header parsed and validated as `load_tensor` would (the same allow-list and rules), shapes and
+dtypes as the config says, scales finite and positive, float data sampled for non-finite values."""
 from __future__ import annotations
 
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from grok import checkpoint as ck
-from grok.config import GrokConfig
+from grok.checkpoint.arrays import ArrayRef, leaf_problem
+from grok.checkpoint.directory import PathLike, checkpoint_dir
 from grok.checkpoint.fileio import Mapped
-from grok.checkpoint.header import header_problem, read_header
+from grok.checkpoint.header import read_header
+from grok.config import GrokConfig
+from grok.errors import CheckpointError
 from grok.leaves import Entry, checkpoint_entries
 
 
 @dataclasses.dataclass
 class FileReport:
+    """One file's verdict: `ok`, and what it holds or what is wrong with it."""
+
     file: str
     leaf: str
     ok: bool
@@ -29,51 +33,60 @@ class FileReport:
 SAMPLE_BYTES = 1 << 16
 
 
+def _values(mapped: Mapped, part: str, ref: ArrayRef, sample_bytes: int) -> np.ndarray:
+    """A float32 copy of the part's values: all of them for scales and small parts, else the
+    first, a middle and the last stretch. A copy, so no view into the map outlives this call
+    (an open view makes closing the map raise BufferError)."""
+    data = mapped.array(ref).reshape(-1)
+    if part == "scales" or ref.nbytes <= sample_bytes:
+        return data.astype(np.float32)
+    k = max(1, sample_bytes // (3 * ref.dtype.itemsize))
+    mid = data.size // 2
+    return np.concatenate([data[:k], data[mid:mid + k], data[-k:]]).astype(np.float32)
+
+
+def _data_problem(file: Path, parts: Mapping[str, ArrayRef], sample_bytes: int) -> str | None:
+    mapped = Mapped(str(file))
+    try:
+        for part, ref in parts.items():
+            values = _values(mapped, part, ref, sample_bytes)
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            if bad:
+                return f"{part}: {bad} non-finite value(s)"
+            if part == "scales" and (values <= 0).any():
+                return f"scales: {int((values <= 0).sum())} value(s) <= 0"
+        return None
+    finally:
+        mapped.close()
+
+
 def _verify_file(file: Path, entry: Entry, sample_bytes: int) -> FileReport:
     try:
         header = read_header(file)
-        problem = header_problem(header, entry)
+        problem = leaf_problem(header.parts, entry) or \
+            _data_problem(file, header.parts, sample_bytes)
         if problem:
             return FileReport(file.name, entry.name, False, problem)
-        mapped = Mapped(str(file))
-        try:
-            notes = []
-            for part, ref in header.parts.items():
-                data = mapped.array(ref).reshape(-1, order="A")
-                if part == "scales" or ref.nbytes <= sample_bytes:
-                    values = np.asarray(data, np.float32)
-                else:   # samples: the first, a middle and the last stretch of the data
-                    k = max(1, sample_bytes // (3 * ref.dtype.itemsize))
-                    mid = data.size // 2
-                    values = np.concatenate([data[:k], data[mid:mid + k], data[-k:]]
-                                            ).astype(np.float32)
-                bad = ~np.isfinite(values)
-                if bad.any():
-                    return FileReport(file.name, entry.name, False,
-                                      f"{part}: {int(bad.sum())} non-finite value(s)")
-                if part == "scales" and (values <= 0).any():
-                    return FileReport(file.name, entry.name, False,
-                                      f"scales: {int((values <= 0).sum())} value(s) <= 0")
-                del data, values
-            notes = [f"{p} {r.dtype}{list(r.shape)}" for p, r in header.parts.items()]
-        finally:
-            mapped.close()
+        notes = [f"{p} {r.dtype}{list(r.shape)}" for p, r in header.parts.items()]
         return FileReport(file.name, entry.name, True,
                           f"{', '.join(notes)}, {header.end / 1e9:.3f} GB")
-    except ck.CheckpointError as err:
+    except CheckpointError as err:
         text = str(err)
         prefix = f"{file}: "
         return FileReport(file.name, entry.name, False,
                           text[len(prefix):] if text.startswith(prefix) else text)
+    except OSError as err:   # the file changed under us (e.g. shrank between header and map)
+        return FileReport(file.name, entry.name, False,
+                          f"cannot read ({err.strerror or err})")
 
 
-def verify(path: ck.PathLike, config: GrokConfig, *, workers: int = 4,
+def verify(path: PathLike, config: GrokConfig, *, workers: int = 4,
            sample_bytes: int = SAMPLE_BYTES) -> Iterator[FileReport]:
     """Check every file of the checkpoint at `path` against `config` without loading it: present,
     header parses under the allow-list, shapes and dtypes as the config says, file size equal to
     the size the header implies, scales (read fully) finite and > 0, float samples finite.
     Yields one FileReport per expected file (in file order), then one per unexpected file."""
-    ckpt = ck._ckpt_dir(path)
+    ckpt = checkpoint_dir(path)
     entries = checkpoint_entries(config)
     present = set(os.listdir(ckpt))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:

@@ -1,6 +1,3 @@
-"""Pallas kernels (GPU via Triton; `interpret=True` runs the same kernels on any backend) and the
-execution plan that decides, once per model, which of them run."""
-from grok.kernels.block_matmul import (block_matmul, gated_block_matmul, kernel_applies,
-                                       multi_block_matmul)
-
-__all__ = ["block_matmul", "gated_block_matmul", "kernel_applies", "multi_block_matmul"]
+"""Kernels and the choice of them: the int8 block-matmul Pallas kernels (`pallas_int8`; Triton on
+GPU, the Pallas interpreter elsewhere), their application to the model's weights (`moe_mlp`), and
+the execution plan (`plan`) that decides, once per model, what runs where."""

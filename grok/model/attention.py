@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.model.linear import Linear8
-from grok.quant import BF16, dot, qlinears
+from grok.kernels.plan import ExecutionPlan
+from grok.model.linear import Linear
+from grok.quant import BF16, dot, linears
 
 NEG_INF = -1e30
 
@@ -43,10 +44,10 @@ class Attention(hk.Module):
     returned for the caller to write into the cache, so no layer copies its cache.
     """
 
-    def __init__(self, config: GrokConfig, kernel: str = "off"):
+    def __init__(self, config: GrokConfig, plan: ExecutionPlan):
         super().__init__(name="multi_head_attention")
         self.config = config
-        self.kernel = kernel
+        self.plan = plan
 
     def __call__(self, x, k_old, v_old, positions, start, old_valid, new_valid):
         c = self.config
@@ -54,10 +55,10 @@ class Attention(hk.Module):
         groups = c.num_q_heads // c.num_kv_heads
         # Projections stay float32 through RoPE and are rounded to bfloat16 once. Decoding, the
         # kernel computes all three in one launch.
-        linear = functools.partial(Linear8, kernel=self.kernel)
+        linear = functools.partial(Linear, plan=self.plan)
         weights = [linear(size, name=name).weight(x.shape[-1]) for size, name in
                    ((c.q_size, "query"), (c.kv_size, "key"), (c.kv_size, "value"))]
-        q, k, v = qlinears(x, weights, jnp.float32, self.kernel)
+        q, k, v = linears(x, weights, self.plan, jnp.float32)
         q = q.reshape(b, t, c.num_q_heads, c.key_size)
         k = k.reshape(b, t, c.num_kv_heads, c.key_size)
         v = v.astype(BF16).reshape(b, t, c.num_kv_heads, c.key_size)
@@ -67,12 +68,12 @@ class Attention(hk.Module):
 
         causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]               # [T, U]
         # (scores, mask, values, einsum) over the new tokens and, when reading the cache, its slots.
-        parts = [(dot("bthgk,buhk->bhgtu", q, k), new_valid[:, None, :] & causal[None], v,
+        parts = [(dot("bthgk,buhk->bhgtu", q, k, self.plan), new_valid[:, None, :] & causal[None], v,
                   "bhgtu,buhk->bthgk")]
         if k_old is not None:
             slots = jnp.arange(k_old.shape[2])
             old = old_valid[:, :k_old.shape[2]] & (slots[None, :] < start[:, None])   # [B, S]
-            parts.insert(0, (dot("bthgk,bhsk->bhgts", q, k_old), old[:, None, :], v_old,
+            parts.insert(0, (dot("bthgk,bhsk->bhgts", q, k_old, self.plan), old[:, None, :], v_old,
                              "bhgts,bhsk->bthgk"))
         # One softmax over all parts without concatenating them (each part's scores stay where
         # its matmul wrote them): exp(x - max) / sum, as jax.nn.softmax, with shared max and sum.
@@ -87,7 +88,7 @@ class Attention(hk.Module):
         total = functools.reduce(jnp.add, [e.sum(axis=-1, keepdims=True) for e in exps])
         out = None
         for e, (_, _, values, spec) in zip(exps, parts):
-            term = dot(spec, (e / total).astype(BF16), values)
+            term = dot(spec, (e / total).astype(BF16), values, self.plan)
             out = term if out is None else out + term
         out = out.astype(BF16).reshape(b, t, c.q_size)
         return linear(c.emb_size, name="linear")(out, jnp.float32), k, v

@@ -15,13 +15,14 @@ from grok.config import GrokConfig
 from grok.leaves import is_scanned
 from grok.model.cache import KVCache
 from grok.model.layers import DecoderLayer, embed_tokens, final_logits
+from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.quant import LayerSlice, is_quantized
 
 
 def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
             config: GrokConfig, attend_len: int | None = None, rows: jax.Array | None = None,
-            logit_index: jax.Array | None = None, moe_impl: str = "auto",
-            unroll: int | bool = 1, mesh_kernel: Any = None, routing: bool = False) -> Any:
+            logit_index: jax.Array | None = None, plan: ExecutionPlan | None = None,
+            routing: bool = False) -> Any:
     """Run `tokens` [B, T] at positions start[b] .. start[b] + T - 1 and write their keys and
     values into those cache slots.
 
@@ -30,12 +31,12 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     (prefill): the old cache is not read, and the rows are cleared before the write. `rows` [B]
     picks the cache rows to write (default: row b for token row b; only with attend_len=0).
     Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given, and the cache.
-    `unroll` layers run per step of the scanned model's layer loop (True: all, a straight-line
-    program: no per-layer loop overhead on a GPU, a longer compile). `mesh_kernel`
-    (grok.parallel.mesh_kernels.kernel_plan) runs the MoE kernels per device on a multi-device mesh.
+    `plan` (grok.kernels.plan; default: `resolve_plan()` for jax's backend) says how the step
+    runs: which MoE path, which kernels, how many layers per step of the layer loop.
     `routing=True` also returns what each layer's router decided, as a third value
     (probs [L, B, T, E] float32, gates [L, B, T, k] float32, experts [L, B, T, k] int32).
     """
+    plan = resolve_plan() if plan is None else plan
     b, t = tokens.shape
     attend_len = cache.length if attend_len is None else attend_len
     if rows is not None and attend_len:
@@ -47,8 +48,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
 
     embed = hk.without_apply_rng(hk.transform(lambda x: embed_tokens(config, x)))
     layer = hk.without_apply_rng(hk.transform(
-        lambda *a: DecoderLayer(config, moe_impl, mesh_kernel, routing)(*a)))
-    unembed = hk.without_apply_rng(hk.transform(lambda x: final_logits(config, x)))
+        lambda *a: DecoderLayer(config, plan, routing)(*a)))
+    unembed = hk.without_apply_rng(hk.transform(lambda x: final_logits(config, plan, x)))
 
     def one_layer(h, layer_params, k_cache, v_cache):
         k_old = k_cache[:, :, :attend_len] if attend_len else None
@@ -78,7 +79,7 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
                 return h, tuple(out)
             layers = jnp.arange(config.num_layers, dtype=jnp.int32)
             h, (k_new, v_new, *routes) = jax.lax.scan(body, h, (rest, cache.k, cache.v, layers),
-                                                      unroll=unroll)
+                                                      unroll=plan.unroll)
             # Indices split by a slice put their dims first: updates are [B, T, L, Hkv, K].
             write = lambda c, new: c.at[:, rows[:, None], :, positions].set(
                 new.transpose(1, 2, 0, 3, 4), mode="drop")

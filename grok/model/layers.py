@@ -18,18 +18,17 @@ from grok.leaves import EMBED_MODULE, FINAL_NORM_MODULE, LAYER_MODULE
 from grok.model.attention import Attention
 from grok.model.linear import RMSNorm, no_init
 from grok.model.moe import MoE, Router
+from grok.kernels.plan import ExecutionPlan
 from grok.quant import BF16, dot
 
 
 class DecoderLayer(hk.Module):
     """Attention and MoE blocks, each wrapped in a pre-norm and a post-norm (sandwich norms)."""
 
-    def __init__(self, config: GrokConfig, moe_impl: str, mesh_kernel: Any = None,
-                 routing: bool = False):
+    def __init__(self, config: GrokConfig, plan: ExecutionPlan, routing: bool = False):
         super().__init__(name=LAYER_MODULE)
         self.config = config
-        self.moe_impl = moe_impl
-        self.mesh_kernel = mesh_kernel
+        self.plan = plan
         self.routing = routing    # also return the router's (probs, gates, experts)
 
     def __call__(self, h, k_old, v_old, positions, start, old_valid, new_valid):
@@ -37,17 +36,13 @@ class DecoderLayer(hk.Module):
         eps = c.rms_norm_eps
         with jax.named_scope("attention"):
             x = RMSNorm(eps, name="rms_norm")(h)
-            # The projections take the Pallas kernel where the MoE may (decoding, in place), on
-            # one device: on a mesh GSPMD would gather their weights for the custom call.
-            kernel = {"auto": "auto", "pallas": "always"}.get(self.moe_impl, "off")
-            kernel = "off" if self.mesh_kernel is not None else kernel
-            o, k_new, v_new = Attention(c, kernel)(x, k_old, v_old, positions, start, old_valid,
-                                                   new_valid)
+            o, k_new, v_new = Attention(c, self.plan)(x, k_old, v_old, positions, start,
+                                                      old_valid, new_valid)
             h = h + RMSNorm(eps, name="rms_norm_1")(o).astype(jnp.float32)
         with jax.named_scope("moe"):
             x = RMSNorm(eps, name="rms_norm_2")(h)
             probs, gates, experts = Router(c).route(x)
-            m = MoE(c, self.moe_impl, self.mesh_kernel)(x, gates, experts)
+            m = MoE(c, self.plan)(x, gates, experts)
             h = h + RMSNorm(eps, name="rms_norm_3")(m).astype(jnp.float32)
         if self.routing:
             return h, k_new, v_new, (probs, gates, experts)
@@ -57,9 +52,10 @@ class DecoderLayer(hk.Module):
 class InOutEmbed(hk.Module):
     """The token embedding, shared (tied) by the input lookup and the output logits."""
 
-    def __init__(self, config: GrokConfig):
+    def __init__(self, config: GrokConfig, plan: ExecutionPlan | None = None):
         super().__init__(name=EMBED_MODULE.rsplit("/", 1)[-1])
         self.config = config
+        self.plan = plan    # needed by `logits` only
 
     def _table(self) -> jax.Array:
         c = self.config
@@ -72,7 +68,7 @@ class InOutEmbed(hk.Module):
         return rows * self.config.embedding_multiplier_scale
 
     def logits(self, h: jax.Array) -> jax.Array:
-        out = dot("btd,vd->btv", h, self._table())
+        out = dot("btd,vd->btv", h, self._table(), self.plan)
         return out * self.config.output_multiplier_scale
 
 
@@ -81,7 +77,7 @@ def embed_tokens(config: GrokConfig, tokens: jax.Array) -> jax.Array:
         return InOutEmbed(config).embed(tokens)
 
 
-def final_logits(config: GrokConfig, h: jax.Array) -> jax.Array:
+def final_logits(config: GrokConfig, plan: ExecutionPlan, h: jax.Array) -> jax.Array:
     with hk.name_scope(EMBED_MODULE.split("/")[0]):
         h = RMSNorm(config.rms_norm_eps, name=FINAL_NORM_MODULE.rsplit("/", 1)[-1])(h)
-        return InOutEmbed(config).logits(h)
+        return InOutEmbed(config, plan).logits(h)

@@ -7,7 +7,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok.quant import BF16, qlinear
+from grok.kernels.plan import ExecutionPlan
+from grok.quant import BF16, linears
 
 
 class RMSNorm(hk.Module):
@@ -24,21 +25,21 @@ class RMSNorm(hk.Module):
         return (x * scale.astype(jnp.float32)).astype(BF16)
 
 
-class Linear8(hk.Module):
-    """A bias-free linear layer over a QuantizedWeight8bit parameter `w` [In, Out] (a LayerSlice
-    in the scanned model; `kernel` as in grok.quant.qlinear)."""
+class Linear(hk.Module):
+    """A bias-free linear layer over a quantised (or float) parameter `w` [In, Out]; a LayerSlice
+    of the layer stack in the scanned model. How it runs is the plan's (grok.quant.linears)."""
 
-    def __init__(self, out_size: int, name: str, kernel: str = "off"):
+    def __init__(self, out_size: int, name: str, plan: ExecutionPlan):
         super().__init__(name=name)
         self.out_size = out_size
-        self.kernel = kernel
+        self.plan = plan
 
     def weight(self, in_size: int) -> Any:
-        """The parameter `w` [In, Out] (for several weights multiplied together: qlinears)."""
+        """The parameter `w` [In, Out] (for several weights multiplied together: quant.linears)."""
         return hk.get_parameter("w", [in_size, self.out_size], jnp.int8, init=no_init)
 
     def __call__(self, x: jax.Array, out_dtype: Any = BF16) -> jax.Array:
-        return qlinear(x, self.weight(x.shape[-1]), out_dtype, self.kernel)
+        return linears(x, [self.weight(x.shape[-1])], self.plan, out_dtype)[0]
 
 
 def no_init(shape: Any, dtype: Any) -> Any:

@@ -12,7 +12,8 @@ Evaluations with the same results (up to bfloat16 rounding and summation order):
 - "pallas": the same blocks through `grok.kernels` (`gated_block_matmul` for gelu(x w1) * (x wv),
   `block_matmul` for w2), Pallas kernels that read each block's expert weights in place as int8
   (Triton on GPU; elsewhere the Pallas interpreter, which is slow: tests only).
-"auto" takes "pallas" on GPU for int8 weights of a shape the kernel handles, else "grouped".
+Which one runs is the execution plan's choice (`plan.moe_path`, grok.kernels.plan): the one
+kernel-or-reference branch, in `moe` below.
 
 Inside the layer scan the expert weights arrive stacked over layers, [L, E, In, Out], with the
 layer's index: slicing a layer out of the stack would copy it (XLA cannot hand a custom call a
@@ -31,12 +32,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok import quant
 from grok.config import GrokConfig
-from grok.quant import (BF16, LayerSlice, QuantizedWeight8bit, _dequantize_f32, dot,
-                        expert_qlinear, is_quantized, qlinear)
+from grok.kernels.plan import ExecutionPlan, block_rows_for
+from grok.quant import BF16, LayerSlice, QuantizedWeight, dot, qeinsum
 
-MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas")
 
 
 class Router(hk.Module):
@@ -63,7 +62,7 @@ class Router(hk.Module):
 
 
 class _ExpertWeight(hk.Module):
-    def __call__(self, shape: list[int]) -> QuantizedWeight8bit:
+    def __call__(self, shape: list[int]) -> QuantizedWeight:
         return hk.get_parameter("w", shape, jnp.int8, init=_unset)
 
 
@@ -75,13 +74,10 @@ class MoE(hk.Module):
     """gelu(x W1) * (x Wv) W2 per chosen expert, summed with the router's gates. In the scanned
     model the weights arrive as LayerSlices: the whole stack and the layer's index."""
 
-    def __init__(self, config: GrokConfig, impl: str = "auto", mesh_kernel: Any = None):
+    def __init__(self, config: GrokConfig, plan: ExecutionPlan):
         super().__init__(name="moe")
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
         self.config = config
-        self.impl = impl
-        self.mesh_kernel = mesh_kernel
+        self.plan = plan
 
     def __call__(self, x: jax.Array, gates: jax.Array, experts: jax.Array) -> jax.Array:
         """x [B, T, D] bfloat16 -> float32 [B, T, D] (rounded by the norm that follows)."""
@@ -96,76 +92,36 @@ class MoE(hk.Module):
             layer = w1.layer
             w1, wv, w2 = w1.stack, wv.stack, w2.stack
         return moe(x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1),
-                   w1, wv, w2, impl=self.impl, layer=layer,
-                   mesh_kernel=self.mesh_kernel).reshape(b, t, d)
+                   w1, wv, w2, self.plan, layer=layer).reshape(b, t, d)
 
 
-def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2,
-        impl: str = "auto", layer: jax.Array | int | None = None,
-        block_rows: int | None = None, mesh_kernel: Any = None) -> jax.Array:
+def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2, plan: ExecutionPlan,
+        layer: jax.Array | int | None = None) -> jax.Array:
     """The MoE block on flat tokens: x [N, D] bfloat16, gates [N, k] float32, experts [N, k] int,
-    stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (int8 QuantizedWeight8bit or float)
+    stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (QuantizedWeights or float)
     -> float32 [N, D]. With `layer`, the weights are [L, E, In, Out] and layer `layer`'s experts
-    are used, read in place. `block_rows` overrides `block_rows_for` (grouped, pallas: tuning).
-    On a multi-device mesh the kernels run per device under `mesh_kernel`
-    (`grok.parallel.mesh_kernels.kernel_plan`); without one, "auto" takes the XLA grouped path there."""
+    are used, read in place. The evaluation is `plan.moe_path`'s."""
     n, k = experts.shape
-    num_experts = w1.shape[-3]
-    if block_rows is not None and block_rows < 1:
-        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
-    impl = resolve_impl(impl, n * k, num_experts, w1, wv, w2, mesh_kernel)
+    impl = plan.moe_path(n * k, w1, wv, w2)
     if impl == "dense":
         if layer is not None:   # the reference evaluation takes the layer's slice
             w1, wv, w2 = w1[layer], wv[layer], w2[layer]
-        return _dense(x, gates, experts, w1, wv, w2)
+        return _dense(x, gates, experts, w1, wv, w2, plan)
     if impl == "gather":
-        return _gather(x, gates, experts, w1, wv, w2, layer)
-    if impl in ("grouped", "pallas"):
-        bm = block_rows or block_rows_for(n * k, num_experts, impl)
-        return _grouped(x, gates, experts, w1, wv, w2, bm, layer, pallas=impl == "pallas",
-                        mesh_kernel=mesh_kernel)
-    raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
-
-
-def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int:
-    """Rows per block: about the mean rows per expert as a power of two, at least 16 for the
-    kernel (Triton's dot minimum) or 8 for XLA, at most 64 for the kernel (on an H100 its 64-row
-    blocks ran as fast per FLOP as 128-row ones, and round each expert's rows up less) or 128."""
-    floor, cap = (16, 64) if impl == "pallas" else (8, 128)
-    mean = max(1, math.ceil(assignments / experts))
-    return min(cap, max(floor, 1 << (mean - 1).bit_length()))
-
-
-def resolve_impl(impl: str, assignments: int, num_experts: int, w1=None, wv=None, w2=None,
-                 mesh_kernel: Any = None) -> str:
-    """The evaluation that `impl` stands for, for `assignments` (token, choice) rows (on a mesh:
-    the kernel on each device's shard, `mesh_kernel`)."""
-    if impl != "auto":
-        return impl
-    weights = [w for w in (w1, wv, w2) if w is not None]
-    if quant.on_gpu() and weights and all(map(is_quantized, weights)):
-        from grok.kernels.block_matmul import kernel_applies
-        bm = block_rows_for(assignments, num_experts, "pallas")
-        shapes = [w.shape[-3:] for w in weights]
-        if mesh_kernel is not None:   # each device's shard is what the kernel sees
-            shapes = [mesh_kernel.local_shape(shape, spec)
-                      for shape, (spec, _) in zip(shapes, mesh_kernel.specs)]
-        layers = math.prod(weights[0].shape[:-3])
-        if all(kernel_applies(shape[-2], shape[-1], w.scale_blocks, bm,
-                              weight_bytes=layers * math.prod(shape))
-               for w, shape in zip(weights, shapes)):
-            return "pallas"
-    return "grouped"
+        return _gather(x, gates, experts, w1, wv, w2, plan, layer)
+    bm = block_rows_for(n * k, w1.shape[-3], impl)
+    return grouped(x, gates, experts, w1, wv, w2, bm, plan, layer, kernels=impl == "pallas")
 
 
 # Elementwise work runs in float32 between the bfloat16 matmul inputs (fewer roundings).
-def _dense(x, gates, experts, w1, wv, w2):
+def _dense(x, gates, experts, w1, wv, w2, plan):
     f32 = jnp.float32
-    hidden = jax.nn.gelu(expert_qlinear(x, w1, f32)) * expert_qlinear(x, wv, f32)  # [N, E, F]
-    y = expert_qlinear(hidden.astype(BF16), w2, f32)                               # [N, E, D]
-    gate_matrix = jnp.zeros(y.shape[:2], jnp.float32).at[
+    hidden = jax.nn.gelu(qeinsum("ni,eio->neo", x, w1, plan)) \
+        * qeinsum("ni,eio->neo", x, wv, plan)                                  # [N, E, F]
+    y = qeinsum("nei,eio->neo", hidden.astype(BF16), w2, plan)                # [N, E, D]
+    gate_matrix = jnp.zeros(y.shape[:2], f32).at[
         jnp.arange(x.shape[0])[:, None], experts].set(gates)
-    return dot("ne,ned->nd", gate_matrix, y)
+    return dot("ne,ned->nd", gate_matrix, y, plan)
 
 
 def _take(w, experts: jax.Array, layer=None):
@@ -173,26 +129,12 @@ def _take(w, experts: jax.Array, layer=None):
     return w[experts] if layer is None else w[layer, experts]
 
 
-def _per_token_qlinear(x: jax.Array, w) -> jax.Array:  # float32 out
-    """x [N, k, In] times per-(token, choice) int8 weights [N, k, In, Out], scaled per row block."""
-    if not is_quantized(w):
-        return dot("nki,nkio->nko", x, w.astype(x.dtype))
-    if quant.on_cpu():
-        return dot("nki,nkio->nko", x, _dequantize_f32(w))
-    n, k, rows, cols = w.weight.shape
-    blocks = w.scales.shape[-2]
-    xb = x.reshape(n, k, blocks, rows // blocks)
-    wb = w.weight.reshape(n, k, blocks, rows // blocks, cols).astype(x.dtype)
-    y = dot("nksi,nksio->nkso", xb, wb)
-    return jnp.einsum("nkso,nkso->nko", y, w.scales.astype(jnp.float32))
-
-
-def _gather(x, gates, experts, w1, wv, w2, layer=None):
+def _gather(x, gates, experts, w1, wv, w2, plan, layer=None):
     chosen = jnp.broadcast_to(x[:, None, :], (*experts.shape, x.shape[-1]))    # [N, k, D]
-    hidden = jax.nn.gelu(_per_token_qlinear(chosen, _take(w1, experts, layer))) \
-        * _per_token_qlinear(chosen, _take(wv, experts, layer))                 # [N, k, F]
-    y = _per_token_qlinear(hidden.astype(BF16), _take(w2, experts, layer))      # [N, k, D]
-    return dot("nk,nkd->nd", gates, y)
+    per_token = lambda a, w: qeinsum("nki,nkio->nko", a, _take(w, experts, layer), plan)
+    hidden = jax.nn.gelu(per_token(chosen, w1)) * per_token(chosen, wv)         # [N, k, F]
+    y = per_token(hidden.astype(BF16), w2)                                      # [N, k, D]
+    return dot("nk,nkd->nd", gates, y, plan)
 
 
 # --- grouped: (token, choice) rows sorted by expert into blocks of bm rows ------------------------
@@ -230,7 +172,10 @@ def route_blocks(experts: jax.Array, num_experts: int, bm: int):
     return slot.astype(jnp.int32), block_expert, block_rows
 
 
-def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False, mesh_kernel=None):
+def grouped(x, gates, experts, w1, wv, w2, bm: int, plan: ExecutionPlan, layer=None,
+            kernels: bool = False) -> jax.Array:
+    """The grouped evaluation with blocks of `bm` rows (public for tuning and tests): XLA, or
+    the Pallas kernels with `kernels`."""
     n, k = experts.shape
     slot, block_expert, block_rows = route_blocks(experts, w1.shape[-3], bm)
     groups = block_expert.shape[0]
@@ -238,26 +183,24 @@ def _grouped(x, gates, experts, w1, wv, w2, bm, layer=None, pallas=False, mesh_k
     source = jnp.full((groups * bm,), n, jnp.int32).at[slot].set(
         jnp.arange(n * k, dtype=jnp.int32) // k)
     xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(groups, bm, -1)
-    if pallas and mesh_kernel is not None and all(map(is_quantized, (w1, wv, w2))):
-        from grok.parallel.mesh_kernels import grouped_mlp
-        y = grouped_mlp(mesh_kernel, _pallas_mlp, xb, block_expert, block_rows, w1, wv, w2,
-                        layer)
+    if kernels:
+        y = plan.expert_kernels(xb, block_expert, block_rows, w1, wv, w2, layer)
     else:
-        mlp = _pallas_mlp if pallas else _xla_mlp
-        y = mlp(xb, block_expert, block_rows, w1, wv, w2, layer)           # [G, bm, D]
+        y = _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer)   # [G, bm, D]
     y = y.reshape(groups * bm, -1)[slot].reshape(n, k, -1)                 # [N, k, D]
-    return dot("nk,nkd->nd", gates, y)
+    return dot("nk,nkd->nd", gates, y, plan)
 
 
-def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
+def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer=None):
     """Each non-empty block through its expert's MLP, one block per scan step (XLA copies each
     block's expert weight [In, Out] out of the stack before its dot)."""
     f32 = jnp.float32
     at = (lambda w, e: w[e]) if layer is None else (lambda w, e: w[layer, e])
+    linear = lambda a, w: qeinsum("...i,io->...o", a, w, plan)
 
     def mlp(xg, e):
-        hidden = jax.nn.gelu(qlinear(xg, at(w1, e), f32)) * qlinear(xg, at(wv, e), f32)
-        return qlinear(hidden.astype(BF16), at(w2, e), f32)
+        hidden = jax.nn.gelu(linear(xg, at(w1, e))) * linear(xg, at(wv, e))
+        return linear(hidden.astype(BF16), at(w2, e))
 
     def skip(xg, e):
         return jnp.zeros((xg.shape[0], w2.shape[-1]), f32)
@@ -268,22 +211,3 @@ def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
 
     _, y = jax.lax.scan(step, None, (xb, block_expert, block_rows))
     return y
-
-
-def _pallas_mlp(xb, block_expert, block_rows, w1, wv, w2, layer=None):
-    """The MoE's matmuls as two Pallas kernels reading the int8 experts in place: the gated
-    hidden layer gelu(x w1) * (x wv) in one, w2 in the other."""
-    if not all(map(is_quantized, (w1, wv, w2))):
-        return _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
-    from grok.kernels.block_matmul import block_matmul, gated_block_matmul
-    interpret = not quant.on_gpu()
-    if layer is not None:   # [L, E, In, Out] -> [L*E, In, Out] (free) and ids offset to the layer
-        block_expert = block_expert + layer * w1.shape[-3]
-
-    def flat(a):
-        return a.reshape(-1, *a.shape[-2:])
-
-    hidden = gated_block_matmul(xb, block_expert, block_rows, flat(w1.weight), flat(w1.scales),
-                                flat(wv.weight), flat(wv.scales), interpret=interpret)
-    return block_matmul(hidden, block_expert, block_rows, flat(w2.weight), flat(w2.scales),
-                        interpret=interpret)

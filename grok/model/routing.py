@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig
+from grok.kernels.plan import ExecutionPlan
 from grok.model import forward, init_cache
 
 
@@ -50,8 +51,8 @@ class Routing:
 
 
 def routing_arrays(params: dict[str, Any], tokens: jax.Array, *, config: GrokConfig,
-                   scan: bool = True, moe_impl: str = "auto",
-                   mesh_kernel: Any = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   scan: bool = True, plan: ExecutionPlan | None = None
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A full causal forward over tokens [B, T] (pad_token positions masked, as `Grok.logits`)
     -> (experts [B, L, T, k] int32, weights [B, L, T, k] float32, probs [B, L, T, E] float32).
     Pure and jittable; the logits and the cache it also computes are dropped (and so not
@@ -59,17 +60,16 @@ def routing_arrays(params: dict[str, Any], tokens: jax.Array, *, config: GrokCon
     b, t = tokens.shape
     cache = init_cache(config, b, t, scan)
     _, _, (probs, gates, experts) = forward(params, tokens, cache, jnp.zeros((b,), jnp.int32),
-                                            config=config, attend_len=0, moe_impl=moe_impl,
-                                            mesh_kernel=mesh_kernel, routing=True)
+                                            config=config, attend_len=0, plan=plan, routing=True)
     batch_first = lambda a: jnp.moveaxis(a, 0, 1)   # [L, B, ...] -> [B, L, ...]
     return (batch_first(experts).astype(jnp.int32), batch_first(gates).astype(jnp.float32),
             batch_first(probs).astype(jnp.float32))
 
 
-def jitted(config: GrokConfig, scan: bool, moe_impl: str = "auto", mesh_kernel: Any = None):
+def jitted(config: GrokConfig, scan: bool, plan: ExecutionPlan | None = None):
     """`routing_arrays` for one model, jitted (compiled once per token shape)."""
     return jax.jit(lambda params, tokens: routing_arrays(
-        params, tokens, config=config, scan=scan, moe_impl=moe_impl, mesh_kernel=mesh_kernel))
+        params, tokens, config=config, scan=scan, plan=plan))
 
 
 def from_arrays(experts: np.ndarray, weights: np.ndarray, probs: np.ndarray,

@@ -7,11 +7,10 @@ import itertools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-
 from grok.config import PREFILL_TOKENS, GrokConfig
-from grok.parallel.rules import (DATA, MODEL, ShardingError, check_layout, local_shape,
-                                 mesh_shape, param_spec)
+from grok.leaves import Entry, checkpoint_entries
+from grok.parallel.rules import (DATA, MODEL, ShardingError, check_layout, leaf_specs, local_shape,
+                                 mesh_shape)
 
 GB = 1e9
 
@@ -44,26 +43,24 @@ class MemoryEstimate:
                 f"{self.workspace / GB:.2f}){verdict}")
 
 
-def _local(shape: Sequence[int], spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
-    return math.prod(local_shape(shape, spec, sizes))
-
-
-def _leaf_layout(config: GrokConfig) -> Iterable[tuple[str, tuple[int, ...], Any, bool]]:
-    """(rule path, per-layer shape, numpy dtype, per-layer?) of every params leaf (embed in bf16)."""
-    import ml_dtypes
-    from grok.leaves import checkpoint_entries
-
-    bf16, i8, f32 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.int8), np.dtype(np.float32)
+def _leaf_layout(config: GrokConfig) -> Iterable[tuple[Entry, int, bool]]:
+    """(entry, index of the part: 0 weight or array, 1 scales, per-layer?) of each params leaf of
+    the embedding and of one layer."""
     for e in checkpoint_entries(config):
-        if e.layer not in (None, 0):
-            continue
-        top = "embed" if e.layer is None else "layers"
-        path = f"{top}/{e.module}/{e.param}"
-        if e.quantized:
-            yield f"{path}/weight", e.shape, i8, e.layer is not None
-            yield f"{path}/scales", e.scales_shape, bf16, e.layer is not None
-        else:
-            yield path, e.shape, (bf16 if e.param == "embeddings" else f32), e.layer is not None
+        if e.layer in (None, 0):
+            for part in range(2 if e.quantized else 1):
+                yield e, part, e.layer is not None
+
+
+def _part_bytes(entry: Entry, part: int, spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
+    shape = entry.scales_shape if part else entry.shape
+    if part:
+        itemsize = 2                                   # bfloat16 scales
+    elif entry.quantized:
+        itemsize = 1                                   # int8 weights
+    else:                                              # the embedding is held in bfloat16
+        itemsize = 2 if entry.param == "embeddings" else 4
+    return math.prod(local_shape(shape, spec, sizes)) * itemsize
 
 
 def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: int | None = None,
@@ -90,18 +87,12 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
     layer_gathered = 0
     largest = 0
     no_data = {DATA: 1, MODEL: m}
-    weight_shapes: dict[str, tuple[int, ...]] = {}
-    for path, shape, dtype, per_layer in _leaf_layout(config):
-        weight_shape = weight_shapes.get(path[: -len("scales")] + "weight") \
-            if path.endswith("/scales") else None
-        weight_shapes[path] = shape
-        spec = param_spec(path, shape, sizes, config, layout, weight_shape=weight_shape)
-        local = _local(shape, spec, sizes) * dtype.itemsize
+    for entry, part, per_layer in _leaf_layout(config):
+        local = _part_bytes(entry, part, leaf_specs(entry, sizes, config, layout)[part], sizes)
         weights += local * (config.num_layers if per_layer else 1)
         if per_layer:
-            gathered_spec = param_spec(path, shape, no_data, config, layout,
-                                       weight_shape=weight_shape)
-            gathered = _local(shape, gathered_spec, no_data) * dtype.itemsize
+            gathered = _part_bytes(entry, part, leaf_specs(entry, no_data, config, layout)[part],
+                                   no_data)
             layer_gathered += gathered if d > 1 else 0
             largest = max(largest, gathered)
     kv_heads = config.num_kv_heads // m if config.num_kv_heads % m == 0 else config.num_kv_heads

@@ -1,269 +1,396 @@
-"""Generation: a continuous-batching engine over fixed batch slots and a shared KV cache.
+"""Generation: a continuous-batching engine over batch slots and a shared KV cache.
 
 A finished request frees its slot and the next waiting request is prefilled into it while the
 others keep decoding. Prompts admitted together are prefilled together, grouped by power-of-two
 length bucket, in power-of-two row counts (at most `prefill_tokens` tokens per call); decode steps
 attend over the cache up to the longest live sequence (also bucketed), so the number of compiles
 stays bounded by the number of buckets.
+
+Threading: one lock (`Engine._lock`, with the condition `_changed` on it) guards the requests'
+bookkeeping: the queue, the slots, results and event buffers. It is held only while that state
+is read or changed, never during a device call, so `submit`, `cancel`, `release` and event
+readers on other threads wait at most for some bookkeeping. One thread at a time runs a step
+(`_stepping`, under the lock); the device calls and the cache belong to that thread.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
-from typing import Any, Callable, Iterator, Sequence
+import threading
+from typing import Any, Callable, Iterator, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from grok.config import PREFILL_TOKENS
+from grok.errors import RequestError, one_line
+from grok.serving import batching
+from grok.serving.batching import bucket
+from grok.serving.book import Book
+from grok.serving.request import Event, Request, Result, check_request
 from grok.serving.runner import ModelRunner
-from grok.serving.sampling import Penalties, SamplingParams, row_keys
+from grok.serving.sampling import row_keys
 
+__all__ = ["Engine", "EventStream", "Event", "ModelRunner", "Request", "Result", "bucket"]
 log = logging.getLogger(__name__)
-MIN_BUCKET = 16          # prompt lengths
-MIN_ATTEND_BUCKET = 256  # decode attention spans: below this a wider span costs less than a compile
-
-
-def bucket(n: int, limit: int, minimum: int = MIN_BUCKET) -> int:
-    """The smallest power of two >= n (at least `minimum`), capped at `limit`."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return min(size, limit)
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One prompt (token ids) and how to continue it."""
-
-    prompt: Sequence[int]
-    max_new_tokens: int = 64
-    sampling: SamplingParams = SamplingParams()
-    seed: int = 0
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    truncate: str | None = None     # None: refuse a prompt that does not fit; "left": cut its start
-
-
-@dataclasses.dataclass
-class Result:
-    """What a request produced so far; `finish_reason` is None while it runs."""
-
-    id: int
-    request: Request
-    prompt: list[int]
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None   # "eos", "stop" (id or string) or "length"
-    text: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
+T = TypeVar("T")
 
 
 class Engine:
-    """Continuous batching over `batch_size` slots of a cache of `max_len` positions.
+    """Continuous batching over `batch_size` slots of a cache of `max_len` positions (default:
+    the model's context). With `grow=True` those are limits: the cache starts empty and is
+    re-made, in powers of two, when a waiting request needs more slots or a longer context; that
+    happens only with no request in a slot (the engine stops admitting and lets the live ones
+    finish first), so compiles stay bounded and no live request is moved.
 
-    Use from a notebook: `rid = engine.submit(Request(...))`, then `engine.step()` until
-    `engine.idle`, and read `engine.results[rid]`; or iterate `engine.run()` for token events.
+    From one thread (a notebook): `rid = engine.submit(Request(...))`, then iterate
+    `engine.events(rid)` (it steps the engine itself), or `engine.step()` until `engine.idle` and
+    read `engine.results[rid]`. From several: `engine.start()` runs the steps on a thread of its
+    own (`stop()` ends it); `submit`, `cancel`, `events` and `wait` may then be called from any
+    thread.
     """
 
     def __init__(self, runner: ModelRunner, batch_size: int = 8, max_len: int | None = None,
-                 tokenizer: Any = None, prefill_tokens: int = PREFILL_TOKENS):
+                 tokenizer: Any = None, prefill_tokens: int = PREFILL_TOKENS, *,
+                 grow: bool = False):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RequestError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         config = runner.config
-        self.runner = runner
-        self.config = config
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_len = min(max_len or config.sequence_len, config.sequence_len)
-        self.cache = runner.new_cache(batch_size, self.max_len)
-        self.results: dict[int, Result] = {}
-        self.waiting: collections.deque[int] = collections.deque()
-        self.slots: list[int | None] = [None] * batch_size
+        self.runner, self.config, self.tokenizer = runner, config, tokenizer
         self.prefill_tokens = prefill_tokens
+        self.max_batch = batch_size
+        self.max_context = min(max_len or config.sequence_len, config.sequence_len)
+        self.grow = grow
+        # The cache's shape now (made at the first admission; grown up to the limits with grow).
+        self.batch_size = 0 if grow else batch_size
+        self.max_len = 0 if grow else self.max_context
+        self.slots: list[int | None] = [None] * self.batch_size
+        self.cache: Any = None
+        self.cache_allocations = 0
+        self.book = Book(config.eos_token, tokenizer)
+        self.results, self.waiting = self.book.results, self.book.waiting   # by id; queued ids
         self.attend_spans: collections.Counter[int] = collections.Counter()  # decode steps by span
         self.prefill_shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (R, P)
-        # Requests with penalties: every token id seen (prompt and output) -> its output count.
-        self._seen: dict[int, dict[int, int]] = {}
-        self._next_id = 0
+        self._released: collections.deque[int] = collections.deque()  # appended without the lock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)   # notified on every change of state
+        self._stepping = False
+        self._driver: threading.Thread | None = None
+        self._stopping = False
 
-    # --- requests -----------------------------------------------------------------------------
+    # --- requests (any thread) ------------------------------------------------------------------
     def check(self, request: Request) -> list[int]:
-        """The prompt ids the request will run with; ValueError when it cannot run."""
-        prompt = [int(t) for t in request.prompt]
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, "
-                             f"{self.config.vocab_size})")
-        new = request.max_new_tokens
-        if isinstance(new, bool) or not isinstance(new, int) or new < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {new!r}")
-        if new >= self.max_len:
-            raise ValueError(f"max_new_tokens={new} leaves no room for a prompt in a context of "
-                             f"{self.max_len} tokens")
-        if request.truncate not in (None, "left"):
-            raise ValueError(f"truncate must be None or 'left', got {request.truncate!r}")
-        room = self.max_len - new
-        if len(prompt) > room:
-            if request.truncate != "left":
-                raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={new} exceeds "
-                                 f"the context of {self.max_len} tokens (pass truncate='left' to "
-                                 f"drop the prompt's start)")
-            prompt = prompt[-room:]
-        if request.stop_strings and self.tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer")
-        return prompt
+        """The prompt ids the request will run with; RequestError when it cannot run."""
+        return check_request(request, self.config.vocab_size, self.max_context,
+                             self.tokenizer is not None)
 
     def submit(self, request: Request) -> int:
-        """Queue a request; returns its id. Invalid requests raise ValueError here."""
+        """Queue a request; returns its id. Invalid requests raise RequestError here."""
         prompt = self.check(request)
-        rid = self._next_id
-        self._next_id += 1
-        self.results[rid] = Result(rid, request, prompt)
-        if request.sampling.penalized:
-            self._seen[rid] = dict.fromkeys(prompt, 0)
-        self.waiting.append(rid)
+        with self._lock:
+            rid = self.book.add(request, prompt)
+            self._changed.notify_all()
         return rid
+
+    def cancel(self, rid: int) -> bool:
+        """End a waiting or running request with finish_reason "cancelled"; its slot is free for
+        the next step. False when it had already finished (or is unknown)."""
+        with self._lock:
+            return self._cancel(rid)
+
+    def release(self, rid: int) -> None:
+        """Cancel the request if it runs and forget it (result and events). Takes the lock only
+        if free, else leaves it to the next step: safe from finalizers and any thread."""
+        self._released.append(rid)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_released()
+            finally:
+                self._lock.release()
+
+    def pop(self, rid: int) -> Result:
+        """Remove a finished request's result (and events) and return it: a long-lived engine
+        keeps every result until then."""
+        with self._lock:
+            return self.book.pop(rid)
+
+    def events(self, rid: int) -> "EventStream":
+        """An iterator over request `rid`'s events (`grok.serving.request.Event`), the last one
+        with its finish reason; it steps the engine itself when no driving thread runs."""
+        with self._lock:
+            if rid not in self.results:
+                raise RequestError(f"request {rid} is unknown (or released)")
+        return EventStream(self, rid)
+
+    def wait(self, rid: int) -> Result:
+        """The request's result once it has finished (stepping when no driving thread runs)."""
+        def finished() -> Result | None:
+            res = self.results.get(rid)
+            if res is None:
+                raise RequestError(f"request {rid} is unknown (or released)")
+            return res if res.done else None
+        return self._until(finished)
+
+    def next_event(self, rid: int) -> Event:
+        """Request `rid`'s next event, waiting (or stepping) for it."""
+        return self._until(lambda: self.book.next_event(rid))
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and all(s is None for s in self.slots)
+        with self._lock:
+            return not self._stepping and self._idle()
 
-    # --- stepping -----------------------------------------------------------------------------
-    def step(self) -> list[tuple[int, int]]:
-        """Admit waiting requests into free slots, then decode one token for every live slot.
-        Returns the (request id, token) pairs produced."""
-        events = self._admit()
-        live = [(slot, rid) for slot, rid in enumerate(self.slots) if rid is not None]
-        if not live:
-            return events
-        tokens = np.zeros(self.batch_size, np.int32)
-        positions = np.full(self.batch_size, self.max_len, np.int32)  # idle slots write nothing
-        seeds = np.zeros(self.batch_size, np.uint32)
-        steps = np.zeros(self.batch_size, np.int32)
-        settings = np.zeros((3, self.batch_size), np.float32)
-        for slot, rid in live:
-            res = self.results[rid]
-            tokens[slot] = res.tokens[-1]
-            positions[slot] = len(res.prompt) + len(res.tokens) - 1
-            seeds[slot], steps[slot] = res.request.seed, len(res.tokens)
-            s = res.request.sampling
-            settings[:, slot] = (s.temperature, s.top_p, s.top_k)
-        attend = bucket(int(max(positions[s] for s, _ in live)) + 1, self.max_len,
-                        MIN_ATTEND_BUCKET)
-        self.attend_spans[attend] += 1
-        logits, self.cache = self.runner.decode(self.runner.params, self.cache,
-                                                 jnp.asarray(tokens), jnp.asarray(positions),
-                                                 attend)
-        chosen = self._draw(logits, seeds, steps, settings, self._penalties(live, self.batch_size))
-        for slot, rid in live:
-            events.append((rid, self._append(slot, rid, int(chosen[slot]))))
-        return events
+    # --- driving ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps on a background thread whenever there is work (for a server)."""
+        with self._lock:
+            if self._driver is None:
+                self._stopping = False
+                self._driver = threading.Thread(target=self._drive, name="grok-engine",
+                                                daemon=True)
+                self._driver.start()
 
-    def _draw(self, logits, seeds, steps, settings, penalties=None) -> np.ndarray:
-        keys = row_keys(jnp.asarray(seeds), jnp.asarray(steps))
-        return np.asarray(self.runner.sample(logits, keys, jnp.asarray(settings[0]),
-                                              jnp.asarray(settings[1]),
-                                              jnp.asarray(settings[2], jnp.int32), penalties))
-
-    def _penalties(self, rows: list[tuple[int, int]], batch: int) -> Penalties | None:
-        """Penalty inputs for the (row, request id) pairs of a call whose logits have `batch`
-        rows; None when no request among them has a penalty (then the plain sampler runs)."""
-        used = [(row, rid) for row, rid in rows if rid in self._seen]
-        if not used:
-            return None
-        # Ids padded to a power of two (few compiles); the pad id, V, is dropped by the scatter.
-        width = bucket(max(len(self._seen[rid]) for _, rid in used), 1 << 30, minimum=64)
-        ids = np.full((batch, width), self.config.vocab_size, np.int32)
-        counts = np.zeros((batch, width), np.int32)
-        factors = np.zeros((3, batch), np.float32)
-        factors[0] = 1.0
-        for row, rid in used:
-            seen = self._seen[rid]
-            ids[row, :len(seen)] = list(seen)
-            counts[row, :len(seen)] = list(seen.values())
-            s = self.results[rid].request.sampling
-            factors[:, row] = (s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
-        return Penalties(*(jnp.asarray(a) for a in (ids, counts, *factors)))
-
-    def _admit(self) -> list[tuple[int, int]]:
-        """Move waiting requests into free slots, prefilling those of one length bucket together."""
-        groups: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
-        for slot in range(self.batch_size):
-            if self.slots[slot] is None and self.waiting:
-                rid = self.waiting.popleft()
-                groups[bucket(len(self.results[rid].prompt), self.max_len)].append((slot, rid))
-        events = []
-        for length, group in sorted(groups.items()):
-            most = max(1, self.prefill_tokens // length)
-            for start in range(0, len(group), most):
-                events += self._prefill(group[start:start + most], length)
-        return events
-
-    def _prefill(self, group: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
-        """Prefill the (slot, request id) pairs of `group` in one call, padded to `length` tokens
-        and a power-of-two row count (pad rows repeat the first prompt and write nothing), then
-        draw each request's first token."""
-        rows = min(bucket(len(group), self.batch_size, minimum=1), self.batch_size)
-        tokens = np.full((rows, length), self.config.pad_token, np.int32)
-        cache_rows = np.full(rows, self.batch_size, np.int32)   # past the cache: dropped
-        lengths = np.ones(rows, np.int32)
-        seeds = np.zeros(rows, np.uint32)
-        settings = np.zeros((3, rows), np.float32)
-        for i, (slot, rid) in enumerate(group):
-            res = self.results[rid]
-            tokens[i, :len(res.prompt)] = res.prompt
-            cache_rows[i], lengths[i], seeds[i] = slot, len(res.prompt), res.request.seed
-            s = res.request.sampling
-            settings[:, i] = (s.temperature, s.top_p, s.top_k)
-        tokens[len(group):], lengths[len(group):] = tokens[0], lengths[0]
-        self.prefill_shapes[(rows, length)] += 1
-        logits, self.cache = self.runner.prefill(
-            self.runner.params, self.cache, jnp.asarray(tokens), jnp.asarray(cache_rows),
-            jnp.asarray(lengths))
-        chosen = self._draw(logits, seeds, np.zeros(rows, np.int32), settings,
-                            self._penalties([(i, rid) for i, (_, rid) in enumerate(group)], rows))
-        events = []
-        for i, (slot, rid) in enumerate(group):
-            self.slots[slot] = rid
-            events.append((rid, self._append(slot, rid, int(chosen[i]))))
-        return events
-
-    def _append(self, slot: int, rid: int, token: int) -> int:
-        res = self.results[rid]
-        req = res.request
-        res.tokens.append(token)
-        seen = self._seen.get(rid)
-        if seen is not None:
-            seen[token] = seen.get(token, 0) + 1
-        if token == self.config.eos_token:
-            res.finish_reason = "eos"
-        elif token in req.stop_ids:
-            res.finish_reason = "stop"
-        elif req.stop_strings and self._hit_stop_string(res):
-            res.finish_reason = "stop"
-        elif len(res.tokens) >= req.max_new_tokens:
-            res.finish_reason = "length"
-        if res.done:
-            self.slots[slot] = None
-            self._seen.pop(rid, None)
-            if self.tokenizer is not None and res.text is None:
-                res.text = self.tokenizer.decode(res.tokens)
-        return token
-
-    def _hit_stop_string(self, res: Result) -> bool:
-        text = self.tokenizer.decode(res.tokens)
-        hits = [text.find(s) for s in res.request.stop_strings if s and s in text]
-        if not hits:
-            return False
-        res.text = text[:min(hits)]
-        return True
+    def stop(self) -> None:
+        """End the driving thread after its current step; requests left stay queued (event
+        readers step them again themselves)."""
+        with self._lock:
+            thread, self._stopping = self._driver, True
+            self._changed.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def run(self) -> Iterator[tuple[int, int]]:
         """Step until every request has finished, yielding (request id, token) as produced."""
         while not self.idle:
             yield from self.step()
+
+    def step(self) -> list[tuple[int, int]]:
+        """Admit waiting requests into free slots (prefilling them), then decode one token for
+        every live slot. Returns the (request id, token) pairs produced. A device call that
+        fails ends the requests in it with finish_reason "error"; the others go on."""
+        with self._lock:
+            while self._stepping:
+                self._changed.wait()
+            self._stepping = True
+            self._drop_released()
+        pending: set[int] = set()     # admitted, not yet applied: failed if the step dies
+        events: list[tuple[int, int]] = []
+        try:
+            with self._lock:
+                groups = []
+                for group, length in self._admit():
+                    inputs = batching.prefill_inputs(group, length, self.batch_size, self.config)
+                    draw = self._draw_inputs(list(enumerate(r for _, r in group)),
+                                             len(inputs[0]))
+                    groups.append((group, inputs, draw))
+                pending = {res.id for group, _, _ in groups for _, res in group}
+            for group, inputs, draw in groups:
+                out = self._call(self._prefill, inputs, draw)
+                with self._lock:
+                    events += self._apply([(i, slot, res.id) for i, (slot, res) in
+                                           enumerate(group)], out, place=True)
+                    pending -= {res.id for _, res in group}
+            with self._lock:
+                live = [(s, self.results[rid]) for s, rid in enumerate(self.slots)
+                        if rid is not None]
+                if live:
+                    inputs = batching.decode_inputs(live, self.batch_size, self.max_len)
+                    draw = self._draw_inputs(live, self.batch_size)
+            if live:
+                out = self._call(self._decode, inputs, draw)
+                with self._lock:
+                    events += self._apply([(s, s, res.id) for s, res in live], out)
+        except BaseException:
+            with self._lock:
+                self._check_cache()
+            raise
+        finally:
+            with self._lock:
+                for rid in pending:
+                    self._finish(rid, "error", error="the step was interrupted")
+                self._stepping = False
+                self._changed.notify_all()
+        return events
+
+    # --- internals (the lock is held unless noted) --------------------------------------------
+    def _idle(self) -> bool:
+        return not self.waiting and all(s is None for s in self.slots)
+
+    def _until(self, ready: Callable[[], T | None]) -> T:
+        """Wait for `ready()` (called under the lock) to give a value; step while no other
+        thread does."""
+        while True:
+            with self._lock:
+                value = ready()
+                if value is not None:
+                    return value
+                if self._stepping or (self._driver is not None and not self._stopping):
+                    self._changed.wait()
+                    continue
+            self.step()
+
+    def _drive(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and self._idle() and not self._released:
+                        self._changed.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as err:   # a bug, not a model error (step handles those)
+                    log.exception("engine step failed")
+                    with self._lock:
+                        for rid in [r for r in self.slots if r is not None] + list(self.waiting):
+                            self._finish(rid, "error", error=one_line(f"engine step failed: {err}"))
+        finally:
+            with self._lock:
+                self._driver = None
+                self._changed.notify_all()
+
+    def _admit(self) -> list[tuple[list[tuple[int, Result]], int]]:
+        """Take waiting requests for free slots (first in, first out), re-making the cache when
+        the next ones need more; returns the prefill groups (slot, result) with their length."""
+        free = [s for s, rid in enumerate(self.slots) if rid is None]
+        if not self.waiting:
+            return []
+        if self.cache is None or self._need(self.waiting[0]) > self.max_len or (
+                len(self.waiting) > len(free) and self.batch_size < self.max_batch and self.grow):
+            if len(free) < self.batch_size:
+                return []           # let the live requests finish before the cache changes
+            self._remake()
+            free = list(range(self.batch_size))
+        groups: dict[int, list[tuple[int, Result]]] = collections.defaultdict(list)
+        for slot in free:
+            if not self.waiting or self._need(self.waiting[0]) > self.max_len:
+                break
+            res = self.results[self.waiting.popleft()]
+            groups[bucket(len(res.prompt), self.max_len)].append((slot, res))
+        out = []
+        for length, group in sorted(groups.items()):
+            most = max(1, self.prefill_tokens // length)
+            out += [(group[i:i + most], length) for i in range(0, len(group), most)]
+        return out
+
+    def _need(self, rid: int) -> int:
+        res = self.results[rid]
+        return len(res.prompt) + res.request.max_new_tokens
+
+    def _remake(self) -> None:
+        """A new, empty cache big enough for the next waiting requests (no slot is live)."""
+        if self.grow:
+            self.batch_size = max(self.batch_size, bucket(min(len(self.waiting), self.max_batch),
+                                                          self.max_batch, minimum=1))
+            need = max(self._need(r) for r in list(self.waiting)[:self.batch_size])
+            self.max_len = max(self.max_len, bucket(need, self.max_context))
+        self.cache = None           # the old one is freed before the new one is made
+        self.cache = self.runner.new_cache(self.batch_size, self.max_len)
+        self.cache_allocations += 1
+        self.slots = [None] * self.batch_size
+
+    def _draw_inputs(self, rows: list[tuple[int, Result]], batch: int) -> batching.Draw:
+        return batching.draw_inputs(rows, batch, self.config, self.book.seen)
+
+    def _call(self, fn: Callable, inputs: tuple, draw: batching.Draw) -> np.ndarray | Exception:
+        """Run a device call and the sampler (no lock held): the tokens drawn, or the error."""
+        try:
+            logits = fn(*inputs)
+            keys = row_keys(jnp.asarray(draw.seeds), jnp.asarray(draw.steps))
+            s = draw.settings
+            return np.asarray(self.runner.sample(logits, keys, jnp.asarray(s[0]),
+                                                 jnp.asarray(s[1]), jnp.asarray(s[2], jnp.int32),
+                                                 draw.penalties))
+        except Exception as err:
+            log.error("engine step failed: %s", err, exc_info=True)
+            return err
+
+    def _prefill(self, tokens: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> jax.Array:
+        self.prefill_shapes[tokens.shape] += 1
+        logits, self.cache = self.runner.prefill(self.runner.params, self.cache,
+                                                  jnp.asarray(tokens), jnp.asarray(rows),
+                                                  jnp.asarray(lengths))
+        return logits
+
+    def _decode(self, tokens: np.ndarray, positions: np.ndarray, attend: int) -> jax.Array:
+        self.attend_spans[attend] += 1
+        logits, self.cache = self.runner.decode(self.runner.params, self.cache,
+                                                 jnp.asarray(tokens), jnp.asarray(positions),
+                                                 attend)
+        return logits
+
+    def _apply(self, rows: list[tuple[int, int, int]], out: np.ndarray | Exception,
+               place: bool = False) -> list[tuple[int, int]]:
+        """Record a call's tokens for its (row, slot, request id) triples, skipping requests
+        cancelled meanwhile; on an error, end its requests (and, if the cache went with it,
+        every live one: the cache is re-made at the next admission)."""
+        produced = []
+        for row, slot, rid in rows:
+            res = self.results.get(rid)
+            if res is None or res.done:
+                continue
+            if isinstance(out, Exception):
+                self._finish(rid, "error", error=one_line(f"{type(out).__name__}: {out}"))
+                continue
+            if place:
+                self.slots[slot] = rid
+            token = int(out[row])
+            self.book.append(rid, token)
+            produced.append((rid, token))
+            if res.done:
+                self.slots[slot] = None
+        if isinstance(out, Exception):
+            self._check_cache()
+        return produced
+
+    def _check_cache(self) -> None:
+        """After a failed call: if the cache went with it (donated), end every live request
+        (their keys and values are gone) and leave the cache to be re-made."""
+        if self.cache is not None and any(getattr(x, "is_deleted", lambda: False)()
+                                          for x in jax.tree.leaves(self.cache)):
+            for rid in [r for r in self.slots if r is not None]:
+                self._finish(rid, "error", error="the KV cache was lost when a step failed")
+            self.cache = None
+
+    def _finish(self, rid: int, reason: str, error: str | None = None) -> None:
+        """End a request, free its slot and wake its readers."""
+        if self.book.finish(rid, reason, error=error):
+            self.slots = [None if r == rid else r for r in self.slots]
+            self._changed.notify_all()
+
+    def _cancel(self, rid: int) -> bool:
+        res = self.results.get(rid)
+        if res is None or res.done:
+            return False
+        self._finish(rid, "cancelled")
+        return True
+
+    def _drop_released(self) -> None:
+        while self._released:
+            rid = self._released.popleft()
+            self._cancel(rid)
+            self.book.drop(rid)
+
+
+class EventStream:
+    """Iterator over one request's events (`Engine.events`); `close()` cancels the request if it
+    has not finished."""
+
+    def __init__(self, engine: Engine, rid: int):
+        self.engine, self.id, self._done = engine, rid, False
+
+    def __iter__(self) -> "EventStream":
+        return self
+
+    def __next__(self) -> Event:
+        if self._done:
+            raise StopIteration
+        event = self.engine.next_event(self.id)
+        self._done = event.done
+        return event
+
+    def close(self) -> None:
+        if not self._done:
+            self.engine.cancel(self.id)
+            self._done = True

@@ -13,19 +13,19 @@ from grok.config import GrokConfig
 from grok.leaves import EMBED_MODULE, is_scanned
 from grok.model import KVCache, forward, init_cache
 from grok.parallel.rules import Placement
-from grok.quant import embedding_dtype
+from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.serving.sampling import sample
 
 log = logging.getLogger(__name__)
 
 
-def _with_compute_embedding(params: dict[str, Any]) -> dict[str, Any]:
-    """The params with the embedding in `embedding_dtype()`: on CPU its bfloat16 values widened to
-    float32 once here, instead of by every logits dot."""
+def with_compute_embedding(params: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """The params with the embedding in the plan's compute dtype: where dots widen their operands
+    (CPU) its bfloat16 values widened to float32 once here, instead of by every logits dot."""
     table = params["embed"][EMBED_MODULE]["embeddings"]
-    if table.dtype == embedding_dtype():
+    if table.dtype == dtype:
         return params
-    embed = {**params["embed"], EMBED_MODULE: {"embeddings": table.astype(embedding_dtype())}}
+    embed = {**params["embed"], EMBED_MODULE: {"embeddings": table.astype(dtype)}}
     return {**params, "embed": embed}
 
 
@@ -33,8 +33,13 @@ class ModelRunner:
     """Jitted prefill / decode / full-forward functions of one model (compiled once per shape)."""
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, moe_impl: str = "auto",
-                 mesh: Any = None, unroll: int | bool = 1):
-        self.params = _with_compute_embedding(params)
+                 mesh: Any = None, plan: ExecutionPlan | None = None):
+        """`moe_impl` (grok.kernels.plan.MOE_IMPLS) is resolved into this runner's execution
+        plan for the backend, `mesh` and the params' layout on it, unless `plan` is given."""
+        # The Pallas kernels have no partitioning rule (GSPMD would gather their sharded weights):
+        # on a multi-device mesh the plan runs them per device where the layout allows.
+        self.plan = plan = plan or resolve_plan(moe_impl, params=params, mesh=mesh)
+        self.params = with_compute_embedding(params, plan.embedding_dtype)
         self.config = config
         self.scan = is_scanned(params)
         self.compiles: collections.Counter[str] = collections.Counter()
@@ -42,20 +47,7 @@ class ModelRunner:
         # jitted functions pin the cache / logits layouts of their outputs (identity without one).
         self.mesh = mesh
         self.place = place = Placement(mesh, config)
-        # The Pallas kernels have no partitioning rule (GSPMD would gather their sharded weights):
-        # on a multi-device mesh they run per device under shard_map where the layout allows.
-        self.mesh_kernel = None
-        if mesh is not None and mesh.devices.size > 1 and moe_impl in ("auto", "pallas"):
-            from grok.parallel.mesh_kernels import kernel_plan
-            self.mesh_kernel = kernel_plan(self.params, mesh)
-            if self.mesh_kernel is None and moe_impl == "auto":
-                moe_impl = "grouped"
-        if unroll is not True and (isinstance(unroll, bool) or not isinstance(unroll, int)
-                                   or unroll < 1):
-            raise ValueError(f"unroll must be True or a layer count >= 1, got {unroll!r}")
-        self.moe_impl = moe_impl    # as resolved for this mesh
-        fwd = dict(config=config, moe_impl=moe_impl, unroll=unroll,   # see forward
-                   mesh_kernel=self.mesh_kernel)
+        fwd = dict(config=config, plan=plan)   # see forward
 
         def prefill(params, cache, tokens, rows, lengths):
             # Prompts [R, P] as fresh sequences, prompt r written straight into cache row
@@ -81,6 +73,11 @@ class ModelRunner:
                                static_argnums=4)
         self.full = jax.jit(self._counted("forward", full))
         self.sample = jax.jit(sample)
+
+    @property
+    def moe_impl(self) -> str:
+        """The MoE evaluation the plan resolved ("auto": kernels where a call's shapes fit)."""
+        return self.plan.moe
 
     def _counted(self, name: str, fn: Callable) -> Callable:
         def traced(*args):

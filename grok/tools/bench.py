@@ -39,9 +39,9 @@ import numpy as np
 from grok.config import GROK1, GrokConfig
 from grok.serving.engine import Engine, ModelRunner, Request, bucket
 from grok.model import KVCache
-from grok.model.moe import MOE_IMPLS, block_rows_for, resolve_impl
-from grok.leaves import checkpoint_entries
-from grok.quant import QuantizedWeight8bit
+from grok.kernels.plan import MOE_IMPLS, block_rows_for, resolve_plan
+from grok.leaves import Entry, checkpoint_entries, model_tree
+from grok.quant import QuantizedWeight
 
 PRESETS: dict[str, GrokConfig] = {
     "tiny": GrokConfig(vocab_size=256, emb_size=64, key_size=16, num_q_heads=4, num_kv_heads=2,
@@ -59,7 +59,7 @@ def grok1_slice(layers: int) -> GrokConfig:
 
 # --- random int8 weights made on the device ------------------------------------------------------
 
-def _hash_uniform(shape: tuple[int, ...], seed: int) -> jax.Array:
+def hash_uniform(shape: tuple[int, ...], seed: int) -> jax.Array:
     """uint32 hash of each element's flat index (elementwise: XLA fuses it into its consumer)."""
     idx = jnp.zeros(shape, jnp.uint32)
     stride = 1
@@ -76,36 +76,30 @@ def _hash_uniform(shape: tuple[int, ...], seed: int) -> jax.Array:
 
 def random_params(config: GrokConfig, seed: int = 0) -> dict[str, Any]:
     """The model's tree (layers stacked for the scan) with random int8 weights, built on the
-    default device: int8 uniform in [-127, 127] with fan-in scaled bfloat16 scales."""
-    layers = config.num_layers
-    tree: dict[str, Any] = {"embed": {}, "layers": {}}
-    for n, entry in enumerate(checkpoint_entries(config)):
-        if entry.layer not in (None, 0):
-            continue
-        shape = entry.shape if entry.layer is None else (layers, *entry.shape)
-        leaf_seed = seed * 1000 + n
-        if entry.quantized:
-            def make(shape=shape, s=leaf_seed):
-                h = _hash_uniform(shape, s)
-                return ((h >> 24).astype(jnp.int32) % 255 - 127).astype(jnp.int8)
-            weight = jax.jit(make)()
-            fan_in = entry.shape[-2]
-            scales = jnp.full((*shape[:-2], entry.scale_blocks, shape[-1]),
-                              1.0 / (73.3 * math.sqrt(fan_in)), jnp.bfloat16)
-            leaf: Any = QuantizedWeight8bit(weight, scales)
-        elif entry.param == "scale":
-            leaf = jnp.ones(shape, jnp.float32)
-        else:   # embeddings (bfloat16 as the model holds them) and router weights (float32)
-            dtype = jnp.bfloat16 if entry.param == "embeddings" else jnp.float32
-            fan_in = shape[-1] if entry.param == "embeddings" else entry.shape[-2]
+    default device from the leaf table: int8 uniform in [-127, 127] with fan-in scaled bfloat16
+    scales, unit norm scales, fan-in scaled uniform floats."""
+    index = {e.name: e.index for e in checkpoint_entries(config)}
 
-            def make(shape=shape, s=leaf_seed, dtype=dtype, fan_in=fan_in):
-                u = (_hash_uniform(shape, s) >> 8).astype(jnp.float32) / 2.0**24 - 0.5
-                return (u * (math.sqrt(12.0 / fan_in))).astype(dtype)
-            leaf = jax.jit(make)()
-        target = tree["embed"] if entry.layer is None else tree["layers"]
-        target.setdefault(entry.module, {})[entry.param] = leaf
-    return tree
+    def make(entry: Entry, stacked: bool) -> Any:
+        shape = (config.num_layers, *entry.shape) if stacked else entry.shape
+        leaf_seed = seed * 1000 + index[entry.name]
+        if entry.quantized:
+            def weight(shape=shape, s=leaf_seed):
+                h = hash_uniform(shape, s)
+                return ((h >> 24).astype(jnp.int32) % 255 - 127).astype(jnp.int8)
+            scales = jnp.full((*shape[:-2], entry.scale_blocks, shape[-1]),
+                              1.0 / (73.3 * math.sqrt(entry.fan_in)), jnp.bfloat16)
+            return QuantizedWeight(jax.jit(weight)(), scales)
+        if entry.param == "scale":
+            return jnp.ones(shape, jnp.float32)
+        # embeddings (bfloat16 as the model holds them) and router weights (float32)
+        dtype = jnp.bfloat16 if entry.param == "embeddings" else jnp.float32
+
+        def uniform(shape=shape, s=leaf_seed, dtype=dtype):
+            u = (hash_uniform(shape, s) >> 8).astype(jnp.float32) / 2.0**24 - 0.5
+            return (u * (math.sqrt(12.0 / entry.fan_in))).astype(dtype)
+        return jax.jit(uniform)()
+    return model_tree(config, make, scan=True)
 
 
 # --- timing helpers ------------------------------------------------------------------------------
@@ -200,7 +194,8 @@ def runner_for(params, config, moe_impl: str, unroll: int | bool = 1) -> ModelRu
     layer-loop unrolling."""
     key = (id(params), moe_impl, unroll)
     if key not in _RUNNERS or _RUNNERS[key].params is not params:
-        _RUNNERS[key] = ModelRunner(params, config, moe_impl=moe_impl, unroll=unroll)
+        plan = resolve_plan(moe_impl, unroll=unroll)
+        _RUNNERS[key] = ModelRunner(params, config, plan=plan)
     return _RUNNERS[key]
 
 def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: int,
@@ -219,8 +214,7 @@ def step_times(params, config, moe_impl: str, batches: list[int], prefill_len: i
     runner = runner_for(params, config, moe_impl, unroll)
     moe_w = [params["layers"][f"decoder_layer/moe/{n}"]["w"] for n in ("linear", "linear_v",
                                                                      "linear_1")]
-    runs = lambda tokens: resolve_impl(moe_impl, tokens * config.num_selected_experts,
-                                       config.num_experts, *moe_w)
+    runs = lambda tokens: runner.plan.moe_path(tokens * config.num_selected_experts, *moe_w)
     rows = []
     max_len = bucket(prefill_len + 1, config.sequence_len)
     cache = runner.new_cache(1, max_len)

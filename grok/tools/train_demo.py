@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig
+from grok.kernels.plan import resolve_plan
 from grok.model import forward, init_cache
 from grok.leaves import checkpoint_entries, from_model_params, map_entries, to_model_params
 from grok.quant import quantize
@@ -48,6 +49,7 @@ EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test",
 HELDOUT_MOD = 20            # a file is held out when crc32(relative path) % 20 == 0
 HELDOUT_TXT_CHARS = 48_000  # size of the shipped held-out sample
 VOCAB_SIZE = 4096
+DENSE = resolve_plan("dense")   # training evaluates every expert: gradients reach all of them
 
 
 def demo_config(vocab_size: int = VOCAB_SIZE) -> GrokConfig:
@@ -145,9 +147,9 @@ def init_flat(config: GrokConfig, seed: int) -> dict[str, np.ndarray]:
         if entry.param == "embeddings":
             std = 1.0 / math.sqrt(config.emb_size)
         elif entry.module.endswith("router"):
-            std = 0.1 / math.sqrt(entry.shape[-2])
+            std = 0.1 / math.sqrt(entry.fan_in)
         else:
-            std = 1.0 / math.sqrt(entry.shape[-2])
+            std = 1.0 / math.sqrt(entry.fan_in)
         return (std * rng.standard_normal(entry.shape)).astype(np.float32)
     return map_entries(config, make)
 
@@ -157,7 +159,7 @@ def loss_fn(params: Any, batch: jax.Array, config: GrokConfig) -> jax.Array:
     tokens, targets = batch[:, :-1], batch[:, 1:]
     b, t = tokens.shape
     logits, _ = forward(params, tokens, init_cache(config, b, t), jnp.zeros((b,), jnp.int32),
-                        config=config, moe_impl="dense")
+                        config=config, plan=DENSE)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     real = (targets > config.pad_token).astype(jnp.float32)
@@ -364,7 +366,7 @@ def main(argv=None) -> int:
     shipped = perplexities(model.logits, rows, unigram)
     float_logits = jax.jit(lambda p, t: forward(p, t, init_cache(config, t.shape[0], t.shape[1]),
                                                 jnp.zeros((t.shape[0],), jnp.int32),
-                                                config=config, moe_impl="dense")[0])
+                                                config=config, plan=DENSE)[0])
     float_eval = perplexities(lambda r: float_logits(params, jnp.asarray(r, jnp.int32)),
                               rows, unigram)
     sample_rows = windows(encode_stream(tokenizer, [sample], config.eos_token)[:-1], seq, 4)

@@ -1,0 +1,58 @@
+"""The checkpoint directory (SPEC §3): `ckpt-0/tensor{i:05d}_000`, one file per leaf, and an
+optional `config.json` beside ckpt-0 (none: Grok-1)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from grok.config import GROK1, GrokConfig
+from grok.errors import CheckpointError
+from grok.leaves import Entry
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "ckpt-0"
+CONFIG_FILE = "config.json"
+PathLike = str | os.PathLike
+
+
+def checkpoint_dir(path: PathLike) -> Path:
+    """The `ckpt-0` directory of a model directory (or the `ckpt-0` directory itself)."""
+    p = Path(path)
+    if (p / CKPT_DIR).is_dir():
+        return p / CKPT_DIR
+    if p.is_dir() and (p.name == CKPT_DIR or (p / "tensor00000_000").is_file()):
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    raise CheckpointError(f"{p}: not a checkpoint directory (no {CKPT_DIR}/ inside)")
+
+
+def check_files(ckpt: Path, entries: list[Entry]) -> None:
+    """Exactly the tensor files `entries` expect must be in `ckpt`, else a CheckpointError naming
+    the first missing (or unexpected) file."""
+    present = set(os.listdir(ckpt))
+    missing = [e.filename for e in entries if e.filename not in present]
+    if missing:
+        raise CheckpointError(f"{ckpt / missing[0]}: missing ({len(missing)} of {len(entries)} "
+                              "tensor files the config expects are missing; wrong config?)")
+    expected = {e.filename for e in entries}
+    extra = sorted(n for n in present if n.startswith("tensor") and n not in expected)
+    if extra:
+        raise CheckpointError(f"{ckpt / extra[0]}: unexpected file ({len(extra)} tensor file(s) "
+                              f"beyond the {len(entries)} the config expects; wrong config?)")
+
+
+def read_config(path: PathLike) -> GrokConfig:
+    """`path/config.json` (or its parent's, when `path` is ckpt-0), else Grok-1 (SPEC §1)."""
+    p = Path(path)
+    candidates = [p / CONFIG_FILE] + ([p.parent / CONFIG_FILE] if p.name == CKPT_DIR else [])
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return GrokConfig.from_json(candidate)
+            except OSError as err:
+                raise CheckpointError(f"{candidate}: cannot read ({err.strerror or err})") from None
+    log.info("%s: no %s, assuming the Grok-1 configuration", p, CONFIG_FILE)
+    return GROK1

@@ -1,0 +1,163 @@
+"""The execution plan: how one model's steps run, decided once per runner and passed down.
+
+`resolve_plan(moe_impl, params=..., mesh=...)` looks at the backend (the only place in grok that
+does), the mesh and the layout of the weights on it, and the weights' storage format, and fixes:
+- which MoE evaluation runs (`moe`: "dense", "gather", "grouped" in XLA, "pallas" kernels, or
+  "auto": the kernels where a call's shapes fit them, else "grouped");
+- whether the decode-time attention projections go through the kernel (`projections`);
+- whether Pallas kernels are compiled (GPU) or interpreted (elsewhere; tests);
+- whether dots widen their operands to float32 first (XLA's CPU runtime takes no int8 or
+  bfloat16 operands in some layouts), and so the embedding's compute dtype;
+- on a multi-device mesh, the per-device kernel layout (`mesh_kernel`, grok.parallel.mesh_kernels);
+- how many layers run per step of the layer loop (`unroll`).
+The model asks the plan at its two kernel-or-reference branches (`moe_path`, `linear_kernel`)
+and never looks at the backend itself. A new kernel (TPU, tokamax, int4) is one new entry here
+and one kernel module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from grok.errors import GrokError
+from grok.kernels import moe_mlp
+from grok.kernels.pallas_int8 import kernel_applies
+from grok.parallel import mesh_kernels
+from grok.quant import LayerSlice, QuantizedWeight, is_quantized
+
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas")
+# Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
+# the weight once, in place. Larger ones are compute-bound, where XLA's GEMMs do better.
+KERNEL_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """How a model's steps run (see the module docstring). Frozen and hashable: jitted functions
+    close over it."""
+
+    backend: str = "cpu"
+    moe: str = "grouped"
+    projections: bool = False
+    mesh_kernel: Any = None
+    unroll: int | bool = 1
+    # Quantised weights converted inside the dot and scaled per row block after it (None: on
+    # accelerators; the CPU dequantises in float32 first, see grok.quant._dequantize_f32).
+    scale_after_dot: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.moe not in MOE_IMPLS:
+            raise GrokError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe!r}")
+        if self.unroll is not True and (isinstance(self.unroll, bool)
+                                        or not isinstance(self.unroll, int) or self.unroll < 1):
+            raise GrokError(f"unroll must be True or a layer count >= 1, got {self.unroll!r}")
+
+    @property
+    def interpret(self) -> bool:
+        """Pallas kernels run through the interpreter: they compile (Triton) on GPUs only."""
+        return self.backend != "gpu"
+
+    @property
+    def widen_dots(self) -> bool:
+        """XLA's CPU runtime lacks some bf16 x bf16 -> f32 and int8 dots: widen operands first."""
+        return self.backend == "cpu"
+
+    @property
+    def scales_after_dot(self) -> bool:
+        """Whether quantised matmuls scale each row block's product after the dot (else the
+        weight is dequantised in float32 first)."""
+        return self.backend != "cpu" if self.scale_after_dot is None else self.scale_after_dot
+
+    @property
+    def embedding_dtype(self) -> Any:
+        """The embedding's compute dtype: bfloat16, or where dots widen their operands its values
+        in float32 (held so once, not widened by every logits dot)."""
+        return jnp.float32 if self.widen_dots else jnp.bfloat16
+
+    # --- the model's two kernel-or-reference branches -------------------------------------------
+    def moe_path(self, assignments: int, w1: Any, wv: Any, w2: Any) -> str:
+        """The MoE evaluation for `assignments` (token, choice) rows: "dense", "gather",
+        "grouped" or "pallas". "auto" takes the kernels where every weight is int8 and each
+        device's shard has a shape they handle."""
+        weights = (w1, wv, w2)
+        quantized = all(isinstance(w, QuantizedWeight) for w in weights)
+        if self.moe != "auto":   # the kernels take quantised weights only
+            return "grouped" if self.moe == "pallas" and not quantized else self.moe
+        if self.backend != "gpu" or not quantized:
+            return "grouped"
+        bm = block_rows_for(assignments, w1.shape[-3], "pallas")
+        shapes = [w.shape[-3:] for w in weights]
+        if self.mesh_kernel is not None:   # each device's shard is what the kernel sees
+            shapes = [self.mesh_kernel.local_shape(shape, spec)
+                      for shape, (spec, _) in zip(shapes, self.mesh_kernel.specs)]
+        layers = math.prod(w1.shape[:-3])
+        fits = all(kernel_applies(s[-2], s[-1], w.scale_blocks, bm,
+                                  weight_bytes=layers * math.prod(s))
+                   for w, s in zip(weights, shapes))
+        return "pallas" if fits else "grouped"
+
+    def expert_kernels(self, xb: jax.Array, block_expert: jax.Array, block_rows: jax.Array,
+                       w1: Any, wv: Any, w2: Any, layer: Any = None) -> jax.Array:
+        """The grouped MoE's blocks through the Pallas kernels (float32 [G, bm, D]): per device
+        under shard_map on a mesh, else on the one device."""
+        if self.mesh_kernel is not None:
+            return mesh_kernels.grouped_mlp(self.mesh_kernel, self._mlp, xb, block_expert,
+                                            block_rows, w1, wv, w2, layer)
+        return self._mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
+
+    def _mlp(self, xb, block_expert, block_rows, w1, wv, w2, layer=None):
+        return moe_mlp.gated_mlp(xb, block_expert, block_rows, w1, wv, w2, layer,
+                                 interpret=self.interpret)
+
+    def linear_kernel(self, x: jax.Array, ws: Sequence[Any], out_dtype: Any
+                      ) -> list[jax.Array] | None:
+        """x [..., In] times layer slices of int8 stacks through one kernel launch, or None
+        where the plan or the shapes leave it to XLA (then the caller's reference path runs)."""
+        if not self.projections or not all(
+                isinstance(w, LayerSlice) and is_quantized(w.stack) for w in ws):
+            return None
+        rows = math.prod(x.shape[:-1])
+        if rows > KERNEL_ROWS:
+            return None
+        return moe_mlp.stacked_linears(x, ws, out_dtype, interpret=self.interpret)
+
+
+def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int:
+    """Rows per block: about the mean rows per expert as a power of two, at least 16 for the
+    kernel (Triton's dot minimum) or 8 for XLA, at most 64 for the kernel (on an H100 its 64-row
+    blocks ran as fast per FLOP as 128-row ones, and round each expert's rows up less) or 128."""
+    floor, cap = (16, 64) if impl == "pallas" else (8, 128)
+    mean = max(1, math.ceil(assignments / experts))
+    return min(cap, max(floor, 1 << (mean - 1).bit_length()))
+
+
+def current_backend() -> str:
+    """jax's default backend: "cpu", "gpu" or "tpu"."""
+    return jax.default_backend()
+
+
+def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None,
+                 backend: str | None = None, unroll: int | bool = 1) -> ExecutionPlan:
+    """The plan for a model's `params` (sharded on `mesh`, if any) on `backend` (default: jax's).
+
+    On a multi-device mesh the MoE kernels run per device where the weights' layout lets each
+    device compute from its own shard (mesh_kernels.kernel_plan); elsewhere "auto" means the XLA
+    grouped path there, and the attention projections never take the kernel (GSPMD would gather
+    their sharded weights for the custom call)."""
+    if moe_impl not in MOE_IMPLS:
+        raise GrokError(f"moe_impl must be one of {MOE_IMPLS}, got {moe_impl!r}")
+    backend = backend or current_backend()
+    multi = mesh is not None and mesh.devices.size > 1
+    mesh_kernel = None
+    if multi and moe_impl in ("auto", "pallas") and params is not None:
+        mesh_kernel = mesh_kernels.kernel_plan(params, mesh)
+        if mesh_kernel is None and moe_impl == "auto":
+            moe_impl = "grouped"
+    projections = not multi and (moe_impl == "pallas" or (moe_impl == "auto" and backend == "gpu"))
+    if moe_impl == "auto" and backend != "gpu":
+        moe_impl = "grouped"
+    return ExecutionPlan(backend, moe_impl, projections, mesh_kernel, unroll)

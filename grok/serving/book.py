@@ -1,0 +1,92 @@
+"""The engine's record of its requests: results, the waiting queue, each request's event buffer,
+detokenizer and penalty counts. No locking here: `Engine` calls it under its one lock."""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from grok.errors import RequestError
+from grok.serving.detokenizer import Detokenizer
+from grok.serving.request import Event, Request, Result
+
+
+class Book:
+    """Requests by id, from `add` until `pop` / `drop`."""
+
+    def __init__(self, eos_token: int, tokenizer: Any = None):
+        self.eos_token, self.tokenizer = eos_token, tokenizer
+        self.results: dict[int, Result] = {}
+        self.waiting: collections.deque[int] = collections.deque()
+        # Requests with penalties: every token id seen (prompt and output) -> its output count.
+        self.seen: dict[int, dict[int, int]] = {}
+        self._detok: dict[int, Detokenizer] = {}
+        self._events: dict[int, collections.deque[Event]] = {}
+        self._next_id = 0
+
+    def add(self, request: Request, prompt: list[int]) -> int:
+        """Queue a checked request; its id."""
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self.results[rid] = Result(rid, request, prompt)
+        self._events[rid] = collections.deque()
+        if request.sampling.penalized:
+            self.seen[rid] = dict.fromkeys(prompt, 0)
+        if self.tokenizer is not None:
+            self._detok[rid] = Detokenizer(self.tokenizer, request.stop_strings)
+        self.waiting.append(rid)
+        return rid
+
+    def append(self, rid: int, token: int) -> None:
+        """Record a request's new token and its event; finish it on eos, a stop or its length."""
+        res = self.results[rid]
+        req = res.request
+        res.tokens.append(token)
+        seen = self.seen.get(rid)
+        if seen is not None:
+            seen[token] = seen.get(token, 0) + 1
+        detok = self._detok.get(rid)
+        text = detok.add(token) if detok is not None else None
+        reason = ("eos" if token == self.eos_token
+                  else "stop" if token in req.stop_ids or (detok is not None and detok.stopped)
+                  else "length" if len(res.tokens) >= req.max_new_tokens else None)
+        if reason is None:
+            self._events[rid].append(Event(rid, token, text))
+        else:
+            self.finish(rid, reason, token, text)
+
+    def finish(self, rid: int, reason: str, token: int | None = None, text: str | None = None,
+               error: str | None = None) -> bool:
+        """End a request (False if unknown or already ended): settle its text, push its last
+        event. The caller frees its slot."""
+        res = self.results.get(rid)
+        if res is None or res.done:
+            return False
+        res.finish_reason, res.error = reason, error
+        if rid in self.waiting:
+            self.waiting.remove(rid)
+        self.seen.pop(rid, None)
+        detok = self._detok.pop(rid, None)
+        if detok is not None:
+            # A cancelled or failed request keeps the text shown so far: what its events carried.
+            text = (text or "") + (detok.finish() if reason in ("eos", "stop", "length") else "")
+            res.text = detok.text
+        self._events[rid].append(Event(rid, token, text, reason, error))
+        return True
+
+    def next_event(self, rid: int) -> Event | None:
+        """The request's next buffered event, or None."""
+        queue = self._events.get(rid)
+        if queue is None:
+            raise RequestError(f"request {rid} is unknown (or released)")
+        return queue.popleft() if queue else None
+
+    def pop(self, rid: int) -> Result:
+        res = self.results.get(rid)
+        if res is None or not res.done:
+            raise RequestError(f"request {rid} is {'unknown' if res is None else 'running'}")
+        self.drop(rid)
+        return res
+
+    def drop(self, rid: int) -> None:
+        """Forget an ended request (an unknown id is ignored)."""
+        self.results.pop(rid, None)
+        self._events.pop(rid, None)
