@@ -29,8 +29,8 @@ import numpy as np
 
 from grok.tools.bench import (hash_uniform, copy_bandwidth, dequantized_buffers, machine, markdown,
                         matmul_rate, pipelined_time)
-from grok.kernels.pallas_int8 import (block_matmul, fit_shared, gated_block_matmul, pipeline_defaults,
-                              splits_for, tiles)
+from grok.kernels.pallas_int8 import (fit_shared, pipeline_defaults, splits_for, sweep_launch,
+                                      tiles)
 from grok.kernels.plan import block_rows_for, resolve_plan
 from grok.model.moe import grouped, moe
 from grok.quant import QuantizedWeight8bit
@@ -111,10 +111,12 @@ def _time_kernel(row: dict, x, ids, valid, pairs, calls: int, repeats: int,
     """Back-to-back time of the kernel over `pairs` (one: block_matmul; two: gated_block_matmul)
     with `tiles_kw`, or None with the error in `row`."""
     interpret = INTERPRET
-    kernel = block_matmul if len(pairs) == 1 else gated_block_matmul
+    gated = len(pairs) == 2
     operands = [a for pair in pairs for a in pair]
     try:   # weights as arguments, not jit constants
-        fn = jax.jit(lambda x, *ws: kernel(x, ids, valid, *ws, interpret=interpret, **tiles_kw))
+        fn = jax.jit(lambda x, *ws: sweep_launch(
+            x, ids, valid, tuple(zip(ws[::2], ws[1::2])), gated=gated, interpret=interpret,
+            **tiles_kw))
         return pipelined_time(lambda: fn(x, *operands), calls=calls, repeats=repeats)
     except Exception as err:  # noqa: BLE001 - reported in the table
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grok.config import DEMO, DEMO_DIR, model_dir
+from grok.errors import GrokError
 
 DEFAULT_CHECKPOINT = DEMO_DIR.parent
 GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
@@ -274,7 +275,7 @@ def _interactive(printer: _Printer) -> None:
             continue
         try:
             printer.complete([line.rstrip("\n")])
-        except (CliError, ValueError) as err:
+        except (CliError, GrokError) as err:
             print(f"run.py: error: {err}", file=sys.stderr, flush=True)
 
 
@@ -335,24 +336,16 @@ def _main(argv: Sequence[str] | None) -> int:
         _check_files(args)
         import grok  # deferred: importing jax takes a moment, and bad flags should fail fast
         _enable_compile_cache()
-        from grok.checkpoint import CheckpointError
-        from grok.config import ConfigError
-        from grok.parallel.rules import ShardingError
-        from grok.serving.tokenizer import TokenizerError
         try:
             mesh = _distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
                               layout=args.layout)
-            try:
-                printer = _Printer(model, args, args.interactive or len(prompts) > 1)
-            except ValueError as err:    # a flag outside the range of the model's sampling.json
-                raise CliError(str(err)) from None
+            printer = _Printer(model, args, args.interactive or len(prompts) > 1)
             printer.complete(prompts)
             if args.interactive:
                 _interactive(printer)
-        except (CheckpointError, ConfigError, ShardingError, TokenizerError, ValueError,
-                OSError) as err:
+        except (GrokError, OSError) as err:   # bad input of any kind; unreadable files
             if isinstance(err, BrokenPipeError):
                 raise
             raise CliError(str(err)) from None

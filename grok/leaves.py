@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig
-from grok.quant import QuantizedWeight, is_quantized, quantize
+from grok.quant import INT8, QuantizedWeight, WeightFormat, is_quantized, quantize
 
 LAYER_MODULE = "decoder_layer"   # the haiku name of one layer inside the layer transform
 EMBED_MODULE = "language_model/in_out_embed"
@@ -40,12 +40,17 @@ class Entry:
     index: int
     name: str                 # SPEC §3 path, e.g. transformer/decoder_layer_3/router/w
     shape: tuple[int, ...]
-    quantized: bool           # QuantizedWeight (int8 + bfloat16 scales) or float32 array
+    fmt: WeightFormat | None  # a QuantizedWeight's storage (INT8: int8 + bfloat16 scales), or
+                              # None for a float32 array
     scale_blocks: int = 0     # S of scales [..., S, out]; 0 for float32 leaves
     layer: int | None = None  # decoder layer index, None for the embedding / final norm
     module: str = ""          # haiku module path inside its tree (embed tree or layer tree)
     param: str = ""           # haiku parameter name
     axes: tuple[str, ...] = ()  # the logical name of each axis of `shape`
+
+    @property
+    def quantized(self) -> bool:
+        return self.fmt is not None
 
     @property
     def filename(self) -> str:
@@ -103,7 +108,7 @@ def checkpoint_entries(config: GrokConfig) -> list[Entry]:
             named.append((f"transformer/decoder_layer_{layer}/{sub}", shape, blocks, layer,
                           f"{LAYER_MODULE}/{module}", param, axes))
     named.sort(key=lambda item: item[0])
-    return [Entry(i, name, shape, blocks > 0, blocks, layer, module, param, axes)
+    return [Entry(i, name, shape, INT8 if blocks else None, blocks, layer, module, param, axes)
             for i, (name, shape, blocks, layer, module, param, axes) in enumerate(named)]
 
 

@@ -197,3 +197,10 @@ def test_a_truncated_shard_is_named_in_one_line(checkpoint, tmp_path):
     out = run("hi", "--checkpoint", str(broken), "--tokenizer", str(tokenizer_path()))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "tensor00002_000" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_a_request_the_engine_refuses_is_one_line(checkpoint):
+    out = run("hi", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_path()),
+              "--max-new-tokens", "3", "--seed", "-1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "seed must be an integer in [0, 2**32), got -1" in out.stderr

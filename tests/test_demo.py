@@ -124,3 +124,17 @@ def test_cli_uses_the_demo_model():
     assert proc.stdout.startswith(prompt)
     assert len(proc.stdout.rstrip("\n")) > len(prompt)
     assert "demo model" in proc.stderr
+
+
+def test_streamed_text_equals_the_completion_and_the_results_text(model):
+    prompt = "def fibonacci(n):"
+    kwargs = dict(max_new_tokens=24, temperature=0.8, seed=3, stop_strings=["\n\n"])
+    pieces = list(model.stream(prompt, **kwargs))
+    text = "".join(piece for _, piece in pieces)
+    assert text == model.complete(prompt, **kwargs)
+    [result] = model.run([grok.Request(model.tokenizer.encode(prompt), 24,
+                                       grok.SamplingParams(temperature=0.8), 3,
+                                       stop_strings=("\n\n",))])
+    assert result.text == text and [token for token, _ in pieces] == result.tokens
+    assert "\n\n" not in text and not any("\ufffd" in piece for _, piece in pieces)
+    assert not model.engine.results, "the engine keeps finished requests"

@@ -304,7 +304,7 @@ def test_requests_submitted_from_several_threads_while_one_drives(model):
     finally:
         engine.stop()
     assert not errors and got == want
-    assert engine.idle and engine._driver is None
+    assert engine.idle and not engine.driving
 
 
 def test_cancel_frees_the_slot_within_one_step_and_leaves_the_others_unchanged(model):

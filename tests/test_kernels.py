@@ -36,8 +36,8 @@ def test_block_matmul_interpret_equals_numpy(splits, swap_ab):
     w = _q(rng, (4, 64, 48), 4)
     x = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.bfloat16)
     ids, rows = jnp.array([2, 0, 3]), jnp.array([3, 0, 8])
-    y = kmoe.block_matmul(x, ids, rows, w.weight, w.scales, bn=16, bk=8, splits=splits,
-                          interpret=True, swap_ab=swap_ab)
+    y = kmoe.sweep_launch(x, ids, rows, ((w.weight, w.scales),), gated=False, bn=16, bk=8,
+                          splits=splits, interpret=True, swap_ab=swap_ab)
     ref, bound = _exact_block_matmul(x, w, [2, 0, 3], splits)
     ref[1] = 0.0                                         # an empty block is skipped: zeros
     assert_within(y, ref, bound, f"block_matmul splits={splits} swap_ab={swap_ab}")
@@ -73,8 +73,8 @@ def test_gated_block_matmul_equals_numpy(blocks, swap_ab):
     w1, wv = _q(rng, (4, 64, 48), blocks), _q(rng, (4, 64, 48), blocks)
     x = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.bfloat16)
     ids, rows = jnp.array([1, 3, 0]), jnp.array([8, 2, 0])
-    y = kmoe.gated_block_matmul(x, ids, rows, w1.weight, w1.scales, wv.weight, wv.scales,
-                                bn=16, bk=8, interpret=True, swap_ab=swap_ab)
+    y = kmoe.sweep_launch(x, ids, rows, ((w1.weight, w1.scales), (wv.weight, wv.scales)),
+                          gated=True, bn=16, bk=8, interpret=True, swap_ab=swap_ab)
     assert y.dtype == jnp.bfloat16
     xf = np.asarray(x, np.float64)
     ref, err = zip(*(gated_hidden(xf[g], dequantize(w1, np.float64)[e],
@@ -185,8 +185,8 @@ def test_lowers_for_triton():
     w = jax.ShapeDtypeStruct((8, 256, 128), jnp.int8)
     s = jax.ShapeDtypeStruct((8, 8, 128), jnp.bfloat16)
     fn = functools.partial(kmoe.block_matmul.__wrapped__, interpret=False)
-    gated = functools.partial(kmoe.gated_block_matmul.__wrapped__, interpret=False,
-                              swap_ab=True)
+    gated = lambda x, ids, rows, w, s, w2, s2: kmoe.sweep_launch.__wrapped__(
+        x, ids, rows, ((w, s), (w2, s2)), gated=True, interpret=False, swap_ab=True)
     with _lowering_for_h100():
         text = jax.jit(fn).trace(x, ids, ids, w, s).lower(lowering_platforms=("cuda",)).as_text()
         gated_text = jax.jit(gated).trace(x, ids, ids, w, s, w, s).lower(

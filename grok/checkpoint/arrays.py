@@ -62,7 +62,8 @@ def leaf_parts(leaf: Any) -> dict[str, Any]:
 def expected_parts(entry: Entry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{part: (shape, dtype)} that the file of `entry` must hold."""
     if entry.quantized:
-        return {"weight": (tuple(entry.shape), I8), "scales": (tuple(entry.scales_shape), BF16)}
+        return {"weight": (tuple(entry.shape), np.dtype(entry.fmt.dtype)),
+                "scales": (tuple(entry.scales_shape), np.dtype(entry.fmt.scales_dtype))}
     return {"array": (tuple(entry.shape), F32)}
 
 

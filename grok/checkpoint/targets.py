@@ -54,7 +54,8 @@ def plan_targets(config: GrokConfig, shardings: Any, scan: bool, embed_dtype: np
     targets: dict[str, Target] = {}
     per_file = []
     for entry in checkpoint_entries(config):
-        parts = ({"weight": (entry.shape, I8), "scales": (entry.scales_shape, BF16)}
+        parts = ({"weight": (entry.shape, np.dtype(entry.fmt.dtype)),
+                  "scales": (entry.scales_shape, np.dtype(entry.fmt.scales_dtype))}
                  if entry.quantized else
                  {"array": (entry.shape, embed_dtype if entry.param == "embeddings" else F32)})
         placed = shardings_of(shardings, entry, scan)

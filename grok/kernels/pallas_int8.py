@@ -219,36 +219,35 @@ def _launch(x, block_expert, block_rows, pairs, *, gated, bn, bk, splits, interp
     return parts[0] if splits == 1 else parts.sum(axis=0)
 
 
-_STATIC = ("bn", "bk", "splits", "interpret", "num_warps", "num_stages", "swap_ab")
+_STATIC = ("bn", "bk", "splits", "interpret", "num_warps", "num_stages")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array, weight: jax.Array,
                  scales: jax.Array, *, bn: int = 128, bk: int = 128, splits: int | None = None,
                  interpret: bool = False, num_warps: int | None = None,
-                 num_stages: int | None = None, swap_ab: bool = False) -> jax.Array:
+                 num_stages: int | None = None) -> jax.Array:
     """x [G, bm, In] (bfloat16), block_expert [G] int32, block_rows [G] int32 (0: skip the block),
     weight int8 [E, In, Out], scales [E, S, Out] -> float32 [G, bm, Out]. `splits` parts of In
     run as separate programs (default: `splits_for`). The default tiles, pipeline depth and warps
-    (`pipeline_defaults`) are the best of a sweep on an H100 (BENCHMARKS.md); `swap_ab` (the
-    transposed product, int8 tile first) is there for the sweeps."""
+    (`pipeline_defaults`) are the best of a sweep on an H100 (BENCHMARKS.md)."""
     return _launch(x, block_expert, block_rows, [(weight, scales)], gated=False, bn=bn, bk=bk,
                    splits=splits, interpret=interpret, num_warps=num_warps,
-                   num_stages=num_stages, swap_ab=swap_ab)
+                   num_stages=num_stages, swap_ab=False)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def multi_block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array,
                        weights: tuple[tuple[jax.Array, jax.Array], ...], *, bn: int = 128,
                        bk: int = 128, splits: int | None = None, interpret: bool = False,
-                       num_warps: int | None = None, num_stages: int | None = None,
-                       swap_ab: bool = False) -> list[jax.Array]:
+                       num_warps: int | None = None, num_stages: int | None = None
+                       ) -> list[jax.Array]:
     """Several weights that share x and In, in one launch: (weight [E, In, Out_i], scales
     [E, S_i, Out_i]) pairs -> float32 [G, bm, Out_i] each, as `block_matmul` gives them (the
     attention's query, key and value projections while decoding: one launch, not three)."""
     out = _launch(x, block_expert, block_rows, list(weights), gated=False, bn=bn, bk=bk,
                   splits=splits, interpret=interpret, num_warps=num_warps,
-                  num_stages=num_stages, swap_ab=swap_ab)
+                  num_stages=num_stages, swap_ab=False)
     ends = np.cumsum([w.shape[-1] for w, _ in weights])
     return [out[..., end - w.shape[-1]:end] for end, (w, _) in zip(ends, weights)]
 
@@ -258,10 +257,24 @@ def gated_block_matmul(x: jax.Array, block_expert: jax.Array, block_rows: jax.Ar
                        w1: jax.Array, s1: jax.Array, wv: jax.Array, sv: jax.Array, *,
                        bn: int = 128, bk: int = 128, splits: int | None = None,
                        interpret: bool = False, num_warps: int | None = None,
-                       num_stages: int | None = None, swap_ab: bool = False) -> jax.Array:
+                       num_stages: int | None = None) -> jax.Array:
     """The MoE's hidden layer in one kernel: gelu(x w1) * (x wv) [G, bm, F] in x's dtype, each
     program reading its x tile once for both weights (int8 [E, D, F], scales [E, S, F]) and never
     writing the two float32 products. Arguments as in `block_matmul` (splits must be 1)."""
     return _launch(x, block_expert, block_rows, [(w1, s1), (wv, sv)], gated=True, bn=bn, bk=bk,
+                   splits=splits, interpret=interpret, num_warps=num_warps,
+                   num_stages=num_stages, swap_ab=False)
+
+
+@functools.partial(jax.jit, static_argnames=("gated", "swap_ab", *_STATIC))
+def sweep_launch(x: jax.Array, block_expert: jax.Array, block_rows: jax.Array,
+                 pairs: tuple[tuple[jax.Array, jax.Array], ...], *, gated: bool,
+                 swap_ab: bool = False, bn: int = 128, bk: int = 128, splits: int | None = None,
+                 interpret: bool = False, num_warps: int | None = None,
+                 num_stages: int | None = None) -> jax.Array:
+    """For tile sweeps (benchmarks/moe_layer.py) and their tests: the kernel with every knob,
+    including `swap_ab` (the transposed product, int8 tile first), which the library never uses.
+    One pair is `block_matmul`; two with `gated` are `gated_block_matmul`."""
+    return _launch(x, block_expert, block_rows, list(pairs), gated=gated, bn=bn, bk=bk,
                    splits=splits, interpret=interpret, num_warps=num_warps,
                    num_stages=num_stages, swap_ab=swap_ab)

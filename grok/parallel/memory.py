@@ -7,6 +7,8 @@ import itertools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from grok.config import PREFILL_TOKENS, GrokConfig
 from grok.leaves import Entry, checkpoint_entries
 from grok.parallel.rules import (DATA, MODEL, ShardingError, check_layout, leaf_specs, local_shape,
@@ -54,13 +56,11 @@ def _leaf_layout(config: GrokConfig) -> Iterable[tuple[Entry, int, bool]]:
 
 def _part_bytes(entry: Entry, part: int, spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
     shape = entry.scales_shape if part else entry.shape
-    if part:
-        itemsize = 2                                   # bfloat16 scales
-    elif entry.quantized:
-        itemsize = 1                                   # int8 weights
-    else:                                              # the embedding is held in bfloat16
-        itemsize = 2 if entry.param == "embeddings" else 4
-    return math.prod(local_shape(shape, spec, sizes)) * itemsize
+    if entry.quantized:    # the storage format's bytes (a packed format: bits / 8 per weight)
+        bits = 8 * np.dtype(entry.fmt.scales_dtype).itemsize if part else entry.fmt.bits
+    else:                  # float32; the embedding is held in bfloat16
+        bits = 16 if entry.param == "embeddings" else 32
+    return math.prod(local_shape(shape, spec, sizes)) * bits // 8
 
 
 def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: int | None = None,

@@ -141,6 +141,12 @@ class Engine:
         with self._lock:
             return not self._stepping and self._idle()
 
+    @property
+    def driving(self) -> bool:
+        """Whether a `start()` thread is stepping the engine."""
+        with self._lock:
+            return self._driver is not None and not self._stopping
+
     # --- driving ------------------------------------------------------------------------------
     def start(self) -> None:
         """Run steps on a background thread whenever there is work (for a server)."""

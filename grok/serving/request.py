@@ -93,7 +93,8 @@ def check_request(request: object, vocab_size: int, context: int, has_tokenizer:
         raise RequestError(f"max_new_tokens={new} leaves no room for a prompt in a context of "
                            f"{context} tokens")
     if not isinstance(request.sampling, SamplingParams):
-        raise RequestError(f"sampling must be a grok.SamplingParams, got {request.sampling!r}"[:200])
+        raise RequestError(f"sampling must be a grok.SamplingParams, got "
+                           f"{request.sampling!r}"[:200])
     if not _is_int(request.seed) or not 0 <= request.seed < SEED_LIMIT:
         raise RequestError(f"seed must be an integer in [0, 2**32), got {request.seed!r}"[:200])
     if isinstance(request.stop_ids, (str, bytes)) or not isinstance(request.stop_ids, Sequence) \

@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from grok.errors import ConfigError, RequestError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -38,19 +40,20 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not _finite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise RequestError(f"temperature must be a finite number >= 0, got "
+                               f"{self.temperature!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) \
                 or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise RequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got "
+            raise RequestError(f"repetition_penalty must be a finite number > 0 (1 is off), got "
                              f"{self.repetition_penalty!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _finite(value) or not -2 <= value <= 2:   # OpenAI's range
-                raise ValueError(f"{name} must be a number in [-2, 2] (0 is off), got {value!r}")
+                raise RequestError(f"{name} must be a number in [-2, 2] (0 is off), got {value!r}")
 
     @property
     def penalized(self) -> bool:
@@ -66,25 +69,25 @@ _MAX_SAMPLING_FILE = 64 * 1024
 
 def read_sampling_defaults(model_dir: str | os.PathLike) -> SamplingParams:
     """The `SamplingParams` of `model_dir/sampling.json` ({"temperature": 0.5, ...}, any of the
-    fields), or the defaults when there is no such file. ValueError names the file and field."""
+    fields), or the defaults when there is no such file. ConfigError names the file and field."""
     path = Path(model_dir) / SAMPLING_FILE
     if not path.is_file():
         return SamplingParams()
     if path.stat().st_size > _MAX_SAMPLING_FILE:
-        raise ValueError(f"{path}: larger than {_MAX_SAMPLING_FILE} bytes; not a sampling file")
+        raise ConfigError(f"{path}: larger than {_MAX_SAMPLING_FILE} bytes; not a sampling file")
     try:
         fields = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
     known = {f.name for f in dataclasses.fields(SamplingParams)}
     if not isinstance(fields, dict) or set(fields) - known:
         unknown = sorted(set(fields) - known) if isinstance(fields, dict) else fields
-        raise ValueError(f"{path}: expected an object with fields among {sorted(known)}; got "
+        raise ConfigError(f"{path}: expected an object with fields among {sorted(known)}; got "
                          f"{str(unknown)[:80]}")
     try:
         return SamplingParams(**fields)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    except RequestError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def _finite(value: object) -> bool:
