@@ -11,11 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok import checkpoint
+from grok.checkpoint import loader
 from grok.config import GrokConfig, model_dir
-from grok.errors import RequestError, TokenizerError
-from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
-from grok.leaves import to_model_params
+from grok.errors import CheckpointError, RequestError, TokenizerError
+from grok.leaves import abstract_params, to_model_params
+from grok.model import routing as routing_mod
 from grok.model.routing import Routing
+from grok.parallel import memory
+from grok.parallel import rules as sharding
+from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
 from grok.serving.sampling import SamplingParams, read_sampling_defaults
 from grok.serving.tokenizer import Tokenizer
 
@@ -180,7 +184,6 @@ class Grok:
 
         `tokens`: one token list (or a string, with a tokenizer) -> arrays [L, T, ...]; a list of
         token lists -> [B, L, T, ...] padded to the longest (padding marked -1 / 0)."""
-        from grok.model import routing as routing_mod
         single = isinstance(tokens, str) or (
             isinstance(tokens, (Sequence, np.ndarray)) and len(tokens) > 0
             and isinstance(tokens[0], (int, np.integer)))
@@ -287,13 +290,10 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit."""
     path = model_dir(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     config = checkpoint.read_config(path)
     sampling = read_sampling_defaults(path)
     if mesh is not None:
-        from grok.checkpoint import loader
-        from grok.leaves import abstract_params
-        from grok.parallel import memory, rules as sharding
         mesh = sharding.make_mesh(mesh)
         capacity = memory_gb * 1e9 if memory_gb is not None \
             else memory.device_memory(mesh.devices.flat[0])

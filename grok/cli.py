@@ -161,7 +161,7 @@ def _check_files(args: argparse.Namespace) -> None:
             args.checkpoint = DEMO_DIR
     try:
         ckpt = model_dir(args.checkpoint)
-    except FileNotFoundError as err:
+    except GrokError as err:
         raise CliError(str(err)) from None
     if not (ckpt / "ckpt-0").is_dir():
         raise CliError(f"checkpoint not found: {ckpt / 'ckpt-0'} is missing; {GET_WEIGHTS}")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from grok.errors import ConfigError
+from grok.errors import CheckpointError, ConfigError
 
 
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
@@ -22,7 +22,7 @@ def model_dir(path: str | os.PathLike) -> Path:
     "./demo" for a directory of that name); anything else is a directory path."""
     if isinstance(path, str) and path == DEMO:
         if not (DEMO_DIR / "ckpt-0").is_dir():
-            raise FileNotFoundError(f"the demo model ships with a source checkout, in {DEMO_DIR}, "
+            raise CheckpointError(f"the demo model ships with a source checkout, in {DEMO_DIR}, "
                                     "and this install has none: pip install -e . from a clone")
         return DEMO_DIR
     return Path(path)

@@ -113,7 +113,7 @@ def test_load_reports_rates_and_loads_what_was_written(tmp_path):
     assert {"cat (after write)", "grok.checkpoint.loader (after cat)", "cat (after load)"} <= set(rates), \
         done.stdout
     assert all(rate > 0 for rate, _ in rates.values()), rates
-    assert re.search(r"grok\.loader \(after cat\).*peak RSS \d+\.\d+ GB", done.stdout)
+    assert re.search(r"grok\.checkpoint\.loader \(after cat\).*peak RSS \d+\.\d+ GB", done.stdout)
     count = len(checkpoint_entries(PRESETS["tiny"].replace(num_layers=2)))
     assert f"verified: {count} tensors match what was written" in done.stdout
     assert not target.exists()      # removed afterwards (no --keep)
