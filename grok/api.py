@@ -20,6 +20,7 @@ from grok.model.routing import Routing
 from grok.parallel import memory
 from grok.parallel import rules as sharding
 from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
+from grok.serving.request import token_ids
 from grok.serving.sampling import SamplingParams, read_sampling_defaults
 from grok.serving.tokenizer import Tokenizer
 
@@ -80,10 +81,7 @@ class Grok:
     # --- generation -------------------------------------------------------------------------------
     def _requests(self, token_lists, max_new_tokens, sampling: dict[str, Any], seed, stop_ids,
                   stop_strings, truncate) -> list[Request]:
-        try:
-            params = SamplingParams(**sampling)
-        except ValueError as err:
-            raise RequestError(str(err)) from None
+        params = SamplingParams(**sampling)
         if isinstance(stop_ids, (str, bytes)) or isinstance(stop_strings, (str, bytes)):
             raise RequestError("stop_ids and stop_strings take lists (stop_strings=['\\n'], "
                                "not '\\n')")
@@ -104,11 +102,9 @@ class Grok:
         if isinstance(requests, Request) or not isinstance(requests, Sequence) or not requests \
                 or not all(isinstance(r, Request) for r in requests):
             raise RequestError("expected a non-empty list of grok.Request")
-        for r in requests:
-            self.engine.check(r)      # all of them, before any is queued
         ids = []
         try:
-            ids = [self.engine.submit(r) for r in requests]
+            ids = self.engine.submit_all(requests)   # all checked before any is queued
             return [self.engine.wait(rid) for rid in ids]
         finally:
             for rid in ids:           # interrupted: cancelled; then forgotten by the engine
@@ -207,24 +203,8 @@ def _token_lists(token_lists: Any, config: GrokConfig) -> list[list[int]]:
     if isinstance(token_lists, (str, bytes)) or not isinstance(token_lists, Sequence) \
             or not token_lists:
         raise RequestError("expected a non-empty list of token lists")
-    lists = []
-    for i, tokens in enumerate(token_lists):
-        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
-            raise RequestError(f"token list {i} is not a sequence of ints")
-        bad = next((t for t in tokens if isinstance(t, (bool, np.bool_))
-                    or not isinstance(t, (int, np.integer))), None)
-        if bad is not None:
-            raise RequestError(f"token list {i}: {bad!r} ({type(bad).__name__}) is not a token "
-                               "id"[:200])
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise RequestError(f"token list {i} is empty")
-        bad = [t for t in tokens if not 0 <= t < config.vocab_size]
-        if bad:
-            raise RequestError(f"token list {i}: id {bad[0]} is outside [0, "
-                               f"{config.vocab_size})")
-        lists.append(tokens)
-    return lists
+    return [token_ids(tokens, config.vocab_size, f"token list {i}")
+            for i, tokens in enumerate(token_lists)]
 
 
 class _TokenStream:

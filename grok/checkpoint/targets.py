@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from grok.checkpoint import fileio, transfer
-from grok.checkpoint.arrays import BF16, F32, I8
+from grok.checkpoint.arrays import F32
 from grok.config import GrokConfig
 from grok.errors import ShardingError
-from grok.leaves import Entry, checkpoint_entries
+from grok.leaves import Entry, checkpoint_entries, model_tree
 from grok.quant import QuantizedWeight8bit
 
 
@@ -48,6 +48,18 @@ def shardings_of(shardings: Any, entry: Entry, scan: bool) -> dict[str, Any]:
     return {"weight": node.weight, "scales": node.scales} if entry.quantized else {"array": node}
 
 
+def part_path(entry: Entry, part: str) -> str:
+    """The tree path of one part of a leaf: the leaf's own, or ".../weight", ".../scales"."""
+    return entry.tree_path if part == "array" else f"{entry.tree_path}/{part}"
+
+
+def target_key(entry: Entry, part: str, scan: bool) -> str:
+    """The target a part of `entry` fills: one per tree leaf (stacked layers share one), or per
+    layer in the unrolled model."""
+    path = part_path(entry, part)
+    return path if entry.layer is None or scan else f"{path}@{entry.layer}"
+
+
 def plan_targets(config: GrokConfig, shardings: Any, scan: bool, embed_dtype: np.dtype
                  ) -> tuple[dict[str, Target], list[tuple[Entry, list[Target]]]]:
     """The leaves to build, and for each checkpoint file (in file order) the targets it feeds."""
@@ -61,9 +73,9 @@ def plan_targets(config: GrokConfig, shardings: Any, scan: bool, embed_dtype: np
         placed = shardings_of(shardings, entry, scan)
         feeds = []
         for part, (shape, dtype) in parts.items():
-            path = entry.tree_path if part == "array" else f"{entry.tree_path}/{part}"
+            path = part_path(entry, part)
             stacked = entry.layer is not None and scan
-            key = path if entry.layer is None or scan else f"{path}@{entry.layer}"
+            key = target_key(entry, part, scan)
             if key not in targets:
                 sharding = placed[part]
                 piece = transfer.layer_piece_sharding(sharding, path) if stacked else None
@@ -104,19 +116,9 @@ class FileWork:
 
 def assemble(config: GrokConfig, targets: dict[str, Target], scan: bool) -> dict[str, Any]:
     """The params tree from the filled targets."""
-    def tree(layer: int | None) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for entry in checkpoint_entries(config):
-            if (entry.layer is None) != (layer is None) or (layer not in (None, entry.layer)):
-                continue
-            suffix = "" if layer is None or scan else f"@{layer}"
-            base = entry.tree_path
-            if entry.quantized:
-                leaf = QuantizedWeight8bit(targets[f"{base}/weight{suffix}"].array,
-                                           targets[f"{base}/scales{suffix}"].array)
-            else:
-                leaf = targets[base + suffix].array
-            out.setdefault(entry.module, {})[entry.param] = leaf
-        return out
-    layers = tree(0) if scan else tuple(tree(i) for i in range(config.num_layers))
-    return {"embed": tree(None), "layers": layers}
+    def leaf(entry: Entry, stacked: bool) -> Any:
+        if entry.quantized:
+            return QuantizedWeight8bit(targets[target_key(entry, "weight", scan)].array,
+                                       targets[target_key(entry, "scales", scan)].array)
+        return targets[target_key(entry, "array", scan)].array
+    return model_tree(config, leaf, scan)

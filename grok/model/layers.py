@@ -7,7 +7,6 @@ error against an exact evaluation on the parity fixtures).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import haiku as hk
 import jax

@@ -25,9 +25,6 @@ group, and on GPU it was measured reading every expert even for empty groups.
 """
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import haiku as hk
 import jax
 import jax.numpy as jnp

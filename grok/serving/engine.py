@@ -87,11 +87,16 @@ class Engine:
 
     def submit(self, request: Request) -> int:
         """Queue a request; returns its id. Invalid requests raise RequestError here."""
-        prompt = self.check(request)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[int]:
+        """Queue several requests together; every one is checked first, so a bad one (a
+        RequestError) queues none of them."""
+        prompts = [self.check(r) for r in requests]
         with self._lock:
-            rid = self.book.add(request, prompt)
+            ids = [self.book.add(r, p) for r, p in zip(requests, prompts)]
             self._changed.notify_all()
-        return rid
+        return ids
 
     def cancel(self, rid: int) -> bool:
         """End a waiting or running request with finish_reason "cancelled"; its slot is free for

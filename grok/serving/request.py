@@ -68,24 +68,31 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def token_ids(tokens: object, vocab_size: int, what: str = "prompt") -> list[int]:
+    """`tokens` as a non-empty list of ints in [0, vocab_size); RequestError naming `what` (e.g.
+    "prompt", "token list 2") and the value otherwise."""
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
+        raise RequestError(f"{what} must be a sequence of token ids, got {type(tokens).__name__}")
+    bad = next((t for t in tokens if not _is_int(t)), None)
+    if bad is not None:
+        raise RequestError(f"{what} holds {bad!r} ({type(bad).__name__}); token ids are ints"
+                           [:200])
+    ids = [int(t) for t in tokens]
+    if not ids:
+        raise RequestError(f"{what} is empty: give at least one token")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"{what}: id {bad} is outside [0, {vocab_size}), the vocabulary")
+    return ids
+
+
 def check_request(request: object, vocab_size: int, context: int, has_tokenizer: bool
                   ) -> list[int]:
     """The prompt ids `request` will run with in a context of `context` tokens; RequestError,
     naming the field and value, when it cannot run."""
     if not isinstance(request, Request):
         raise RequestError(f"expected a grok.Request, got {type(request).__name__}")
-    prompt = request.prompt
-    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
-        raise RequestError(f"prompt must be a sequence of token ids, got {type(prompt).__name__}")
-    bad = next((t for t in prompt if not _is_int(t)), None)
-    if bad is not None:
-        raise RequestError(f"prompt holds {bad!r} ({type(bad).__name__}); token ids are ints")
-    prompt = [int(t) for t in prompt]
-    if not prompt:
-        raise RequestError("the prompt is empty: give at least one token")
-    bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    prompt = token_ids(request.prompt, vocab_size)
     new = request.max_new_tokens
     if not _is_int(new) or new < 1:
         raise RequestError(f"max_new_tokens must be an integer >= 1, got {new!r}")
