@@ -13,7 +13,7 @@ import numpy as np
 from grok import checkpoint
 from grok.checkpoint import loader
 from grok.config import GrokConfig, model_dir
-from grok.errors import CheckpointError, RequestError, TokenizerError
+from grok.errors import CheckpointError, RequestError, TokenizerError, one_line
 from grok.leaves import abstract_params, to_model_params
 from grok.model import routing as routing_mod
 from grok.model.routing import Routing
@@ -21,7 +21,7 @@ from grok.parallel import memory
 from grok.parallel import rules as sharding
 from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
 from grok.serving.request import token_ids
-from grok.serving.sampling import SamplingParams, read_sampling_defaults
+from grok.serving.sampling import SamplingParams, describe, is_int, read_sampling_defaults
 from grok.serving.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,8 @@ class Grok:
         if isinstance(stop_ids, (str, bytes)) or isinstance(stop_strings, (str, bytes)):
             raise RequestError("stop_ids and stop_strings take lists (stop_strings=['\\n'], "
                                "not '\\n')")
-        try:
-            stops = (tuple(stop_ids), tuple(stop_strings))
-        except TypeError:
-            raise RequestError(f"stop_ids and stop_strings must be lists, got {stop_ids!r} and "
-                               f"{stop_strings!r}"[:200]) from None
-        return [Request(t, max_new_tokens, params, seed, *stops, truncate)
+        # Every field is checked (and made a tuple) by the engine, at submit.
+        return [Request(t, max_new_tokens, params, seed, stop_ids, stop_strings, truncate)
                 for t in _token_lists(token_lists, self.config)]
 
     def run(self, requests: Sequence[Request]) -> list[Result]:
@@ -104,7 +100,7 @@ class Grok:
             raise RequestError("expected a non-empty list of grok.Request")
         ids = []
         try:
-            ids = self.engine.submit_all(requests)   # all checked before any is queued
+            ids = self.engine.submit_all(list(requests))   # all checked before any is queued
             return [self.engine.wait(rid) for rid in ids]
         finally:
             for rid in ids:           # interrupted: cancelled; then forgotten by the engine
@@ -166,12 +162,15 @@ class Grok:
                                    "tokenizer=PATH")
             try:
                 return self.tokenizer.encode(prompt)
-            except (UnicodeError, TypeError, RuntimeError) as err:
-                raise RequestError(f"the prompt cannot be tokenized: {err}") from None
-        if isinstance(prompt, bytes) or not isinstance(prompt, (Sequence, np.ndarray)):
+            except RequestError:
+                raise
+            except (UnicodeError, TypeError, RuntimeError, ValueError) as err:
+                raise RequestError(one_line(f"the prompt cannot be tokenized: {err}")) from None
+        if isinstance(prompt, (bytes, bytearray)) \
+                or not isinstance(prompt, (Sequence, np.ndarray)):
             raise RequestError(f"a prompt is a string or a list of token ids, got "
-                               f"{type(prompt).__name__}")
-        return list(prompt)
+                               f"{describe(prompt)}")
+        return prompt                 # its ids are checked with the request (token_ids)
 
     # --- routing --------------------------------------------------------------------------------
     def routing(self, tokens: str | Sequence[int] | Sequence[Sequence[int]]) -> Routing:
@@ -181,8 +180,8 @@ class Grok:
         `tokens`: one token list (or a string, with a tokenizer) -> arrays [L, T, ...]; a list of
         token lists -> [B, L, T, ...] padded to the longest (padding marked -1 / 0)."""
         single = isinstance(tokens, str) or (
-            isinstance(tokens, (Sequence, np.ndarray)) and len(tokens) > 0
-            and isinstance(tokens[0], (int, np.integer)))
+            isinstance(tokens, np.ndarray) and tokens.ndim == 1) or (
+            isinstance(tokens, Sequence) and len(tokens) > 0 and is_int(tokens[0]))
         lists, padded = self._padded([self._encode(tokens)] if single else tokens)
         runner = self.runner
         if self._routing_fn is None:    # the MoE evaluation the runner uses
@@ -200,9 +199,12 @@ class Grok:
 
 
 def _token_lists(token_lists: Any, config: GrokConfig) -> list[list[int]]:
-    if isinstance(token_lists, (str, bytes)) or not isinstance(token_lists, Sequence) \
-            or not token_lists:
-        raise RequestError("expected a non-empty list of token lists")
+    if isinstance(token_lists, np.ndarray) and token_lists.ndim == 2:
+        token_lists = list(token_lists)
+    if isinstance(token_lists, (str, bytes, bytearray)) \
+            or not isinstance(token_lists, Sequence) or not token_lists:
+        raise RequestError(f"expected a non-empty list of token lists, got "
+                           f"{describe(token_lists)}")
     return [token_ids(tokens, config.vocab_size, f"token list {i}")
             for i, tokens in enumerate(token_lists)]
 

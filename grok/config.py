@@ -3,15 +3,52 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
-from grok.errors import CheckpointError, ConfigError
+from grok.errors import CheckpointError, ConfigError, one_line
+from grok.files import NotRegularFile, TooLarge, read_limited
 
 
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
+
+# --- bounds on a config (every field is checked against these before any size is computed) ---
+# Grok-1's values, for scale: vocab 2**17, context 8192, width 6144, 48 x 128 query heads,
+# 64 layers, 8 experts of width 32768; 3.2e11 parameters, largest file 2**30.6 elements.
+INT_BOUNDS = {
+    # token ids stay exact in float32 and int32 up to 2**24; released vocabularies are <= 2**18
+    "vocab_size": 2 ** 24,
+    # sizes positions, RoPE tables and each sequence's KV cache: 128x Grok-1's context
+    "sequence_len": 2 ** 20,
+    # 10x Grok-1's width; keeps widening_factor * emb_size an exactly representable float
+    "emb_size": 2 ** 16,
+    # one head's width (Grok-1: 128; the widest in use: 256)
+    "key_size": 2 ** 10,
+    # heads per layer (Grok-1: 48 query, 8 key/value); q_size = heads * key_size <= 2**20
+    "num_q_heads": 2 ** 10,
+    "num_kv_heads": 2 ** 10,
+    # the leaf table and the checkpoint hold 12 tensors (files) per layer: 16x Grok-1's 64
+    "num_layers": 1024,
+    # the router's top-k and the per-expert weights (Grok-1: 8)
+    "num_experts": 1024,
+    "num_selected_experts": 1024,
+    # row blocks of a matrix's int8 scales; must divide the rows anyway (Grok-1: 8)
+    "scale_blocks": 1024,
+}
+# int(widening_factor * emb_size) <= 2**26: the expert width is computed exactly (Grok-1: 8.0)
+MAX_WIDENING_FACTOR = 1024.0
+# the multipliers, eps, RoPE base and logit cap are used in float32 (max 3.4e38): further from 1
+# than this they round to 0 or overflow once multiplied with activations
+FLOAT_RANGE = (1e-30, 1e30)
+# any one tensor the loader reads or a sequence needs (a file: one layer's experts, the embedding;
+# one sequence's keys over all layers): 1 TiB of int8, 2**7 x Grok-1's largest file (2**30.6)
+MAX_TENSOR_ELEMENTS = 2 ** 40
+# the whole model, and so any layer-stacked array of it: 30x Grok-1's 3.2e11 parameters
+MAX_PARAMETERS = 10 ** 13
+# a config.json is under 1 KB; refuse to read more than this
+MAX_CONFIG_BYTES = 2 ** 20
 
 DEMO = "demo"   # how `grok.load` and run.py name the small model a source checkout ships
 DEMO_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / DEMO
@@ -78,25 +115,29 @@ class GrokConfig:
 
     # --- checks ----------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ConfigError naming the first field that cannot work."""
-        positive = ("vocab_size", "sequence_len", "emb_size", "key_size", "num_q_heads",
-                    "num_kv_heads", "num_layers", "num_experts", "num_selected_experts",
-                    "scale_blocks")
-        for name in positive:
+        """Raise a one-line ConfigError naming the first field that cannot work. Every field's type
+        and range is checked before any derived size is computed, so no value (10**400, 1e308,
+        NaN, a string) gets further than this."""
+        for name, most in INT_BOUNDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
-        for name in ("widening_factor", "attn_output_multiplier", "embedding_multiplier_scale",
+            if not _is_int(value) or not 1 <= value <= most:
+                raise ConfigError(f"config field {name} must be a positive integer <= {most}, "
+                                  f"got {_show(value)}")
+        value = self.widening_factor
+        if not _is_number(value) or not 0 < value <= MAX_WIDENING_FACTOR:
+            raise ConfigError(f"config field widening_factor must be a positive number "
+                              f"<= {MAX_WIDENING_FACTOR:g}, got {_show(value)}")
+        low, high = FLOAT_RANGE
+        for name in ("attn_output_multiplier", "embedding_multiplier_scale",
                      "output_multiplier_scale", "rms_norm_eps", "rope_base", "attn_logit_cap"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive number, got {value!r}")
+            if not _is_number(value) or not low <= value <= high:   # NaN fails the comparison
+                raise ConfigError(f"config field {name} must be a positive number in "
+                                  f"[{low:g}, {high:g}], got {_show(value)}")
         for name in ("pad_token", "eos_token"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) \
-                    or not 0 <= value < self.vocab_size:
-                raise ConfigError(f"config field {name}={value!r} is not a token id below "
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"config field {name}={_show(value)} is not a token id below "
                                   f"vocab_size={self.vocab_size}")
         if self.num_q_heads % self.num_kv_heads:
             raise ConfigError(f"num_q_heads={self.num_q_heads} is not a multiple of "
@@ -112,6 +153,30 @@ class GrokConfig:
                            (self.ffn_size, "the expert width (ffn_size)")):
             if rows % self.scale_blocks:
                 raise ConfigError(f"scale_blocks={self.scale_blocks} does not divide {what}={rows}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Bound each checkpoint tensor (one file: one layer's weights), one sequence's KV cache
+        and the parameter count, which also bounds the layer-stacked arrays of the scanned model.
+        Exact integer arithmetic: every field is bounded already. The shapes are grok.leaves'."""
+        L, E, D, F = self.num_layers, self.num_experts, self.emb_size, self.ffn_size
+        Q, KV = self.q_size, self.kv_size
+        tensors = (
+            ("the embedding (vocab_size x emb_size)", self.vocab_size * D),
+            ("one layer's expert weights (experts x emb_size x ffn_size)", E * D * F),
+            ("one layer's query weights (emb_size x q_heads*key_size)", D * Q),
+            ("one sequence's keys (layers x sequence_len x kv_heads*key_size)",
+             L * self.sequence_len * KV),
+        )
+        for what, elements in tensors:
+            if elements >= MAX_TENSOR_ELEMENTS:
+                raise ConfigError(f"config too large: {what} would hold {elements:.3g} elements "
+                                  f"(fewer than 2**40 = {MAX_TENSOR_ELEMENTS:.3g} allowed)")
+        per_layer = 3 * E * D * F + 2 * D * Q + 2 * D * KV + 4 * D + D * E
+        total = self.vocab_size * D + D + L * per_layer
+        if total > MAX_PARAMETERS:
+            raise ConfigError(f"config too large: {total:.3g} parameters "
+                              f"(at most {MAX_PARAMETERS:.0e})")
 
     # --- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -127,26 +192,52 @@ class GrokConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "GrokConfig":
+        """A config from `config.json`'s object; errors are one line naming `source` and the
+        field (values shown cut short)."""
+        source = one_line(source, 300)
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        keys = [key for key in data if not isinstance(key, str)]
+        if keys:
+            raise ConfigError(f"{source}: config keys must be strings, got {_show(keys[0])}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(key for key in data if key not in known)
         if unknown:
-            raise ConfigError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+            names = ", ".join(key if key.isprintable() and len(key) <= 40 else _show(key)
+                              for key in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ConfigError(f"{source}: unknown config field(s) {names}{more}")
         try:
             return cls(**data)
         except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+            raise ConfigError(one_line(f"{source}: {err}", 1000)) from None
+        except (ArithmeticError, TypeError, ValueError, RecursionError) as err:  # a missed case
+            raise ConfigError(f"{source}: invalid config "
+                              f"({type(err).__name__}: {one_line(err, 100)})") from None
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "GrokConfig":
-        """Read `config.json`; errors name the file."""
+        """Read `config.json`: a regular file of at most MAX_CONFIG_BYTES of UTF-8 JSON. Every
+        problem (missing, a directory or FIFO, too big, not UTF-8, not JSON, nested too deep,
+        duplicate keys, a bad field) is a one-line ConfigError naming the file."""
+        name = one_line(os.fspath(path), 300)
         try:
-            with open(path) as f:
-                data = json.load(f)
+            text = _read_config_file(path, name).decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{name}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                              f"offset {err.start})") from None
+        try:
+            data = json.loads(text, parse_int=_parse_int, object_pairs_hook=_unique_keys)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+            raise ConfigError(f"{name}: not valid JSON ({one_line(err.msg, 100)} at line "
+                              f"{err.lineno} column {err.colno})") from None
+        except RecursionError:
+            raise ConfigError(f"{name}: not valid JSON (nested too deeply to parse)") from None
+        except (ValueError, ArithmeticError) as err:
+            raise ConfigError(f"{name}: not valid JSON ({one_line(err, 100)})") from None
+        return cls.from_dict(data, source=name)
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -158,6 +249,75 @@ class GrokConfig:
 
 
 _EXTRA_FIELDS = ("rms_norm_eps", "rope_base", "attn_logit_cap", "scale_blocks")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _LongInteger:
+    """An integer literal of config.json too long to be a field's value: kept as its text (Python
+    refuses to convert more than 4300 digits, and no bound here needs more than 40)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"{self.text[:20]}... ({len(self.text.lstrip('-'))} digits)"
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    return _LongInteger(text) if len(text) > 40 else int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"duplicate key {_show(key)}")
+        out[key] = value
+    return out
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 2, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 40, 40, 40
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short repr of a value for an error message: never more than about `limit` characters,
+    whatever the value (a 10**400 integer, a 10**6-character string, a deep list)."""
+    if _is_int(value) and value.bit_length() > 128:
+        digits = int(value.bit_length() * 0.30103) + 1
+        return f"{'-' if value < 0 else ''}an integer of about {digits} digits"
+    try:
+        text = _REPR.repr(value)
+    except Exception:   # e.g. an integer inside a list past Python's int-string limit
+        text = f"<{type(value).__name__}>"
+    return one_line(text, limit)
+
+
+def _read_config_file(path: str | os.PathLike, name: str) -> bytes:
+    """The bytes of `path` (a regular file of at most MAX_CONFIG_BYTES), else a ConfigError."""
+    try:
+        return read_limited(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"{name}: a symbolic link to {one_line(os.readlink(path), 200)}, "
+                              "which does not exist") from None
+        raise ConfigError(f"{name}: no such file") from None
+    except NotRegularFile as err:
+        raise ConfigError(f"{name}: is {err.kind}, not a config file") from None
+    except TooLarge as err:
+        raise ConfigError(f"{name}: too large for a config ({err})") from None
+    except (OSError, ValueError) as err:   # ValueError: a NUL byte in the path
+        raise ConfigError(f"{name}: cannot read ({getattr(err, 'strerror', None) or err})") \
+            from None
+
 
 GROK1 = GrokConfig()
 """The released Grok-1 (SPEC §1)."""

@@ -204,3 +204,32 @@ def test_a_request_the_engine_refuses_is_one_line(checkpoint):
               "--max-new-tokens", "3", "--seed", "-1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "seed must be an integer in [0, 2**32), got -1" in out.stderr
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON (nested too deeply to parse)"),
+    (b'{"emb_size": "\xff"}', "not UTF-8 text"),
+    (b'{"widening_factor": 1e308}', "widening_factor must be a positive number"),
+    (b'{"num_layers": 10000000}', "num_layers must be a positive integer <= 1024"),
+    (None, "config.json: is a directory"),
+])
+def test_a_bad_config_json_is_one_line_and_exit_2_in_process(tmp_path, monkeypatch, capsys,
+                                                             content, words):
+    """grok.cli.main itself (no subprocess, nothing compiled): the config is read, and refused,
+    before any weights."""
+    import grok.cli
+    monkeypatch.setattr(grok.cli, "exit_on_interrupt", lambda: None)   # keep pytest's Ctrl-C
+    monkeypatch.setenv("GROK_COMPILE_CACHE", "off")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "ckpt-0").mkdir()
+    (tmp_path / "tokenizer.model").write_bytes(b"")   # never opened: the config fails first
+    config = tmp_path / "config.json"
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_bytes(content)
+    code = grok.cli.main(["hi", "--checkpoint", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"run.py: error: {config}") and words in err, err

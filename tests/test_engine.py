@@ -240,7 +240,15 @@ def test_the_model_keeps_one_engine_and_its_cache_across_calls(model):
     list(model.stream(PROMPTS[1], max_new_tokens=3))
     assert model.engine is engine and engine.cache_allocations == made
     assert (engine.batch_size, engine.max_len) == shape
+    _assert_forgotten(engine)
+
+
+def _assert_forgotten(engine):
+    """The engine keeps nothing for any request (a long-lived one must not grow)."""
+    book = engine.book
     assert not engine.results, "finished results are kept"
+    assert not (engine.waiting or book.seen or book._detok or book._events or engine._released)
+    assert all(s is None for s in engine.slots)
 
 
 def test_a_growing_engine_remakes_its_cache_only_when_a_request_needs_more(model):
@@ -361,13 +369,22 @@ def test_the_event_stream_concatenates_to_the_final_text(model):
     assert engine.pop(ids[0]).id == ids[0] and ids[0] not in engine.results
 
 
-@pytest.mark.parametrize("where", ["sampler", "decode after the cache was donated"])
+@pytest.mark.parametrize("where", ["prefill", "sampler", "decode after the cache was donated"])
 def test_a_failing_step_fails_its_requests_only_and_the_engine_goes_on(model, monkeypatch,
                                                                        where):
     engine = Engine(model.runner, batch_size=2, max_len=64)
     ids = [engine.submit(Request(p, max_new_tokens=5)) for p in PROMPTS[2:6]]
     calls = []
-    if where == "sampler":
+    if where == "prefill":           # the first call: the first two prompts' prefill
+        real = model.runner.prefill
+
+        def failing(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected prefill failure")
+            return real(*args)
+        monkeypatch.setattr(model.runner, "prefill", failing)
+    elif where == "sampler":
         real = model.runner.sample
 
         def failing(*args):          # the 2nd call: the first step's decode
@@ -387,7 +404,7 @@ def test_a_failing_step_fails_its_requests_only_and_the_engine_goes_on(model, mo
                 raise RuntimeError("injected decode failure")
             return out
         monkeypatch.setattr(model.runner, "decode", failing)
-    list(engine.run())
+    list(engine.run())               # never raises: the failure is the requests'
     results = [engine.results[i] for i in ids]
     assert [r.finish_reason for r in results[:2]] == ["error", "error"]
     assert all("injected" in r.error for r in results[:2])
@@ -405,10 +422,20 @@ def test_dropping_a_stream_cancels_and_forgets_its_request(model):
     assert len(model.engine.results) == 1
     del stream
     model.generate([PROMPTS[2]], max_new_tokens=2)           # one more step, then all is gone
-    assert not model.engine.results and all(s is None for s in model.engine.slots)
+    _assert_forgotten(model.engine)
     never_read = model.stream(PROMPTS[3], max_new_tokens=50)
     del never_read
-    assert not model.engine.results
+    _assert_forgotten(model.engine)
+
+
+def test_any_top_k_past_the_vocabulary_and_the_largest_seed_run_as_no_limit(model):
+    """top_k=10**400 once passed submit and overflowed at the step; the largest uint32 seed."""
+    kwargs = dict(max_new_tokens=6, temperature=1.0, seed=2 ** 32 - 1,
+                  presence_penalty=0.5)       # penalties too: all of the sampler's inputs
+    free = model.generate(PROMPTS[:2], top_k=0, **kwargs)
+    assert model.generate(PROMPTS[:2], top_k=10 ** 400, **kwargs) == free
+    assert model.generate(PROMPTS[:2], top_k=np.int64(CONFIG.vocab_size), **kwargs) == free
+    _assert_forgotten(model.engine)
 
 
 @pytest.mark.parametrize("change, words", [

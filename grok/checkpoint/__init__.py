@@ -5,8 +5,10 @@ A checkpoint directory holds `ckpt-0/tensor{i:05d}_000`, one protocol-4 pickle p
 
 - arrays.py     format-neutral array descriptions (ArrayRef) and `leaf_problem`, the one check of
                 a leaf's shapes and dtypes against the leaf table
-- unpickle.py   the allow-list unpickler, its inert stand-ins and the one validator of what it
-                produced (release shapes only, C order, little-endian), shared by both parsers
+- opcodes.py    the strict, bounded pickle opcode reader: the only code that reads a pickle
+- unpickle.py   the allow-list (inert stand-ins for the few globals) and the one validator of the
+                release's two file shapes (C order, little-endian, data where the header says);
+                `parse_file`, shared by every reader
 - directory.py  the directory layout: `checkpoint_dir`, `check_files`, `read_config`
 - release.py    whole files: `load_tensor`, `save_tensor`, `read_checkpoint`, `write_checkpoint`
 - header.py     `read_header`: a file's arrays located by offset without reading their data
@@ -14,9 +16,11 @@ A checkpoint directory holds `ckpt-0/tensor{i:05d}_000`, one protocol-4 pickle p
 - fileio.py     byte copies of array slices into host arrays (pread / memory map)
 - loader.py     `load_params`: streaming, sharded loading through a CheckpointReader
 - verify.py     `verify`: check a downloaded checkpoint without loading it
+- digests.py    `verify_digests`: every file's SHA-256 against a sha256sum manifest
 - __main__.py   `python -m grok.checkpoint verify|plan`
 
-This package imports grok.config, grok.errors, grok.leaves, grok.quant and grok.progress only.
+This package imports grok.config, grok.errors, grok.files, grok.leaves, grok.quant and
+grok.progress only.
 """
 from __future__ import annotations
 

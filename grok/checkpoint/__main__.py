@@ -1,11 +1,14 @@
-"""`python -m grok.checkpoint verify DIR` and `python -m grok.checkpoint plan ...`."""
+"""`python -m grok.checkpoint verify DIR [--full] [--sha256 MANIFEST]` and
+`python -m grok.checkpoint plan ...`."""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Iterator
 
 from grok.checkpoint.directory import read_config
-from grok.checkpoint.verify import verify
+from grok.checkpoint.digests import verify_digests
+from grok.checkpoint.verify import FileReport, verify
 from grok.config import GROK1, GrokConfig
 from grok.errors import GrokError, one_line
 from grok.parallel import memory
@@ -13,8 +16,9 @@ from grok.parallel import rules as sharding   # the layouts' names, for --layout
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`verify DIR [--config FILE]`: check a downloaded checkpoint without loading it (exit 1 on any
-    problem). `plan --devices N --memory GB [--batch B --length T] [--config FILE]`: will the
+    """`verify DIR [--config FILE] [--full] [--sha256 MANIFEST]`: check a downloaded checkpoint
+    without loading it (exit 1 on any problem with a file, 2 on a bad argument, config or
+    manifest). `plan --devices N --memory GB [--batch B --length T] [--config FILE]`: will the
     model (Grok-1 by default) fit, on which meshes (exit 1 if on none)."""
     parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
                                      description="Checkpoint checks and memory planning.")
@@ -24,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--config", default=None,
                    help="config.json (default: DIR/config.json, else Grok-1)")
     v.add_argument("--workers", type=int, default=4, help="files checked in parallel")
+    v.add_argument("--full", action="store_true",
+                   help="check every float value for NaN/Inf, not samples (reads all float data)")
+    v.add_argument("--sha256", metavar="MANIFEST", default=None,
+                   help="also check every file's SHA-256 against MANIFEST, sha256sum's format; "
+                   "paths relative to ckpt-0/ or to the directory holding it (reads every byte)")
     v.add_argument("-q", "--quiet", action="store_true", help="report only the problems")
     p = sub.add_parser("plan", help="per-device memory of a model on N devices")
     p.add_argument("--devices", type=int, required=True, help="number of devices")
@@ -46,18 +55,31 @@ def main(argv: list[str] | None = None) -> int:
             print(report)
             return 0 if fits else 1
         config = GrokConfig.from_json(args.config) if args.config else read_config(args.directory)
-        bad = total = 0
-        for report in verify(args.directory, config, workers=args.workers):
-            total += 1
-            bad += not report.ok
-            if not report.ok or not args.quiet:
-                status = "ok  " if report.ok else "FAIL"
-                print(f"{status} {report.file} {report.leaf}: {report.message}", flush=True)
-        print(f"{total - bad} of {total} files ok" + (f", {bad} with problems" if bad else ""))
+        # The manifest is read (and a bad one refused) before any file is.
+        digests = (verify_digests(args.directory, args.sha256, workers=args.workers)
+                   if args.sha256 else None)
+        bad = _report(verify(args.directory, config, workers=args.workers, full=args.full),
+                      args.quiet, "")
+        if digests is not None:
+            bad += _report(digests, args.quiet, "sha256")
         return 1 if bad else 0
     except (GrokError, OSError) as err:   # checkpoint, config and mesh errors alike
         print(f"python -m grok.checkpoint: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _report(reports: Iterator[FileReport], quiet: bool, check: str) -> int:
+    """Print one line per report (only the failures if `quiet`) and a summary; the failures."""
+    bad = total = 0
+    for report in reports:
+        total += 1
+        bad += not report.ok
+        if not report.ok or not quiet:
+            status = "ok  " if report.ok else "FAIL"
+            print(f"{status} {report.file} {check or report.leaf}: {report.message}", flush=True)
+    print(f"{check + ': ' if check else ''}{total - bad} of {total} files ok"
+          + (f", {bad} with problems" if bad else ""), flush=True)
+    return bad
 
 
 if __name__ == "__main__":

@@ -45,14 +45,14 @@ def check_files(ckpt: Path, entries: list[Entry]) -> None:
 
 
 def read_config(path: PathLike) -> GrokConfig:
-    """`path/config.json` (or its parent's, when `path` is ckpt-0), else Grok-1 (SPEC §1)."""
+    """`path/config.json` (or its parent's, when `path` is ckpt-0), else Grok-1 (SPEC §1).
+    Only a config.json that is not there at all means Grok-1: one that is there but is no readable
+    regular file (a directory, a dangling symlink, a FIFO) is a ConfigError naming it, as is any
+    bad content (GrokConfig.from_json)."""
     p = Path(path)
     candidates = [p / CONFIG_FILE] + ([p.parent / CONFIG_FILE] if p.name == CKPT_DIR else [])
     for candidate in candidates:
-        if candidate.is_file():
-            try:
-                return GrokConfig.from_json(candidate)
-            except OSError as err:
-                raise CheckpointError(f"{candidate}: cannot read ({err.strerror or err})") from None
+        if os.path.lexists(candidate):   # lexists: a dangling symlink is there, and an error
+            return GrokConfig.from_json(candidate)
     log.info("%s: no %s, assuming the Grok-1 configuration", p, CONFIG_FILE)
     return GROK1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copyreg
 import logging
+import os
 import pickle
 import shutil
 import uuid
@@ -19,10 +20,11 @@ import numpy as np
 from grok.checkpoint.arrays import leaf_parts, leaf_problem
 from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, PathLike, check_files,
                                        checkpoint_dir)
-from grok.checkpoint.unpickle import BadPickle, SafeUnpickler, open_regular, reading, to_numpy, \
-    validate
+from grok.checkpoint.header import read_header
+from grok.checkpoint.unpickle import read_array, reading
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
+from grok.files import open_regular
 from grok.leaves import Entry, checkpoint_entries
 from grok.progress import Progress
 from grok.quant import QuantizedWeight8bit
@@ -31,17 +33,20 @@ log = logging.getLogger(__name__)
 
 
 # --- one file -------------------------------------------------------------------------------------
-def load_tensor(path: PathLike) -> np.ndarray | QuantizedWeight8bit:
-    """Unpickle one checkpoint file through the allow-list; a float32 array or a
-    QuantizedWeight8bit (int8 weight, bfloat16 scales). Any problem -> CheckpointError."""
-    where = str(path)
-    with reading(where):
-        with open_regular(where) as f:
-            obj = SafeUnpickler(f, where).load()
-            trailing = f.read(1)
-        if trailing:
-            raise BadPickle("trailing bytes after the pickle")
-        parts = {name: to_numpy(ref) for name, ref in validate(obj).items()}
+def load_tensor(path: PathLike, entry: Entry | None = None) -> np.ndarray | QuantizedWeight8bit:
+    """One checkpoint file: a float32 array or a QuantizedWeight8bit (int8 weight, bfloat16
+    scales), read where `read_header` says its bytes are. With `entry`, the header is checked
+    against that leaf of the leaf table before anything is allocated. Any problem ->
+    CheckpointError naming the file."""
+    where = os.fspath(path)
+    header = read_header(where)
+    problem = entry is not None and leaf_problem(header.parts, entry)
+    if problem:
+        raise CheckpointError(f"{where}: {problem} (leaf {entry.name})")
+    with reading(where), open_regular(where) as f:
+        if os.fstat(f.fileno()).st_size != header.end:
+            raise CheckpointError(f"{where}: changed size while read")
+        parts = {name: read_array(f, ref) for name, ref in header.parts.items()}
     if "array" in parts:
         return parts["array"]
     return QuantizedWeight8bit(parts["weight"], parts["scales"])
@@ -83,11 +88,7 @@ def save_tensor(path: PathLike, leaf: np.ndarray | QuantizedWeight8bit) -> None:
 
 # --- a directory ----------------------------------------------------------------------------------
 def _load_entry(path: Path, entry: Entry) -> tuple[Any, int]:
-    leaf = load_tensor(path)
-    problem = leaf_problem(leaf_parts(leaf), entry)
-    if problem:
-        raise CheckpointError(f"{path}: {problem} (leaf {entry.name})")
-    return leaf, path.stat().st_size
+    return load_tensor(path, entry), path.stat().st_size
 
 
 def read_checkpoint(path: PathLike, config: GrokConfig, *, workers: int = 4,

@@ -1,32 +1,33 @@
-"""The allow-list unpickler and the one validator of what it produced, shared by the whole-file
-reader (`release.load_tensor`) and the header parser (`header.read_header`).
+"""The release's two shapes of checkpoint file, and the one validator every reader uses.
 
-A pickle can run any code when loaded, so checkpoint files are unpickled with an allow-list: the
-only globals resolved are numpy's array / dtype reconstructors, `ml_dtypes.bfloat16` and
-`__main__.QuantizedWeight8bit`, and even those resolve to inert stand-ins that merely record what
-the pickle asked for. `validate(obj)` then turns the stand-ins into `ArrayRef`s (shape, dtype,
-bytes) under one set of rules -- the release's two shapes of file (a float32 array; a
-QuantizedWeight8bit of an int8 weight and bfloat16 scales), C order and little-endian only -- so
-the two parsers cannot disagree about what a file holds.
+A pickle can run any code when loaded, so checkpoint pickles are never given to `pickle`: the
+strict opcode reader (opcodes.py) runs them, resolving only numpy's array / dtype reconstructors,
+`ml_dtypes.bfloat16` and `__main__.QuantizedWeight8bit`, each to an inert stand-in that merely
+records what the pickle asked for. `parse_file(path)` then turns the stand-ins into `ArrayRef`s
+(shape, dtype, where the bytes are) under one set of rules -- a float32 array, or a
+QuantizedWeight8bit of an int8 weight and bfloat16 scales; C order and little-endian only; each
+bytes object used as one array's data and nowhere else. The whole-file reader
+(`release.load_tensor`), the header parser (`header.read_header`), verify and the streaming loader
+all go through `parse_file`, so they cannot disagree about what a file holds.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import pickle
-import stat
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
 from grok.checkpoint.arrays import BF16, F32, I8, ArrayRef, RawRef
+from grok.checkpoint.opcodes import Builder, PickleError, read_pickle
 from grok.errors import CheckpointError, one_line
+from grok.files import NotRegularFile, describe, open_regular
 
-MAX_NDIM = 8   # the release's arrays have at most 3 dims; bounds math.prod on hostile shapes
+MAX_NDIM = 8           # the release's arrays have at most 3 dims
+MAX_DIM = 1 << 40      # one dimension; the array's bytes must also fit in the file
 
 
-class BadPickle(Exception):
+class BadPickle(PickleError):
     """A file that is not one of the release's shapes; `reading` adds the file name."""
 
 
@@ -34,9 +35,14 @@ def _kind(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
+def _name(text: str) -> str:
+    """A name from a hostile file, as it can be printed on one line."""
+    text = text[:64]
+    return text if text.isprintable() else ascii(text)
+
+
 def _brief(obj: Any) -> str:
-    """A short, bounded description of a value from a hostile file (repr() of a memo-built
-    structure can take exponential time, so only strings are shown)."""
+    """A short, bounded description of a value from a hostile file: only strings are shown."""
     return repr(obj[:40]) if isinstance(obj, str) else _kind(obj)
 
 
@@ -96,8 +102,9 @@ class Reconstruct(Marker):
     __slots__ = ()
 
     def __call__(self, subtype: Any, shape: Any, typecode: Any) -> ArrayStub:
-        if subtype is not NDARRAY or type(shape) is not tuple or shape != (0,) \
-                or typecode != b"b":
+        if subtype is not NDARRAY or type(shape) is not tuple or len(shape) != 1 \
+                or type(shape[0]) is not int or shape[0] != 0 or type(typecode) is not RawRef \
+                or typecode.inline != b"b":
             raise BadPickle("unexpected arguments to numpy's _reconstruct")
         return ArrayStub()
 
@@ -117,31 +124,47 @@ ALLOWED: dict[tuple[str, str], Any] = {
 TYPECODES = frozenset("b1 i1 u1 i2 u2 i4 u4 i8 u8 f2 f4 f8 c8 c16".split())
 
 
-class AllowList:
-    """The allow-list, mixed into an Unpickler class (the C one, or the header parser's
-    pure-Python one); the instance has `where` (the file, for messages)."""
+class ReleaseBuilder(Builder):
+    """The allow-list: what the opcode reader may make, all of it inert. `typecodes` are the
+    bytes objects consumed as numpy's typecode argument (not array data)."""
 
-    where: str
+    def __init__(self) -> None:
+        self.typecodes: list[RawRef] = []
 
-    def find_class(self, module: str, name: str) -> Any:
+    def find_global(self, module: str, name: str) -> Any:
         try:
             return ALLOWED[(module, name)]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{self.where}: disallowed global {module}.{name} (checkpoint "
-                                  "files may only reference numpy arrays, ml_dtypes.bfloat16 and "
-                                  "__main__.QuantizedWeight8bit)") from None
+        except KeyError:
+            raise BadPickle(f"disallowed global {_name(module)}.{_name(name)} (checkpoint files may "
+                            "only reference numpy arrays, ml_dtypes.bfloat16 and "
+                            "__main__.QuantizedWeight8bit)") from None
 
-    def persistent_load(self, pid: Any) -> Any:
-        raise CheckpointError(f"{self.where}: persistent id ({_brief(pid)}) "
-                              "not allowed in a checkpoint file")
+    def call(self, func: Any, args: tuple) -> Any:
+        if func is RECONSTRUCT and len(args) == 3:
+            stub = RECONSTRUCT(*args)
+            self.typecodes.append(args[2])
+            return stub
+        if func is DtypeStub and len(args) == 3:
+            spec, align, copy = args
+            if not (spec is BFLOAT16 or (type(spec) is str and spec in TYPECODES)):
+                raise BadPickle(f"dtype {_brief(spec)} not allowed (only plain numeric dtypes "
+                                "and bfloat16)")
+            if type(align) is not bool or type(copy) is not bool:
+                raise BadPickle("malformed numpy dtype arguments")
+            return DtypeStub(spec)
+        raise BadPickle(f"call of {getattr(func, 'name', _kind(func))} not allowed "
+                        "(only numpy's array and dtype reconstructors)")
 
+    def new(self, cls: Any, args: tuple) -> Any:
+        if cls is not QWStub or args:
+            raise BadPickle(f"NEWOBJ of {getattr(cls, '__name__', _kind(cls))} not allowed "
+                            "(only QuantizedWeight8bit, without arguments)")
+        return QWStub()
 
-class SafeUnpickler(AllowList, pickle.Unpickler):
-    """The C unpickler under the allow-list (the whole-file reader)."""
-
-    def __init__(self, file: BinaryIO, where: str) -> None:
-        super().__init__(file)
-        self.where = where
+    def build(self, obj: Any, state: Any) -> None:
+        if not isinstance(obj, Stub):
+            raise BadPickle(f"{getattr(obj, 'name', _kind(obj))} cannot be built")
+        obj.__setstate__(state)
 
 
 # --- the validator --------------------------------------------------------------------------------
@@ -158,11 +181,16 @@ def _dtype(stub: Any, what: str) -> np.dtype:
     # numpy writes (3, byteorder, subarray, names, fields, elsize, alignment, flags).
     state = stub.state
     if not (type(state) is tuple and len(state) == 8 and type(state[0]) is int and state[0] == 3
-            and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)
-            and type(state[5]) is int and state[5] in (-1, base.itemsize)):
+            and type(state[1]) is str and state[2] is None and state[3] is None
+            and state[4] is None and all(type(v) is int for v in state[5:])
+            and state[5] in (-1, base.itemsize) and state[6] in (-1, base.alignment)
+            and state[7] in (0, base.flags)):   # numpy acts on other flags (e.g. 'holds objects')
         raise BadPickle(f"malformed {base} dtype state")
-    if state[1] == ">" and base.itemsize > 1:
+    order = state[1]
+    if order == ">" and base.itemsize > 1:
         raise BadPickle(f"{what} is big-endian {base} (the release writes little-endian only)")
+    if order not in ("<", "|") if base.itemsize > 1 else order not in ("<", "|", ">"):
+        raise BadPickle(f"{what} has byte order {_brief(order)} (the release writes '<')")
     return base
 
 
@@ -174,27 +202,27 @@ def _array(stub: Any, what: str) -> ArrayRef:
         raise BadPickle(f"malformed numpy {what} state")
     _, shape, dtype_stub, fortran, raw = state
     if type(shape) is not tuple or len(shape) > MAX_NDIM \
-            or not all(type(n) is int and n >= 0 for n in shape):
+            or not all(type(n) is int and 0 <= n <= MAX_DIM for n in shape):
         raise BadPickle(f"malformed {what} shape")
     dtype = _dtype(dtype_stub, what)
     if type(fortran) is not bool:
         raise BadPickle(f"malformed {what} order flag")
     if fortran:
         raise BadPickle(f"{what} is Fortran-ordered (the release writes C order only)")
-    if isinstance(raw, (bytes, bytearray)):
-        raw = RawRef(-1, len(raw), bytes(raw))
-    elif not isinstance(raw, RawRef):
+    if type(raw) is not RawRef:
         raise BadPickle(f"{what} data is not raw bytes")
-    needed = math.prod(shape) * dtype.itemsize
+    needed = dtype.itemsize
+    for n in shape:   # each n <= 2**40 and at most 8 of them: exact and cheap
+        needed *= n
     if raw.length != needed:
         raise BadPickle(f"{what} holds {raw.length} bytes but {dtype}{list(shape)} needs {needed}")
     return ArrayRef(shape, dtype, raw)
 
 
 def validate(obj: Any) -> dict[str, ArrayRef]:
-    """The unpickled stand-ins -> the file's parts ({"array"} of a float32 array, or {"weight",
-    "scales"} of a QuantizedWeight8bit with int8 weight, bfloat16 scales of a fitting shape).
-    Anything else -> BadPickle."""
+    """The stand-ins a pickle left -> the file's parts ({"array"} of a float32 array, or
+    {"weight", "scales"} of a QuantizedWeight8bit with int8 weight, bfloat16 scales of a fitting
+    shape). Anything else -> BadPickle."""
     if isinstance(obj, QWStub):
         if obj.state is None:
             raise BadPickle("QuantizedWeight8bit without weight and scales")
@@ -218,24 +246,49 @@ def validate(obj: Any) -> dict[str, ArrayRef]:
     raise BadPickle(f"holds {_kind(obj)}, expected a float32 array or QuantizedWeight8bit")
 
 
-def to_numpy(ref: ArrayRef) -> np.ndarray:
-    """The array of a validated ArrayRef whose bytes are held inline (no copy)."""
-    if ref.raw.inline is None:
-        raise ValueError("to_numpy needs the array's bytes in memory")
-    array = np.ndarray.__new__(np.ndarray, (0,), "b")
-    array.__setstate__((1, ref.shape, ref.dtype, False, ref.raw.inline))   # vetted inputs
+def read_array(f: BinaryIO, ref: ArrayRef) -> np.ndarray:
+    """A new C-ordered array holding the bytes `ref` locates in the open file `f` (a validated
+    ArrayRef: its size was checked against the file before this allocates it)."""
+    array = np.empty(ref.shape, ref.dtype)
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    f.seek(ref.raw.offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise BadPickle(f"truncated while reading {len(view)} bytes at offset "
+                            f"{ref.raw.offset} (the file changed while read?)")
+        done += n
     return array
 
 
 # --- files and errors -----------------------------------------------------------------------------
-def open_regular(where: str) -> BinaryIO:
-    """Open a tensor file for reading; only regular files (or links to them): opening a FIFO
-    would block forever, a device could be read without end."""
-    mode = os.stat(where).st_mode   # follows links, raises FileNotFoundError
-    if not stat.S_ISREG(mode):
-        target = f" (a link to {os.path.realpath(where)})" if os.path.islink(where) else ""
-        raise BadPickle(f"not a regular file{target}")
-    return open(where, "rb")
+def parse_stream(f: BinaryIO, size: int) -> dict[str, ArrayRef]:
+    """The parts of the checkpoint pickle that fills the seekable `f` (`size` bytes), validated,
+    each locating its bytes in `f`; only the pickle's opcodes are read. BadPickle (a PickleError)
+    on any problem."""
+    if size == 0:
+        raise BadPickle("empty file")
+    builder = ReleaseBuilder()
+    obj, raws = read_pickle(f, size, builder)
+    parts = validate(obj)
+    data = [ref.raw for ref in parts.values()]
+    if len({id(raw) for raw in data}) != len(data):
+        raise BadPickle("weight and scales share the same data bytes")
+    consumed = {id(raw) for raw in data + builder.typecodes}
+    stray = [raw for raw in raws if id(raw) not in consumed]
+    if stray:
+        raise BadPickle(f"{len(stray)} bytes object(s) not part of any array (e.g. "
+                        f"{stray[0].length} bytes at offset {stray[0].offset})")
+    return parts
+
+
+def parse_file(where: str) -> tuple[dict[str, ArrayRef], int]:
+    """One checkpoint file's parts (`parse_stream`) and its size; BadPickle / OSError on any
+    problem."""
+    with open_regular(where) as f:
+        size = os.fstat(f.fileno()).st_size
+        return parse_stream(f, size), size
 
 
 @contextlib.contextmanager
@@ -246,14 +299,11 @@ def reading(where: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except FileNotFoundError:
-        raise CheckpointError(f"{where}: missing") from None
+        raise CheckpointError(f"{describe(where)}: missing") from None
+    except (NotRegularFile, PickleError) as err:
+        raise CheckpointError(f"{describe(where)}: {err}") from None
     except OSError as err:
-        raise CheckpointError(f"{where}: cannot read ({err.strerror or err})") from None
-    except BadPickle as err:
-        raise CheckpointError(f"{where}: {err}") from None
-    except EOFError:
-        empty = os.path.isfile(where) and os.path.getsize(where) == 0
-        raise CheckpointError(f"{where}: {'empty file' if empty else 'truncated pickle'}") from None
-    except Exception as err:   # UnpicklingError, struct.error, ValueError, MemoryError, ...
-        raise CheckpointError(f"{where}: truncated or unreadable pickle "
-                              f"({type(err).__name__}: {one_line(err, 120)})") from None
+        raise CheckpointError(f"{describe(where)}: cannot read ({err.strerror or err})") from None
+    except (ValueError, MemoryError) as err:   # numpy refusing a shape, memory running out
+        raise CheckpointError(f"{describe(where)}: unreadable ({type(err).__name__}: "
+                              f"{one_line(err, 120)})") from None

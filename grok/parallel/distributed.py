@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Any
 
+from grok.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -25,7 +27,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") \
+        raise ConfigError(f"environment variable {name} must be an integer, got {value!r}") \
             from None
 
 
@@ -47,10 +49,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if coordinator is None and num_processes is None and process_id is None and not auto:
         return False
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"the number of processes must be >= 1, got {num_processes}")
+        raise ConfigError(f"the number of processes must be >= 1, got {num_processes}")
     if process_id is not None and num_processes is not None \
             and not 0 <= process_id < num_processes:
-        raise ValueError(f"process id {process_id} is outside [0, {num_processes})")
+        raise ConfigError(f"process id {process_id} is outside [0, {num_processes})")
     if num_processes == 1 and not auto:
         return False
     try:

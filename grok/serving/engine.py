@@ -28,9 +28,9 @@ from grok.errors import RequestError, one_line
 from grok.serving import batching
 from grok.serving.batching import bucket
 from grok.serving.book import Book
-from grok.serving.request import Event, Request, Result, check_request
+from grok.serving.request import Event, Request, Result, check_request, checked_request
 from grok.serving.runner import ModelRunner
-from grok.serving.sampling import row_keys
+from grok.serving.sampling import describe, is_int, row_keys
 
 __all__ = ["Engine", "EventStream", "Event", "ModelRunner", "Request", "Result", "bucket"]
 log = logging.getLogger(__name__)
@@ -54,16 +54,19 @@ class Engine:
     def __init__(self, runner: ModelRunner, batch_size: int = 8, max_len: int | None = None,
                  tokenizer: Any = None, prefill_tokens: int = PREFILL_TOKENS, *,
                  grow: bool = False):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise RequestError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         config = runner.config
+        for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 2),
+                                   ("prefill_tokens", prefill_tokens, 1)):
+            if not (value is None and name == "max_len") and (not is_int(value) or value < least):
+                raise RequestError(f"{name} must be an integer >= {least}, got {describe(value)}")
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
-        self.prefill_tokens = prefill_tokens
-        self.max_batch = batch_size
-        self.max_context = min(max_len or config.sequence_len, config.sequence_len)
+        self.prefill_tokens = int(prefill_tokens)
+        self.max_batch = int(batch_size)
+        self.max_context = min(config.sequence_len if max_len is None else int(max_len),
+                               config.sequence_len)
         self.grow = grow
         # The cache's shape now (made at the first admission; grown up to the limits with grow).
-        self.batch_size = 0 if grow else batch_size
+        self.batch_size = 0 if grow else self.max_batch
         self.max_len = 0 if grow else self.max_context
         self.slots: list[int | None] = [None] * self.batch_size
         self.cache: Any = None
@@ -91,22 +94,29 @@ class Engine:
 
     def submit_all(self, requests: list[Request]) -> list[int]:
         """Queue several requests together; every one is checked first, so a bad one (a
-        RequestError) queues none of them."""
-        prompts = [self.check(r) for r in requests]
+        RequestError) queues none of them. Each is queued as checked: plain ints, tuples and
+        re-validated sampling settings (`grok.serving.request.checked_request`)."""
+        if isinstance(requests, Request) or not isinstance(requests, (list, tuple)):
+            raise RequestError(f"submit_all takes a list of grok.Request, got "
+                               f"{describe(requests)}")
+        checked = [checked_request(r, self.config.vocab_size, self.max_context,
+                                   self.tokenizer is not None) for r in requests]
         with self._lock:
-            ids = [self.book.add(r, p) for r, p in zip(requests, prompts)]
+            ids = [self.book.add(r, p) for r, p in checked]
             self._changed.notify_all()
         return ids
 
     def cancel(self, rid: int) -> bool:
         """End a waiting or running request with finish_reason "cancelled"; its slot is free for
         the next step. False when it had already finished (or is unknown)."""
+        _check_id(rid)
         with self._lock:
             return self._cancel(rid)
 
     def release(self, rid: int) -> None:
         """Cancel the request if it runs and forget it (result and events). Takes the lock only
         if free, else leaves it to the next step: safe from finalizers and any thread."""
+        _check_id(rid)
         self._released.append(rid)
         if self._lock.acquire(blocking=False):
             try:
@@ -117,12 +127,14 @@ class Engine:
     def pop(self, rid: int) -> Result:
         """Remove a finished request's result (and events) and return it: a long-lived engine
         keeps every result until then."""
+        _check_id(rid)
         with self._lock:
             return self.book.pop(rid)
 
     def events(self, rid: int) -> "EventStream":
         """An iterator over request `rid`'s events (`grok.serving.request.Event`), the last one
         with its finish reason; it steps the engine itself when no driving thread runs."""
+        _check_id(rid)
         with self._lock:
             if rid not in self.results:
                 raise RequestError(f"request {rid} is unknown (or released)")
@@ -130,16 +142,20 @@ class Engine:
 
     def wait(self, rid: int) -> Result:
         """The request's result once it has finished (stepping when no driving thread runs)."""
+        _check_id(rid)
+
         def finished() -> Result | None:
             res = self.results.get(rid)
             if res is None:
                 raise RequestError(f"request {rid} is unknown (or released)")
             return res if res.done else None
-        return self._until(finished)
+        return self._until(rid, finished)
 
     def next_event(self, rid: int) -> Event:
-        """Request `rid`'s next event, waiting (or stepping) for it."""
-        return self._until(lambda: self.book.next_event(rid))
+        """Request `rid`'s next event, waiting (or stepping) for it; RequestError once its last
+        event has been read."""
+        _check_id(rid)
+        return self._until(rid, lambda: self.book.next_event(rid))
 
     @property
     def idle(self) -> bool:
@@ -179,29 +195,32 @@ class Engine:
     def step(self) -> list[tuple[int, int]]:
         """Admit waiting requests into free slots (prefilling them), then decode one token for
         every live slot. Returns the (request id, token) pairs produced. A device call that
-        fails ends the requests in it with finish_reason "error"; the others go on."""
+        fails ends the requests in it with finish_reason "error"; the others go on. Should the
+        step itself fail (a bug), it ends the requests it held with "error" (and logs it),
+        rather than raise: the engine goes on serving the rest."""
         with self._lock:
             while self._stepping:
                 self._changed.wait()
             self._stepping = True
             self._drop_released()
-        pending: set[int] = set()     # admitted, not yet applied: failed if the step dies
+        admitted: set[int] = set()    # taken off the queue, not yet in a slot: lost if not ended
+        live: list[tuple[int, Result]] = []
         events: list[tuple[int, int]] = []
+        failure = None
         try:
             with self._lock:
                 groups = []
-                for group, length in self._admit():
+                for group, length in self._admit(admitted):
                     inputs = batching.prefill_inputs(group, length, self.batch_size, self.config)
                     draw = self._draw_inputs(list(enumerate(r for _, r in group)),
                                              len(inputs[0]))
                     groups.append((group, inputs, draw))
-                pending = {res.id for group, _, _ in groups for _, res in group}
             for group, inputs, draw in groups:
                 out = self._call(self._prefill, inputs, draw)
                 with self._lock:
                     events += self._apply([(i, slot, res.id) for i, (slot, res) in
                                            enumerate(group)], out, place=True)
-                    pending -= {res.id for _, res in group}
+                    admitted -= {res.id for _, res in group}
             with self._lock:
                 live = [(s, self.results[rid]) for s, rid in enumerate(self.slots)
                         if rid is not None]
@@ -212,14 +231,22 @@ class Engine:
                 out = self._call(self._decode, inputs, draw)
                 with self._lock:
                     events += self._apply([(s, s, res.id) for s, res in live], out)
-        except BaseException:
-            with self._lock:
-                self._check_cache()
+                    live = []
+        except Exception as err:
+            log.exception("engine step failed")
+            failure = one_line(f"engine step failed: {type(err).__name__}: {err}")
+        except BaseException:         # KeyboardInterrupt & co.: the slots' requests stay live
+            live = []
+            failure = "the step was interrupted"
             raise
         finally:
             with self._lock:
-                for rid in pending:
-                    self._finish(rid, "error", error="the step was interrupted")
+                if failure is not None:
+                    # The step's requests, whose state is unknown: ended, so that no later step
+                    # meets the same failure (the live ones could otherwise fail every step).
+                    for rid in sorted(admitted) + [res.id for _, res in live]:
+                        self._finish(rid, "error", error=failure)
+                    self._check_cache()
                 self._stepping = False
                 self._changed.notify_all()
         return events
@@ -228,9 +255,10 @@ class Engine:
     def _idle(self) -> bool:
         return not self.waiting and all(s is None for s in self.slots)
 
-    def _until(self, ready: Callable[[], T | None]) -> T:
-        """Wait for `ready()` (called under the lock) to give a value; step while no other
-        thread does."""
+    def _until(self, rid: int, ready: Callable[[], T | None]) -> T:
+        """Wait for `ready()` (called under the lock) to give request `rid`'s next value; step
+        while no other thread does. An idle engine makes no more progress: then a request
+        that never ended was lost (a bug), and is ended; one that has, has no more to give."""
         while True:
             with self._lock:
                 value = ready()
@@ -238,6 +266,13 @@ class Engine:
                     return value
                 if self._stepping or (self._driver is not None and not self._stopping):
                     self._changed.wait()
+                    continue
+                if self._idle() and not self._released:
+                    res = self.results[rid]     # ready() refuses an unknown id
+                    if res.done:
+                        raise RequestError(f"request {rid} has ended: no more events")
+                    log.error("request %d was lost by the engine", rid)
+                    self._finish(rid, "error", error="the engine lost this request")
                     continue
             self.step()
 
@@ -261,9 +296,10 @@ class Engine:
                 self._driver = None
                 self._changed.notify_all()
 
-    def _admit(self) -> list[tuple[list[tuple[int, Result]], int]]:
+    def _admit(self, admitted: set[int]) -> list[tuple[list[tuple[int, Result]], int]]:
         """Take waiting requests for free slots (first in, first out), re-making the cache when
-        the next ones need more; returns the prefill groups (slot, result) with their length."""
+        the next ones need more; returns the prefill groups (slot, result) with their length.
+        The ids taken off the queue are added to `admitted` as they are taken."""
         free = [s for s, rid in enumerate(self.slots) if rid is None]
         if not self.waiting:
             return []
@@ -271,13 +307,16 @@ class Engine:
                 len(self.waiting) > len(free) and self.batch_size < self.max_batch and self.grow):
             if len(free) < self.batch_size:
                 return []           # let the live requests finish before the cache changes
-            self._remake()
+            if not self._remake():
+                return []
             free = list(range(self.batch_size))
         groups: dict[int, list[tuple[int, Result]]] = collections.defaultdict(list)
         for slot in free:
             if not self.waiting or self._need(self.waiting[0]) > self.max_len:
                 break
-            res = self.results[self.waiting.popleft()]
+            rid = self.waiting.popleft()
+            admitted.add(rid)
+            res = self.results[rid]
             groups[bucket(len(res.prompt), self.max_len)].append((slot, res))
         out = []
         for length, group in sorted(groups.items()):
@@ -289,17 +328,30 @@ class Engine:
         res = self.results[rid]
         return len(res.prompt) + res.request.max_new_tokens
 
-    def _remake(self) -> None:
-        """A new, empty cache big enough for the next waiting requests (no slot is live)."""
+    def _remake(self) -> bool:
+        """A new, empty cache big enough for the next waiting requests (no slot is live). If it
+        cannot be made (out of memory), the requests it was for end with "error" (the next
+        ones try again): False."""
+        batch, length = self.batch_size, self.max_len
         if self.grow:
-            self.batch_size = max(self.batch_size, bucket(min(len(self.waiting), self.max_batch),
-                                                          self.max_batch, minimum=1))
-            need = max(self._need(r) for r in list(self.waiting)[:self.batch_size])
-            self.max_len = max(self.max_len, bucket(need, self.max_context))
+            batch = max(batch, bucket(min(len(self.waiting), self.max_batch), self.max_batch,
+                                      minimum=1))
+            need = max(self._need(r) for r in list(self.waiting)[:batch])
+            length = max(length, bucket(need, self.max_context))
         self.cache = None           # the old one is freed before the new one is made
-        self.cache = self.runner.new_cache(self.batch_size, self.max_len)
+        try:
+            self.cache = self.runner.new_cache(batch, length)
+        except Exception as err:
+            log.exception("making a KV cache of %d x %d failed", batch, length)
+            error = one_line(f"the KV cache ({batch} x {length}) could not be made: "
+                             f"{type(err).__name__}: {err}")
+            for rid in list(self.waiting)[:batch]:
+                self._finish(rid, "error", error=error)
+            return False
+        self.batch_size, self.max_len = batch, length
         self.cache_allocations += 1
         self.slots = [None] * self.batch_size
+        return True
 
     def _draw_inputs(self, rows: list[tuple[int, Result]], batch: int) -> batching.Draw:
         return batching.draw_inputs(rows, batch, self.config, self.book.seen)
@@ -347,7 +399,13 @@ class Engine:
             if place:
                 self.slots[slot] = rid
             token = int(out[row])
-            self.book.append(rid, token)
+            try:
+                self.book.append(rid, token)
+            except Exception as err:  # e.g. a tokenizer that cannot decode it: this request only
+                log.exception("request %d failed to take token %d", rid, token)
+                self._finish(rid, "error", error=one_line(f"{type(err).__name__}: {err}"))
+                self.slots = [None if r == rid else r for r in self.slots]   # even if it ended
+                continue
             produced.append((rid, token))
             if res.done:
                 self.slots[slot] = None
@@ -382,6 +440,11 @@ class Engine:
             rid = self._released.popleft()
             self._cancel(rid)
             self.book.drop(rid)
+
+
+def _check_id(rid: object) -> None:
+    if not is_int(rid):
+        raise RequestError(f"request ids are ints, got {describe(rid)}")
 
 
 class EventStream:

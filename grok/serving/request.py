@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from grok.errors import RequestError
-from grok.serving.sampling import SamplingParams
+from grok.serving.sampling import SamplingParams, describe, is_int
 
 SEED_LIMIT = 2 ** 32            # seeds are uint32 (jax.random.key)
 FINISH_REASONS = ("eos", "stop", "length", "cancelled", "error")
@@ -64,66 +64,94 @@ class Event:
         return self.finish_reason is not None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+MAX_PROMPT_TOKENS = 1 << 24     # the longest prompt looked at, even one to be truncated
 
 
-def token_ids(tokens: object, vocab_size: int, what: str = "prompt") -> list[int]:
-    """`tokens` as a non-empty list of ints in [0, vocab_size); RequestError naming `what` (e.g.
-    "prompt", "token list 2") and the value otherwise."""
-    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (Sequence, np.ndarray)):
-        raise RequestError(f"{what} must be a sequence of token ids, got {type(tokens).__name__}")
-    bad = next((t for t in tokens if not _is_int(t)), None)
-    if bad is not None:
-        raise RequestError(f"{what} holds {bad!r} ({type(bad).__name__}); token ids are ints"
-                           [:200])
-    ids = [int(t) for t in tokens]
-    if not ids:
+def token_ids(tokens: object, vocab_size: int, what: str = "prompt", *,
+              allow_empty: bool = False) -> list[int]:
+    """`tokens` as a list of ints in [0, vocab_size) (non-empty unless `allow_empty`);
+    RequestError naming `what` (e.g. "prompt", "token list 2") and the value otherwise.
+
+    Token ids are Python ints and numpy integer scalars, in a sequence (a list, a tuple) or a
+    1-D integer numpy array; anything else (floats, bools, strings, bytes) is refused, never
+    converted."""
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iuO":
+            raise RequestError(f"{what} must be a 1-D array of integer token ids, got "
+                               f"{describe(tokens)}")
+    elif isinstance(tokens, (str, bytes, bytearray)) or not isinstance(tokens, Sequence):
+        raise RequestError(f"{what} must be a sequence of token ids, got {describe(tokens)}")
+    if len(tokens) > MAX_PROMPT_TOKENS:
+        raise RequestError(f"{what} has {len(tokens)} tokens, more than {MAX_PROMPT_TOKENS}")
+    if isinstance(tokens, np.ndarray) and tokens.dtype.kind in "iu":
+        ids = tokens.tolist()
+    else:
+        bad = next((t for t in tokens if not is_int(t)), None)
+        if bad is not None:
+            raise RequestError(f"{what} holds {describe(bad)}; token ids are ints")
+        ids = [int(t) for t in tokens]
+    if not ids and not allow_empty:
         raise RequestError(f"{what} is empty: give at least one token")
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise RequestError(f"{what}: id {bad} is outside [0, {vocab_size}), the vocabulary")
+        shown = f"id {bad}" if abs(bad) < 10 ** 40 else f"an id of {bad.bit_length()} bits"
+        raise RequestError(f"{what}: {shown} is outside [0, {vocab_size}), the vocabulary")
     return ids
+
+
+def checked_request(request: object, vocab_size: int, context: int, has_tokenizer: bool
+                    ) -> tuple[Request, list[int]]:
+    """`request` with every field validated and normalized (plain ints, tuples, a re-checked
+    `SamplingParams`), and the prompt ids it will run with in a context of `context` tokens;
+    RequestError, naming the field and value, when it cannot run. Nothing a request holds is
+    looked at again after this: a request that passes cannot fail a batch."""
+    if not isinstance(request, Request):
+        raise RequestError(f"expected a grok.Request, got {describe(request)}")
+    new = request.max_new_tokens
+    if not is_int(new) or new < 1:
+        raise RequestError(f"max_new_tokens must be an integer >= 1, got {describe(new)}")
+    if new >= context:
+        raise RequestError(f"max_new_tokens={describe(new)} leaves no room for a prompt in a "
+                           f"context of {context} tokens")
+    new = int(new)
+    truncate = request.truncate
+    if not (truncate is None or (isinstance(truncate, str) and truncate == "left")):
+        raise RequestError(f"truncate must be None or 'left', got {describe(truncate)}")
+    room = context - new
+    prompt = request.prompt
+    sized = isinstance(prompt, np.ndarray) and prompt.ndim == 1 or (
+        isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes, bytearray)))
+    if truncate is None and sized and len(prompt) > room:   # before looking at every id
+        raise RequestError(f"prompt of {len(prompt)} tokens + max_new_tokens={new} "
+                           f"exceeds the context of {context} tokens (pass truncate='left' to "
+                           f"drop the prompt's start)")
+    ids = token_ids(prompt, vocab_size)[-room:]
+    if not isinstance(request.sampling, SamplingParams):
+        raise RequestError(f"sampling must be a grok.SamplingParams, got "
+                           f"{describe(request.sampling)}")
+    sampling = request.sampling.checked()
+    seed = request.seed
+    if not is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise RequestError(f"seed must be an integer in [0, 2**32), got {describe(seed)}")
+    stop_ids = tuple(token_ids(request.stop_ids, vocab_size, "stop_ids", allow_empty=True))
+    stops = request.stop_strings
+    if isinstance(stops, (str, bytes, bytearray)) or not isinstance(stops, Sequence):
+        raise RequestError(f"stop_strings must be a sequence of strings, got {describe(stops)}")
+    bad = next((s for s in stops if not isinstance(s, str)), None)
+    if bad is not None:
+        raise RequestError(f"stop_strings must be a sequence of strings; it holds "
+                           f"{describe(bad)}")
+    if stops and not has_tokenizer:
+        raise RequestError("stop_strings need a tokenizer")
+    checked = Request(prompt, new, sampling, int(seed), stop_ids, tuple(stops), truncate)
+    return checked, ids
 
 
 def check_request(request: object, vocab_size: int, context: int, has_tokenizer: bool
                   ) -> list[int]:
     """The prompt ids `request` will run with in a context of `context` tokens; RequestError,
-    naming the field and value, when it cannot run."""
-    if not isinstance(request, Request):
-        raise RequestError(f"expected a grok.Request, got {type(request).__name__}")
-    prompt = token_ids(request.prompt, vocab_size)
-    new = request.max_new_tokens
-    if not _is_int(new) or new < 1:
-        raise RequestError(f"max_new_tokens must be an integer >= 1, got {new!r}")
-    if new >= context:
-        raise RequestError(f"max_new_tokens={new} leaves no room for a prompt in a context of "
-                           f"{context} tokens")
-    if not isinstance(request.sampling, SamplingParams):
-        raise RequestError(f"sampling must be a grok.SamplingParams, got "
-                           f"{request.sampling!r}"[:200])
-    if not _is_int(request.seed) or not 0 <= request.seed < SEED_LIMIT:
-        raise RequestError(f"seed must be an integer in [0, 2**32), got {request.seed!r}"[:200])
-    if isinstance(request.stop_ids, (str, bytes)) or not isinstance(request.stop_ids, Sequence) \
-            or not all(_is_int(t) for t in request.stop_ids):
-        raise RequestError(f"stop_ids must be a sequence of token ids, got "
-                           f"{request.stop_ids!r}"[:200])
-    stops = request.stop_strings
-    if isinstance(stops, str) or not isinstance(stops, Sequence) \
-            or not all(isinstance(s, str) for s in stops):
-        raise RequestError(f"stop_strings must be a sequence of strings, got {stops!r}"[:200])
-    if stops and not has_tokenizer:
-        raise RequestError("stop_strings need a tokenizer")
-    if request.truncate not in (None, "left"):
-        raise RequestError(f"truncate must be None or 'left', got {request.truncate!r}"[:200])
-    room = context - new
-    if len(prompt) > room:
-        if request.truncate != "left":
-            raise RequestError(f"prompt of {len(prompt)} tokens + max_new_tokens={new} exceeds "
-                               f"the context of {context} tokens (pass truncate='left' to drop "
-                               f"the prompt's start)")
-        prompt = prompt[-room:]
-    return prompt
+    naming the field and value, when it cannot run (see `checked_request`)."""
+    return checked_request(request, vocab_size, context, has_tokenizer)[1]
 
 
 def top_k_setting(top_k: int, vocab_size: int) -> float:

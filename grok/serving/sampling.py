@@ -22,14 +22,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grok.errors import ConfigError, RequestError
 
 
+TOP_K_MAX = 2 ** 31 - 1      # fits the sampler's int32; beyond any vocabulary
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token. temperature 0 is greedy; top_k 0 means no limit; the
-    penalties (module docstring) are off at their defaults."""
+    """How to pick the next token. temperature 0 is greedy; top_k 0 means no limit (and so
+    does any k >= the vocabulary: a larger k is kept as TOP_K_MAX); the penalties (module
+    docstring) are off at their defaults. Numbers may be Python or numpy scalars (kept as
+    Python floats and ints); anything else, or a value out of range, is a RequestError."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -39,21 +45,41 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if not _finite(self.temperature) or self.temperature < 0:
+        # Checked here and again at Engine.submit (`checked`); numbers are kept as plain Python
+        # floats and ints, numpy scalars included.
+        for name, value in self._checked().items():
+            object.__setattr__(self, name, value)
+
+    def checked(self) -> "SamplingParams":
+        """A validated copy of these settings (with the plain SamplingParams type): what the
+        engine runs with, whatever was done to this object after it was made."""
+        return SamplingParams(**self._checked())
+
+    def _checked(self) -> dict[str, float | int]:
+        """Every field, validated and normalized; RequestError naming the first bad one."""
+        temperature = _real(self.temperature)
+        if temperature is None or temperature < 0:
             raise RequestError(f"temperature must be a finite number >= 0, got "
-                               f"{self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) \
-                or not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+                               f"{describe(self.temperature)}")
+        top_p = _real(self.top_p)
+        if top_p is None or not 0 < top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {describe(self.top_p)}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise RequestError(f"top_k must be an integer >= 0 (0: no limit), got "
+                               f"{describe(self.top_k)}")
+        repetition = _real(self.repetition_penalty)
+        if repetition is None or not repetition > 0 or not float(np.float32(repetition)) > 0:
             raise RequestError(f"repetition_penalty must be a finite number > 0 (1 is off), got "
-                             f"{self.repetition_penalty!r}")
+                               f"{describe(self.repetition_penalty)}")
+        values = dict(temperature=temperature, top_p=top_p, top_k=min(int(self.top_k), TOP_K_MAX),
+                      repetition_penalty=repetition)
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _finite(value) or not -2 <= value <= 2:   # OpenAI's range
-                raise RequestError(f"{name} must be a number in [-2, 2] (0 is off), got {value!r}")
+            value = _real(getattr(self, name))
+            if value is None or not -2 <= value <= 2:   # OpenAI's range
+                raise RequestError(f"{name} must be a number in [-2, 2] (0 is off), got "
+                                   f"{describe(getattr(self, name))}")
+            values[name] = value
+        return values
 
     @property
     def penalized(self) -> bool:
@@ -90,9 +116,49 @@ def read_sampling_defaults(model_dir: str | os.PathLike) -> SamplingParams:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def _finite(value: object) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
+def is_int(value: object) -> bool:
+    """Whether `value` is an integer: a Python int or a numpy integer scalar (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(value: object) -> float | None:
+    """`value` as a float when it is a real number (int, float or numpy scalar; not a bool) that
+    stays finite in the sampler's float32; None otherwise (10**400 included)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and abs(number) <= _FLOAT32_MAX else None
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def describe(value: object, limit: int = 40) -> str:
+    """A short description of a user's value for an error message: a number or short string as
+    itself (with its type when that is not plain), anything else by its type; never the repr of
+    an arbitrary object (which may be huge, nested too deep, or fail)."""
+    kind = type(value).__name__[:limit]
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return f"{value} ({kind})" if isinstance(value, np.bool_) else repr(value)
+    if is_int(value):
+        number = int(value)
+        text = (str(number) if abs(number) < 10 ** limit
+                else f"an integer of {number.bit_length()} bits")
+        return text if type(value) is int else f"{text} ({kind})"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value)!r} ({kind})"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit \
+            else f"{value[:limit]!r}... (a str of {len(value)} characters)"
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of {value.dtype}, shape {value.shape}"
+    if isinstance(value, (list, tuple, dict, set, frozenset, bytes, bytearray, range)):
+        return f"a {kind} of {len(value)} items"
+    return f"a value of type {kind}"
 
 
 class Penalties(NamedTuple):

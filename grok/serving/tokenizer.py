@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from grok.errors import TokenizerError
+from grok.errors import RequestError, TokenizerError
 
 
 class Tokenizer:
@@ -21,10 +21,11 @@ class Tokenizer:
             self._sp.Load(self.path)
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"{self.path}: not a SentencePiece model ({err})") from None
+        self._size = int(self._sp.GetPieceSize())
 
     @property
     def vocab_size(self) -> int:
-        return int(self._sp.GetPieceSize())
+        return self._size
 
     @property
     def eos_id(self) -> int:
@@ -35,10 +36,22 @@ class Tokenizer:
         return int(self._sp.pad_id())
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text`; RequestError for anything but a string SentencePiece can take
+        (valid Unicode: no lone surrogate)."""
+        if not isinstance(text, str):
+            raise RequestError(f"only text can be tokenized, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(f"the text cannot be tokenized: {err.reason} at index "
+                               f"{err.start} ({err.object[err.start:err.end]!a})") from None
         return list(self._sp.EncodeAsIds(text))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids])
+        """The text of `ids`; an id outside the tokenizer's pieces (a model's vocabulary may be
+        larger) decodes as its unknown piece, as SentencePiece shows unknown text."""
+        size, unk = self._size, self._sp.unk_id()
+        return self._sp.DecodeIds([i if 0 <= i < size else unk for i in map(int, ids)])
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
