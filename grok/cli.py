@@ -279,7 +279,7 @@ def _interactive(printer: _Printer) -> None:
             print(f"run.py: error: {err}", file=sys.stderr, flush=True)
 
 
-def _enable_compile_cache() -> None:
+def enable_compile_cache() -> None:
     """Keep compiled steps on disk so that later runs skip XLA compiles: GROK_COMPILE_CACHE names
     the folder (default ~/.cache/grok/xla; "off" disables it)."""
     import jax
@@ -335,7 +335,7 @@ def _main(argv: Sequence[str] | None) -> int:
         prompts = _prompts(args)
         _check_files(args)
         import grok  # deferred: importing jax takes a moment, and bad flags should fail fast
-        _enable_compile_cache()
+        enable_compile_cache()
         try:
             mesh = _distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,

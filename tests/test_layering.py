@@ -26,6 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel", "checkpoint",
             "serving", "progress"},
     "cli": {"config", "errors", "api", "parallel", "serving", "checkpoint"},
+    # The HTTP server: what the command line may use, and the command line's helpers.
+    "serve": {"config", "errors", "api", "parallel", "serving", "checkpoint", "cli"},
     "tools": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel",
               "checkpoint", "serving", "api", "progress"},
 }
@@ -113,6 +115,12 @@ def test_the_model_knows_no_files_planner_or_serving():
 def test_nothing_in_the_library_imports_the_tools():
     bad = [f"{name} imports {target}" for name in MODULES if _part(name) != "tools"
            for target, _, _ in _imports(name) if _part(target) == "tools"]
+    assert not bad, bad
+
+
+def test_nothing_in_the_library_imports_the_server():
+    bad = [f"{name} imports {target}" for name in MODULES if _part(name) != "serve"
+           for target, _, _ in _imports(name) if _part(target) == "serve"]
     assert not bad, bad
 
 

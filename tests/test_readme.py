@@ -26,7 +26,8 @@ def test_the_python_api_block_runs_as_written(monkeypatch):
 
 
 def _usage_flags() -> set[str]:
-    usage = README[README.index("## Command line"):README.index("## Python API")]
+    start = README.index("## Command line")
+    usage = README[start:README.index("\n## ", start)]
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", usage))
 
 

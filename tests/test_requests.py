@@ -233,10 +233,10 @@ def test_a_failing_step_ends_only_its_requests_and_the_engine_goes_on(monkeypatc
     elif where == "token":
         real_append = engine.book.append
 
-        def append(rid, token):
+        def append(rid, token, *scores):
             if rid == ids[1]:
                 raise RuntimeError("injected token failure")
-            real_append(rid, token)
+            real_append(rid, token, *scores)
         monkeypatch.setattr(engine.book, "append", append)
     else:
         engine.runner.fail[where] = 1

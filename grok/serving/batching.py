@@ -26,12 +26,14 @@ def bucket(n: int, limit: int, minimum: int = MIN_BUCKET) -> int:
 
 class Draw(NamedTuple):
     """What the sampler needs per row: seeds, token indices, (temperature, top_p, top_k)
-    settings [3, R], and the penalties (None: no row has any)."""
+    settings [3, R], and the penalties (None: no row has any); `logprobs`: whether any row asks
+    for its tokens' log-probabilities (else they are not computed)."""
 
     seeds: np.ndarray
     steps: np.ndarray
     settings: np.ndarray
     penalties: Penalties | None
+    logprobs: bool = False
 
 
 def draw_inputs(rows: Sequence[tuple[int, Result]], batch: int, config: GrokConfig,
@@ -44,7 +46,8 @@ def draw_inputs(rows: Sequence[tuple[int, Result]], batch: int, config: GrokConf
         s = res.request.sampling
         seeds[row], steps[row] = res.request.seed, len(res.tokens)
         settings[:, row] = (s.temperature, s.top_p, top_k_setting(s.top_k, config.vocab_size))
-    return Draw(seeds, steps, settings, _penalties(rows, batch, config, seen))
+    return Draw(seeds, steps, settings, _penalties(rows, batch, config, seen),
+                any(res.request.logprobs for _, res in rows))
 
 
 def _penalties(rows: Sequence[tuple[int, Result]], batch: int, config: GrokConfig,
@@ -82,6 +85,18 @@ def prefill_inputs(group: Sequence[tuple[int, Result]], length: int, slots: int,
         cache_rows[i], lengths[i] = slot, len(res.prompt)
     tokens[len(group):], lengths[len(group):] = tokens[0], lengths[0]
     return tokens, cache_rows, lengths
+
+
+def prompt_logprob_rows(group: Sequence[tuple[int, Result]], tokens: np.ndarray
+                        ) -> tuple[list[int], np.ndarray | None]:
+    """The indices in a prefill `group` of the requests that ask for their prompt's
+    log-probabilities, and those rows of its prefill `tokens` [R, length] (padded, repeating the
+    first, to a power of two for few compiles); None when no request asks."""
+    asking = [i for i, (_, res) in enumerate(group) if res.request.prompt_logprobs]
+    if not asking:
+        return asking, None
+    rows = bucket(len(asking), len(tokens), minimum=1)
+    return asking, tokens[(asking + [asking[0]] * rows)[:rows]]
 
 
 def decode_inputs(live: Sequence[tuple[int, Result]], slots: int, max_len: int

@@ -35,11 +35,16 @@ class Book:
         self.waiting.append(rid)
         return rid
 
-    def append(self, rid: int, token: int) -> None:
-        """Record a request's new token and its event; finish it on eos, a stop or its length."""
+    def append(self, rid: int, token: int, logprob: float | None = None,
+               top: tuple[tuple[int, float], ...] | None = None) -> None:
+        """Record a request's new token (with its log-probability and the top alternatives' when
+        the request asked for them) and its event; finish it on eos, a stop or its length."""
         res = self.results[rid]
         req = res.request
         res.tokens.append(token)
+        if logprob is not None:
+            res.logprobs.append(logprob)
+            res.top_logprobs.append(top or ())
         seen = self.seen.get(rid)
         if seen is not None:
             seen[token] = seen.get(token, 0) + 1
@@ -49,12 +54,13 @@ class Book:
                   else "stop" if token in req.stop_ids or (detok is not None and detok.stopped)
                   else "length" if len(res.tokens) >= req.max_new_tokens else None)
         if reason is None:
-            self._events[rid].append(Event(rid, token, text))
+            self._events[rid].append(Event(rid, token, text, logprob=logprob, top_logprobs=top))
         else:
-            self.finish(rid, reason, token, text)
+            self.finish(rid, reason, token, text, logprob=logprob, top=top)
 
     def finish(self, rid: int, reason: str, token: int | None = None, text: str | None = None,
-               error: str | None = None) -> bool:
+               error: str | None = None, *, logprob: float | None = None,
+               top: tuple[tuple[int, float], ...] | None = None) -> bool:
         """End a request (False if unknown or already ended): settle its text, push its last
         event. The caller frees its slot."""
         res = self.results.get(rid)
@@ -69,7 +75,7 @@ class Book:
             # A cancelled or failed request keeps the text shown so far: what its events carried.
             text = (text or "") + (detok.finish() if reason in ("eos", "stop", "length") else "")
             res.text = detok.text
-        self._events[rid].append(Event(rid, token, text, reason, error))
+        self._events[rid].append(Event(rid, token, text, reason, error, logprob, top))
         return True
 
     def next_event(self, rid: int) -> Event | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -216,8 +216,12 @@ class Engine:
                                              len(inputs[0]))
                     groups.append((group, inputs, draw))
             for group, inputs, draw in groups:
+                asking, prompt_tokens = batching.prompt_logprob_rows(group, inputs[0])
+                scored = self._prompt_logprobs(prompt_tokens) if asking else None
                 out = self._call(self._prefill, inputs, draw)
                 with self._lock:
+                    if asking:
+                        self._set_prompt_logprobs([group[i][1] for i in asking], scored)
                     events += self._apply([(i, slot, res.id) for i, (slot, res) in
                                            enumerate(group)], out, place=True)
                     admitted -= {res.id for _, res in group}
@@ -356,18 +360,49 @@ class Engine:
     def _draw_inputs(self, rows: list[tuple[int, Result]], batch: int) -> batching.Draw:
         return batching.draw_inputs(rows, batch, self.config, self.book.seen)
 
-    def _call(self, fn: Callable, inputs: tuple, draw: batching.Draw) -> np.ndarray | Exception:
-        """Run a device call and the sampler (no lock held): the tokens drawn, or the error."""
+    def _call(self, fn: Callable, inputs: tuple, draw: batching.Draw) -> Drawn | Exception:
+        """Run a device call and the sampler (no lock held): the tokens drawn and, when a row
+        asked, their log-probabilities (`Drawn`); or the error."""
         try:
             logits = fn(*inputs)
             keys = row_keys(jnp.asarray(draw.seeds), jnp.asarray(draw.steps))
             s = draw.settings
-            return np.asarray(self.runner.sample(logits, keys, jnp.asarray(s[0]),
-                                                 jnp.asarray(s[1]), jnp.asarray(s[2], jnp.int32),
-                                                 draw.penalties))
+            tokens = self.runner.sample(logits, keys, jnp.asarray(s[0]), jnp.asarray(s[1]),
+                                        jnp.asarray(s[2], jnp.int32), draw.penalties)
+            tokens = np.asarray(tokens)
         except Exception as err:
             log.error("engine step failed: %s", err, exc_info=True)
             return err
+        scores: Any = None
+        if draw.logprobs:           # a second call, on the same logits: the tokens are as drawn
+            try:
+                scores = tuple(np.asarray(a) for a in self.runner.logprobs(logits, tokens))
+            except Exception as err:  # fails the requests that asked only
+                log.error("log-probabilities failed: %s", err, exc_info=True)
+                scores = err
+        return Drawn(tokens, scores)
+
+    def _prompt_logprobs(self, tokens: np.ndarray) -> np.ndarray | Exception:
+        """The prompt tokens' log-probabilities [R, length - 1] of the prefill rows `tokens`
+        (one full forward, no lock held), or the error."""
+        try:
+            return self.runner.prompt_logprobs(tokens)
+        except Exception as err:
+            log.error("prompt log-probabilities failed: %s", err, exc_info=True)
+            return err
+
+    def _set_prompt_logprobs(self, results: list[Result], scored: np.ndarray | Exception
+                             ) -> None:
+        """Fill each result's `prompt_logprobs` from row i of `scored` (before its first event);
+        on an error, end those requests."""
+        for i, res in enumerate(results):
+            if res.done:
+                continue
+            if isinstance(scored, Exception):
+                self._finish(res.id, "error", error=one_line(
+                    f"prompt log-probabilities: {type(scored).__name__}: {scored}"))
+            else:
+                res.prompt_logprobs = [None] + scored[i, :len(res.prompt) - 1].tolist()
 
     def _prefill(self, tokens: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> jax.Array:
         self.prefill_shapes[tokens.shape] += 1
@@ -383,7 +418,7 @@ class Engine:
                                                  attend)
         return logits
 
-    def _apply(self, rows: list[tuple[int, int, int]], out: np.ndarray | Exception,
+    def _apply(self, rows: list[tuple[int, int, int]], out: Drawn | Exception,
                place: bool = False) -> list[tuple[int, int]]:
         """Record a call's tokens for its (row, slot, request id) triples, skipping requests
         cancelled meanwhile; on an error, end its requests (and, if the cache went with it,
@@ -398,9 +433,19 @@ class Engine:
                 continue
             if place:
                 self.slots[slot] = rid
-            token = int(out[row])
+            token = int(out.tokens[row])
+            logprob = top = None
+            k = res.request.logprobs
+            if k and isinstance(out.scores, Exception):
+                self._finish(rid, "error", error=one_line(
+                    f"log-probabilities: {type(out.scores).__name__}: {out.scores}"))
+                continue
+            if k and out.scores is not None:
+                chosen, values, ids = out.scores
+                logprob = float(chosen[row])
+                top = tuple(zip(ids[row, :k].tolist(), values[row, :k].tolist()))
             try:
-                self.book.append(rid, token)
+                self.book.append(rid, token, logprob, top)
             except Exception as err:  # e.g. a tokenizer that cannot decode it: this request only
                 log.exception("request %d failed to take token %d", rid, token)
                 self._finish(rid, "error", error=one_line(f"{type(err).__name__}: {err}"))
@@ -440,6 +485,14 @@ class Engine:
             rid = self._released.popleft()
             self._cancel(rid)
             self.book.drop(rid)
+
+
+class Drawn(NamedTuple):
+    """A device call's tokens [R] and, when a row asked for them, their log-probabilities
+    (`grok.serving.sampling.token_logprobs`: chosen [R], top values [R, k], top ids [R, k])."""
+
+    tokens: np.ndarray
+    scores: tuple[np.ndarray, np.ndarray, np.ndarray] | Exception | None
 
 
 def _check_id(rid: object) -> None:

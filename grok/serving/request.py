@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from grok.errors import RequestError
-from grok.serving.sampling import SamplingParams, describe, is_int
+from grok.serving.sampling import MAX_LOGPROBS, SamplingParams, describe, is_int
 
 SEED_LIMIT = 2 ** 32            # seeds are uint32 (jax.random.key)
 FINISH_REASONS = ("eos", "stop", "length", "cancelled", "error")
@@ -16,7 +16,14 @@ FINISH_REASONS = ("eos", "stop", "length", "cancelled", "error")
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt (token ids) and how to continue it."""
+    """One prompt (token ids) and how to continue it.
+
+    Log-probabilities (off by default; see `Result`): `logprobs` k in [0, MAX_LOGPROBS] gives each
+    generated token's log-probability and the k most likely tokens with theirs (0 or None: off);
+    `prompt_logprobs` gives each prompt token's log-probability given the tokens before it (an
+    extra full forward over the prompt). Every log-probability is the float32 log-softmax of the
+    model's raw logits at that position: before penalties, temperature, top-k and top-p (as
+    vLLM's default), so it describes the model, not the sampler's modified distribution."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 64
@@ -25,6 +32,8 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     truncate: str | None = None     # None: refuse a prompt that does not fit; "left": cut its start
+    logprobs: int | None = 0        # top alternatives per generated token, 0..20; 0 / None: off
+    prompt_logprobs: bool = False   # the prompt tokens' log-probabilities
 
 
 @dataclasses.dataclass
@@ -32,12 +41,21 @@ class Result:
     """What a request produced so far; `finish_reason` is None while it runs, then one of "eos",
     "stop" (a stop id or string), "length", "cancelled" or "error" (then `error` says why).
     `text` (with a tokenizer) is the final text, cut before a stop string; for a cancelled or
-    failed request, the text its events carried."""
+    failed request, the text its events carried.
+
+    With `request.logprobs` on: `logprobs[i]` is the log-probability of `tokens[i]` and
+    `top_logprobs[i]` the k most likely (token id, log-probability) pairs at that step, most
+    likely first. With `request.prompt_logprobs`: `prompt_logprobs[j]` is that of `prompt[j]`
+    given `prompt[:j]` (None for the first token, which has no context), filled before the first
+    event. Each list stays empty when not asked for (definition: `Request`)."""
 
     id: int
     request: Request
     prompt: list[int]
     tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     text: str | None = None
     error: str | None = None
@@ -51,13 +69,17 @@ class Result:
 class Event:
     """One step of one request: the new `token` (None on a last event that brings none: a
     cancelled or failed request), the `text` that became safe to show (None without a
-    tokenizer), and on the last event its `finish_reason` (and `error` when it failed)."""
+    tokenizer), and on the last event its `finish_reason` (and `error` when it failed).
+    With `request.logprobs` on, a token's event carries its `logprob` and the `top_logprobs`
+    ((token id, log-probability) pairs, most likely first); both None otherwise."""
 
     id: int
     token: int | None
     text: str | None
     finish_reason: str | None = None
     error: str | None = None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
     @property
     def done(self) -> bool:
@@ -143,7 +165,16 @@ def checked_request(request: object, vocab_size: int, context: int, has_tokenize
                            f"{describe(bad)}")
     if stops and not has_tokenizer:
         raise RequestError("stop_strings need a tokenizer")
-    checked = Request(prompt, new, sampling, int(seed), stop_ids, tuple(stops), truncate)
+    logprobs = 0 if request.logprobs is None else request.logprobs
+    if not is_int(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS:
+        raise RequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0 or None: off), "
+                           f"got {describe(request.logprobs)}")
+    prompt_logprobs = request.prompt_logprobs
+    if not isinstance(prompt_logprobs, (bool, np.bool_)):
+        raise RequestError(f"prompt_logprobs must be True or False, got "
+                           f"{describe(prompt_logprobs)}")
+    checked = Request(prompt, new, sampling, int(seed), stop_ids, tuple(stops), truncate,
+                      int(logprobs), bool(prompt_logprobs))
     return checked, ids
 
 

@@ -14,7 +14,7 @@ from grok.leaves import EMBED_MODULE, is_scanned
 from grok.model import KVCache, forward, init_cache
 from grok.parallel.rules import Placement
 from grok.kernels.plan import ExecutionPlan, resolve_plan
-from grok.serving.sampling import sample
+from grok.serving.sampling import MAX_LOGPROBS, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,21 @@ class ModelRunner:
                                 attend_len=0, **fwd)
             return place.constrain("logits", logits)
 
+        def prompt_logprobs(params, tokens):
+            # [B, T - 1]: log p(tokens[:, t + 1] | tokens[:, :t + 1]), the float32 log-softmax of
+            # the full forward's logits at position t (only the chosen entries leave the device).
+            logp = jax.nn.log_softmax(full(params, tokens)[:, :-1].astype(jnp.float32), axis=-1)
+            return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
         self.prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
         self.decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
                                static_argnums=4)
         self.full = jax.jit(self._counted("forward", full))
         self.sample = jax.jit(sample)
+        # Log-probabilities, called only for the steps and prompts of requests that ask for them.
+        self.logprobs = jax.jit(lambda logits, tokens: token_logprobs(logits, tokens,
+                                                                      MAX_LOGPROBS))
+        self.full_logprobs = jax.jit(self._counted("prompt_logprobs", prompt_logprobs))
 
     @property
     def moe_impl(self) -> str:
@@ -91,7 +101,14 @@ class ModelRunner:
         return self.place.new_cache(init_cache, self.config, batch, length, self.scan)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(self.full(self.params, self._tokens(tokens)))
+
+    def prompt_logprobs(self, tokens: np.ndarray) -> np.ndarray:
+        """[B, T - 1] float32: each token of `tokens` [B, T] after the first, its log-probability
+        given the ones before it (the log-softmax of the full forward's raw logits)."""
+        return np.asarray(self.full_logprobs(self.params, self._tokens(tokens)))
+
+    def _tokens(self, tokens: np.ndarray) -> jax.Array:
         if self.mesh is not None:   # a global array, batch over "data" (any process count)
-            return np.asarray(self.full(self.params, self.place.put(
-                "tokens", np.asarray(tokens, np.int32))))
-        return np.asarray(self.full(self.params, jnp.asarray(tokens, jnp.int32)))
+            return self.place.put("tokens", np.asarray(tokens, np.int32))
+        return jnp.asarray(tokens, jnp.int32)

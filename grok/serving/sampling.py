@@ -28,6 +28,7 @@ from grok.errors import ConfigError, RequestError
 
 
 TOP_K_MAX = 2 ** 31 - 1      # fits the sampler's int32; beyond any vocabulary
+MAX_LOGPROBS = 20            # the most top alternatives a request may ask for (OpenAI's limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +214,18 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
     filtered = filter_logits(logits, temperature, top_p, top_k)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int = MAX_LOGPROBS
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities under the float32 log-softmax of the raw logits [B, V] (before any
+    penalty, temperature, top-k or top-p): of each row's chosen token `tokens` [B], and the `top`
+    most likely per row, values [B, top] (descending) and token ids [B, top]. The sampler never
+    sees these: a token drawn is the same whether or not they are computed."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens.astype(jnp.int32)[:, None], axis=-1)[:, 0]
+    values, ids = jax.lax.top_k(logp, min(top, logp.shape[-1]))
+    return chosen, values, ids.astype(jnp.int32)
 
 
 def row_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:

@@ -53,5 +53,14 @@ class Tokenizer:
         size, unk = self._size, self._sp.unk_id()
         return self._sp.DecodeIds([i if 0 <= i < size else unk for i in map(int, ids)])
 
+    def piece(self, token: int) -> str:
+        """The text one token stands for, as a piece of a longer text (SentencePiece's word
+        marker as a space; a byte piece as its <0xNN> name; an id outside the pieces: unknown).
+        What OpenAI's logprobs `tokens` show."""
+        token = int(token)
+        if not 0 <= token < self._size:
+            token = self._sp.unk_id()
+        return self._sp.IdToPiece(token).replace("\u2581", " ")
+
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"

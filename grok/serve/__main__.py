@@ -1,0 +1,119 @@
+"""`python -m grok.serve`: an OpenAI-compatible HTTP server (/v1/completions) on a model's
+long-lived engine. Errors before serving (a bad flag, a missing checkpoint) are one line on
+stderr, exit status 2; SIGTERM or Ctrl-C shuts down cleanly (requests in flight get
+--shutdown-timeout seconds to finish, then are cancelled; the engine's thread is stopped)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from grok.cli import DEFAULT_CHECKPOINT, GET_WEIGHTS, enable_compile_cache
+from grok.config import DEMO, DEMO_DIR, model_dir
+from grok.errors import GrokError
+
+PROG = "python -m grok.serve"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from grok.serve.app import DEFAULT_MAX_WAITING
+    p = _Parser(prog=PROG, description="Serve a Grok checkpoint over HTTP with OpenAI's "
+                "completions API (POST /v1/completions; GET /v1/models, /health, /metrics).")
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help=f"directory holding ckpt-0/ and tokenizer.model, or '{DEMO}' (default: "
+                        f"{DEFAULT_CHECKPOINT}, or the demo model when that holds no ckpt-0/)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8, metavar="B",
+                   help="requests decoded together (default: %(default)s)")
+    p.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, metavar="N",
+                   help="answer 429 (Retry-After) while N requests wait for a slot "
+                        "(default: %(default)s)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every request (default: the "
+                        "GROK_API_KEY environment variable; unset: no key)")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the name clients pass as `model` (default: 'demo' for the demo model, "
+                        "else 'grok-1')")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds requests in flight may take to finish before they "
+                        "are cancelled (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log loading and requests")
+    args = p.parse_args(argv)
+    for flag, value, least in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
+                               ("--max-waiting", args.max_waiting, 1)):
+        if value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if args.port > 65535:
+        p.error(f"--port must be <= 65535, got {args.port}")
+    if not args.shutdown_timeout >= 0:
+        p.error(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    return args
+
+
+def checkpoint_dir(checkpoint: str | None) -> tuple[str, str]:
+    """The model directory to serve and its default model name; GrokError when there is none."""
+    if checkpoint is None:
+        if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_DIR / "ckpt-0").is_dir():
+            print(f"{PROG}: no Grok-1 checkpoint in {DEFAULT_CHECKPOINT} (see "
+                  f"checkpoints/README.md); serving the demo model {DEMO_DIR}", file=sys.stderr)
+            checkpoint = DEMO
+        else:
+            checkpoint = str(DEFAULT_CHECKPOINT)
+    path = model_dir(checkpoint)
+    if not (path / "ckpt-0").is_dir():
+        raise GrokError(f"checkpoint not found: {path / 'ckpt-0'} is missing; {GET_WEIGHTS}")
+    if not (path / "tokenizer.model").is_file():
+        raise GrokError(f"tokenizer not found: {path / 'tokenizer.model'} is missing; "
+                        f"{GET_WEIGHTS}")
+    return str(path), DEMO if path == DEMO_DIR else "grok-1"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        path, name = checkpoint_dir(args.checkpoint)
+        import uvicorn
+
+        import grok
+        from grok.serve.app import create_app
+        enable_compile_cache()
+        model = grok.load(path, max_batch=args.max_batch)
+        api_key = args.api_key if args.api_key is not None else os.environ.get("GROK_API_KEY")
+        app = create_app(model, model_name=args.model_name or name, api_key=api_key,
+                         max_waiting=args.max_waiting)
+    except (GrokError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    state = app.state.grok
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # The app ends what still runs after the grace period with a clear error; uvicorn's
+            # own limit, a little later, is the backstop.
+            if not state.closing:
+                state.shut_down(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5,
+                            log_level="info" if args.verbose else "warning")
+    server = Server(config)
+    print(f"{PROG}: serving {path} as {app.state.grok.model_name!r} on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

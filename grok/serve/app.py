@@ -1,0 +1,189 @@
+"""The FastAPI application: OpenAI's /v1/completions (and /v1/models) over a model's one
+long-lived engine, plus /health and Prometheus /metrics.
+
+The engine steps on its own thread (`Engine.start()`, at startup); generation.py bridges each
+completion's engine requests to asyncio and shapes the answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from grok.serve.metrics import CONTENT_TYPE
+from grok.serve.generation import (EventStreamResponse, Generation, chunks, closing_error,
+                                   complete, end_request, submit)
+from grok.serve.protocol import ApiError, check_model, completion_params, parse_json
+from grok.serve.state import ServerState
+
+log = logging.getLogger(__name__)
+MAX_BODY = 4 << 20                    # bytes of a request body
+DEFAULT_MAX_WAITING = 64
+RETRY_AFTER_S = 1
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+def create_app(model: Any, *, model_name: str = "demo", api_key: str | None = None,
+               max_waiting: int = DEFAULT_MAX_WAITING) -> FastAPI:
+    """An app serving `model` (a `grok.Grok` with a tokenizer) as `model_name`. With `api_key`
+    every request needs `Authorization: Bearer <api_key>`. A completion is refused with 429
+    while `max_waiting` or more engine requests wait for a slot."""
+    state = ServerState(model, model_name, api_key or None, max_waiting)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        try:
+            yield
+        finally:
+            for rid in list(state.live):      # any left after the server's grace period
+                end_request(state, rid)
+            await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="grok", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.grok = state
+    app.add_middleware(_Gate, state=state)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        body = ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+                        code=code).body()
+        return JSONResponse(body, err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        body = ApiError(500, f"internal error: {type(err).__name__}: {err}",
+                        kind="server_error").body()
+        return JSONResponse(body, 500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        running = state.engine.driving
+        return JSONResponse({"status": "ok" if running else "stopped", "model": state.model_name},
+                            200 if running else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str) -> dict[str, Any]:
+        if name != state.model_name:
+            raise ApiError(404, f"the model {json.dumps(name)} does not exist: this server "
+                                f"serves {json.dumps(state.model_name)}", "model",
+                           "model_not_found")
+        return _model_card(state)
+
+    @app.post("/v1/chat/completions")
+    async def chat() -> None:
+        raise ApiError(400, "this is a base model; use /v1/completions", None, "unsupported")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        data = parse_json(await _body(request))
+        check_model(data, state.model_name)
+        if state.closing:
+            raise closing_error()
+        engine = state.engine
+        params = completion_params(data, state.model.tokenizer, state.model.config.vocab_size,
+                                   engine.max_context)
+        waiting = len(engine.waiting)
+        if waiting >= state.max_waiting:
+            raise ApiError(429, f"the server is busy: {waiting} requests are waiting for a "
+                                f"slot; retry later", None, "queue_full",
+                           kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        rids = submit(state, params)
+        try:
+            gen = Generation(state, rids, asyncio.get_running_loop())
+        except BaseException:
+            for rid in rids:
+                end_request(state, rid)
+            raise
+        if params.stream:
+            return EventStreamResponse(chunks(state, params, gen), gen.close,
+                                        media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await complete(state, params, gen, request))
+        finally:
+            gen.close()
+
+    return app
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_name, "object": "model", "created": state.created,
+            "owned_by": "grok", "max_model_len": state.engine.max_context}
+
+
+class _Gate:
+    """ASGI middleware: the API key check (401), and every answer counted by endpoint and
+    status (a streaming answer when it ends)."""
+
+    def __init__(self, app: Any, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "/v1/models/{model}" \
+            if path.startswith("/v1/models/") else "other"
+        try:
+            if self.state.api_key is not None and not self._authorized(scope):
+                err = ApiError(401, "invalid or missing API key: send the header "
+                                    "'Authorization: Bearer <key>'", None, "invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+                await JSONResponse(err.body(), 401, headers=err.headers)(scope, receive, counted)
+                return
+            await self.app(scope, receive, counted)
+        finally:
+            self.state.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _authorized(self, scope: dict) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(
+            key.strip(), self.state.api_key.encode("utf-8"))
+
+
+async def _body(request: Request) -> bytes:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY:
+        raise ApiError(413, f"the body is {size} bytes, more than {MAX_BODY}", None,
+                       "request_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_BODY:
+            raise ApiError(413, f"the body is more than {MAX_BODY} bytes", None,
+                           "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

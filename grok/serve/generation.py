@@ -1,0 +1,285 @@
+"""One completion's engine requests: submitted (one per prompt and choice), their blocking event
+streams bridged to asyncio (a reader thread per engine request feeding one queue through
+`loop.call_soon_threadsafe`), and turned into OpenAI's answer: a whole completion, or server-sent
+events. A request ends, whatever way it ends, with `engine.cancel` and `engine.release`, so its
+slot frees within one step and the engine keeps nothing of it."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from grok.errors import RequestError, one_line
+from grok.serve.protocol import SEED_LIMIT, ApiError, CompletionParams
+from grok.serve.state import ServerState
+from grok.serving.request import Event
+from grok.serving.request import Request as EngineRequest
+
+log = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.25              # how often a whole completion checks its client is there
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+# The engine's field names in its RequestError messages -> the API's.
+ENGINE_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "prompt": "prompt",
+                 "seed": "seed", "temperature": "temperature", "top_p": "top_p",
+                 "top_k": "top_k", "repetition_penalty": "repetition_penalty",
+                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+
+
+def submit(state: ServerState, params: CompletionParams) -> list[int]:
+    """Queue one engine request per prompt and choice (choice j of a prompt: seed + j); a
+    request the engine refuses is a 400 naming the field."""
+    try:
+        sampling = dataclasses.replace(state.model.sampling_defaults, **params.sampling)
+        scored = params.logprobs is not None
+        # max_tokens 0 (echo with logprobs): one token is generated and not shown
+        requests = [EngineRequest(p.ids, max(params.max_tokens, 1), sampling,
+                                  (params.seed + j) % SEED_LIMIT, (), params.stops,
+                                  logprobs=params.logprobs or 0,
+                                  prompt_logprobs=scored and params.echo)
+                    for p in params.prompts for j in range(params.n)]
+        rids = state.engine.submit_all(requests)
+    except RequestError as err:
+        first = str(err).split(" ", 1)[0].strip(":=")
+        raise ApiError(400, str(err), ENGINE_FIELDS.get(first)) from None
+    state.live.update(rids)
+    state.metrics.prompt_tokens.inc(sum(len(p.ids) for p in params.prompts) * params.n)
+    return rids
+
+
+def end_request(state: ServerState, rid: int) -> None:
+    """Cancel (if still running) and forget an engine request."""
+    try:
+        state.engine.cancel(rid)
+        state.engine.release(rid)
+    except Exception:                 # never let clean-up hide what ended the request
+        log.exception("ending request %d failed", rid)
+    state.live.discard(rid)
+
+
+class Generation:
+    """The events of one HTTP request's engine requests, merged into one asyncio queue by a
+    reader thread per engine request; `close()` ends them all (idempotent)."""
+
+    def __init__(self, state: ServerState, rids: list[int], loop: asyncio.AbstractEventLoop):
+        self.state, self.rids, self.loop = state, rids, loop
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.open = set(range(len(rids)))
+        self.tokens = [0] * len(rids)
+        self.start = time.monotonic()
+        self._last: list[float | None] = [None] * len(rids)
+        self._closed = False
+        for index, rid in enumerate(rids):
+            threading.Thread(target=self._read, args=(index, rid), daemon=True,
+                             name=f"grok-serve-{rid}").start()
+
+    def _read(self, index: int, rid: int) -> None:
+        try:
+            for event in self.state.engine.events(rid):
+                self._put(index, event)
+        except Exception as err:      # released meanwhile (then nobody listens), or a bug
+            self._put(index, Event(id=rid, token=None, text=None, finish_reason="error",
+                                   error=one_line(f"{err}")))
+
+    def _put(self, index: int, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        except RuntimeError:          # the loop has closed: the server is gone
+            pass
+
+    async def next(self) -> tuple[int, Event]:
+        """The next event of any of the requests still open."""
+        index, event = await self.queue.get()
+        if event.token is not None:
+            now = time.monotonic()
+            last = self._last[index]
+            metrics = self.state.metrics
+            metrics.generated_tokens.inc()
+            if last is None:
+                metrics.ttft.observe(now - self.start)
+            else:
+                metrics.token_latency.observe(now - last)
+            self._last[index] = now
+            self.tokens[index] += 1
+        if event.done:
+            self.open.discard(index)
+        return index, event
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            for rid in self.rids:
+                end_request(self.state, rid)
+
+
+class Choice:
+    """One choice's answer as it grows: its text, and OpenAI's logprobs lists when asked (the
+    tokens' pieces, their log-probabilities, the top alternatives as {piece: logprob}, and each
+    piece's offset in the choice's text)."""
+
+    def __init__(self, state: ServerState, params: CompletionParams, rid: int, prompt: Any):
+        self.state, self.params, self.rid, self.prompt = state, params, rid, prompt
+        self.text = ""
+        self.offset = 0
+        self.reason: str | None = None
+        self.started = False
+        self.logprobs: dict[str, list] | None = None if params.logprobs is None else \
+            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def take(self, event: Event) -> tuple[str, dict[str, list] | None]:
+        """Add one engine event; the text and logprobs it adds to the answer (the echoed prompt
+        first, on the choice's first event)."""
+        text, scores = "", self._empty()
+        if not self.started:
+            self.started = True
+            if self.params.echo:
+                text += self.prompt.text
+                self._extend(scores, self.prompt.ids, self._prompt_scores(), self._prompt_tops())
+        shown = event.token is not None and self.params.max_tokens > 0
+        if shown:
+            text += event.text or ""
+            top = None if event.top_logprobs is None else [event.top_logprobs]
+            self._extend(scores, [event.token], [event.logprob], top or [None])
+        elif event.text and self.params.max_tokens > 0:
+            text += event.text        # held-back text released by the last event
+        if event.done:
+            self.reason = FINISH.get(event.finish_reason, event.finish_reason)
+        self.text += text
+        if scores is not None and self.logprobs is not None:
+            for key, values in scores.items():
+                self.logprobs[key] += values
+        return text, scores
+
+    def _empty(self) -> dict[str, list] | None:
+        return None if self.params.logprobs is None else \
+            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def _prompt_scores(self) -> list[float | None]:
+        result = self.state.engine.results.get(self.rid)
+        scores = list(result.prompt_logprobs) if result is not None else []
+        return scores if len(scores) == len(self.prompt.ids) else [None] * len(self.prompt.ids)
+
+    def _prompt_tops(self) -> list:
+        # the engine scores each prompt token, not its alternatives: the token's own entry
+        return [None] + [[(t, s)] for t, s in zip(self.prompt.ids[1:], self._prompt_scores()[1:])]
+
+    def _extend(self, scores: dict[str, list] | None, ids: list[int], values: list, tops: list
+                ) -> None:
+        if scores is None:
+            return
+        tokenizer = self.state.model.tokenizer
+        for token, value, top in zip(ids, values, tops):
+            piece = tokenizer.piece(token)
+            scores["tokens"].append(piece)
+            scores["token_logprobs"].append(value)
+            scores["top_logprobs"].append(
+                None if top is None else {tokenizer.piece(t): s for t, s in top})
+            scores["text_offset"].append(self.offset)
+            self.offset += len(piece)
+
+
+def choices_of(state: ServerState, params: CompletionParams, gen: Generation) -> list[Choice]:
+    """A Choice per engine request (choice i is prompt i // n)."""
+    return [Choice(state, params, rid, params.prompts[i // params.n])
+            for i, rid in enumerate(gen.rids)]
+
+
+def usage(params: CompletionParams, gen: Generation) -> dict[str, int]:
+    prompt = sum(len(p.ids) for p in params.prompts)
+    done = sum(gen.tokens) if params.max_tokens > 0 else 0
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def failed(event: Event) -> ApiError:
+    return ApiError(500, f"generation failed: {event.error or 'unknown error'}", None,
+                    "generation_failed", kind="server_error")
+
+
+def closing_error() -> ApiError:
+    return ApiError(503, "the server is shutting down", None, "server_shutdown",
+                    kind="server_error")
+
+
+def ended_by(state: ServerState, event: Event) -> ApiError | None:
+    """The error that ended a request, if one did: a failed step, or the shutdown."""
+    if event.finish_reason == "error":
+        return failed(event)
+    if event.finish_reason == "cancelled" and state.closing:
+        return ApiError(503, "the server shut down before this completion finished", None,
+                        "server_shutdown", kind="server_error")
+    return None
+
+
+async def complete(state: ServerState, params: CompletionParams, gen: Generation,
+                    request: Request) -> dict[str, Any]:
+    """The whole completion; stops early (and cancels) if the client goes away."""
+    answers = choices_of(state, params, gen)
+    checked = time.monotonic()
+    while gen.open:
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the connection", None, "client_closed")
+            checked = time.monotonic()
+        try:
+            index, event = await asyncio.wait_for(gen.next(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            continue
+        error = ended_by(state, event)
+        if error is not None:
+            raise error
+        answers[index].take(event)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": state.model_name,
+            "choices": [{"index": i, "text": a.text, "logprobs": a.logprobs,
+                         "finish_reason": a.reason} for i, a in enumerate(answers)],
+            "usage": usage(params, gen)}
+
+
+async def chunks(state: ServerState, params: CompletionParams, gen: Generation
+                  ) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per piece of text, the last of each choice with its
+    finish_reason, then (with stream_options.include_usage) the usage, then `[DONE]`."""
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": state.model_name}
+
+    answers = choices_of(state, params, gen)
+    while gen.open:
+        index, event = await gen.next()
+        error = ended_by(state, event)
+        if error is not None:
+            yield sse(error.body())
+            yield b"data: [DONE]\n\n"
+            return
+        text, scores = answers[index].take(event)
+        if text or event.done or (scores and scores["tokens"]):
+            yield sse(dict(base, choices=[{"index": index, "text": text, "logprobs": scores,
+                                           "finish_reason": answers[index].reason}]))
+    if params.include_usage:
+        yield sse(dict(base, choices=[], usage=usage(params, gen)))
+    yield b"data: [DONE]\n\n"
+
+
+def sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A streaming response that runs `cleanup` however it ends (finished, client gone,
+    cancelled at shutdown): the generator's own `finally` would wait for its collection."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
