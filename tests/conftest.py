@@ -33,3 +33,15 @@ def tokenizer_path() -> Path:
     if not TOKENIZER.is_file():
         pytest.skip(f"Grok-1 tokenizer {TOKENIZER} not found (it lives in ../shared)")
     return TOKENIZER
+
+
+# The heaviest files first (measured on the 2-core CI box): pytest-xdist hands whole files to its
+# workers in collection order, so a heavy file collected last would leave the other worker idle.
+HEAVY_FIRST = ("test_engine.py", "test_moe_mesh.py", "test_bench.py", "test_cli.py", "test_moe.py",
+               "test_model.py", "test_benchmarks.py", "test_sharding.py", "test_serve.py",
+               "test_notebook.py", "test_multihost.py", "test_readme.py", "test_logprobs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))   # stable in a file
