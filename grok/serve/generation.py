@@ -130,8 +130,7 @@ class Choice:
         self.offset = 0
         self.reason: str | None = None
         self.started = False
-        self.logprobs: dict[str, list] | None = None if params.logprobs is None else \
-            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.logprobs = self._empty()
 
     def take(self, event: Event) -> tuple[str, dict[str, list] | None]:
         """Add one engine event; the text and logprobs it adds to the answer (the echoed prompt
@@ -141,7 +140,10 @@ class Choice:
             self.started = True
             if self.params.echo:
                 text += self.prompt.text
-                self._extend(scores, self.prompt.ids, self._prompt_scores(), self._prompt_tops())
+                prompt_scores = self._prompt_scores()
+                # the engine scores each prompt token, not its alternatives: its own entry
+                tops = [None] + [[(t, v)] for t, v in zip(self.prompt.ids[1:], prompt_scores[1:])]
+                self._extend(scores, self.prompt.ids, prompt_scores, tops)
         shown = event.token is not None and self.params.max_tokens > 0
         if shown:
             text += event.text or ""
@@ -165,10 +167,6 @@ class Choice:
         result = self.state.engine.results.get(self.rid)
         scores = list(result.prompt_logprobs) if result is not None else []
         return scores if len(scores) == len(self.prompt.ids) else [None] * len(self.prompt.ids)
-
-    def _prompt_tops(self) -> list:
-        # the engine scores each prompt token, not its alternatives: the token's own entry
-        return [None] + [[(t, s)] for t, s in zip(self.prompt.ids[1:], self._prompt_scores()[1:])]
 
     def _extend(self, scores: dict[str, list] | None, ids: list[int], values: list, tops: list
                 ) -> None:
