@@ -12,7 +12,7 @@ import numpy as np
 
 from grok import checkpoint
 from grok.checkpoint import loader
-from grok.config import GrokConfig, model_dir
+from grok.config import PREFILL_TOKENS, GrokConfig, model_dir
 from grok.errors import CheckpointError, RequestError, TokenizerError, one_line
 from grok.leaves import abstract_params, to_model_params
 from grok.model import routing as routing_mod
@@ -43,9 +43,21 @@ class Grok:
         # One engine for the model's lifetime: its KV cache is made at the first request and
         # grown (powers of two, up to max_batch slots of the full context) only when one needs
         # more. `model.engine.start()` drives it from a thread of its own (for a server).
-        self.engine = Engine(self.runner, batch_size=max_batch, max_len=config.sequence_len,
-                             tokenizer=tokenizer, grow=True)
+        self.engine = self.new_engine()
         self._routing_fn = None     # jitted on the first `routing` call
+
+    def new_engine(self, prefill_tokens: int = PREFILL_TOKENS, steps: Any = None) -> Engine:
+        """Give the model a new engine (the old one must be idle) and return it: at most
+        `prefill_tokens` prompt tokens prefilled per step (longer prompts a chunk per step);
+        `steps` its device side (default: this process's; a multi-host leader passes its
+        `grok.serving.lockstep.Leader`)."""
+        old = getattr(self, "engine", None)
+        if old is not None and not old.idle:
+            raise RequestError("the model's engine still has requests: let them finish first")
+        self.engine = Engine(self.runner, batch_size=self.max_batch,
+                             max_len=self.config.sequence_len, tokenizer=self.tokenizer,
+                             prefill_tokens=prefill_tokens, grow=True, steps=steps)
+        return self.engine
 
     @property
     def mesh(self) -> Any:

@@ -90,6 +90,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "until EOF")
     p.add_argument("--unrolled", action="store_true",
                    help="unroll the layers instead of scanning (slower compile)")
+    add_placement_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
+    args = p.parse_args(argv)
+    _check_ranges(p, args)
+    return args
+
+
+def add_placement_flags(p: argparse.ArgumentParser) -> None:
+    """The mesh and multi-host flags (run.py and `python -m grok.serve`); `check_placement`
+    checks them."""
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
                    help="shard over a (data, model) device mesh, e.g. 1,8; weights stream from "
                         "the files onto the devices that own them (default: one device, or "
@@ -103,10 +113,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-host: this process's index (or JAX_PROCESS_ID)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log loading and compiling")
-    args = p.parse_args(argv)
-    _check_ranges(p, args)
-    return args
+
+
+def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Range-check the placement flags; parse --mesh (p.error on a bad value)."""
+    for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
+        least = 1 if flag == "--num-processes" else 0
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if args.mesh is not None:
+        from grok.parallel.rules import ShardingError, parse_mesh
+        try:
+            args.mesh = parse_mesh(args.mesh)
+        except ShardingError as err:
+            p.error(f"--mesh: {err}")
 
 
 def _check_ranges(p: _Parser, args: argparse.Namespace) -> None:
@@ -120,18 +140,11 @@ def _check_ranges(p: _Parser, args: argparse.Namespace) -> None:
         ("--presence-penalty", args.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
         ("--frequency-penalty", args.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
         ("--max-batch", args.max_batch, lambda v: v >= 1, ">= 1"),
-        ("--num-processes", args.num_processes, lambda v: v >= 1, ">= 1"),
-        ("--process-id", args.process_id, lambda v: v >= 0, ">= 0"),
     ]
     for flag, value, ok, words in checks:
         if value is not None and not ok(value):   # NaN fails every comparison, so it lands here
             p.error(f"{flag} must be {words}, got {value}")
-    if args.mesh is not None:
-        from grok.parallel.rules import ShardingError, parse_mesh
-        try:
-            args.mesh = parse_mesh(args.mesh)
-        except ShardingError as err:
-            p.error(f"--mesh: {err}")
+    check_placement(p, args)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -176,7 +189,7 @@ def _check_files(args: argparse.Namespace) -> None:
                        "pass --tokenizer FILE")
 
 
-def _distributed_mesh(args: argparse.Namespace):
+def distributed_mesh(args: argparse.Namespace):
     """Join a multi-host run when asked (flags or JAX_* variables); the mesh to load onto.
     Every process runs the same program; only process 0 prints."""
     import jax
@@ -337,7 +350,7 @@ def _main(argv: Sequence[str] | None) -> int:
         import grok  # deferred: importing jax takes a moment, and bad flags should fail fast
         enable_compile_cache()
         try:
-            mesh = _distributed_mesh(args)
+            mesh = distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
                               layout=args.layout)

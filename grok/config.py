@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from grok.errors import CheckpointError, ConfigError, one_line
-from grok.files import NotRegularFile, TooLarge, read_limited
+from grok.files import DuplicateKey, NotRegularFile, TooLarge, read_limited, unique_keys
 
 
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
@@ -37,6 +37,8 @@ INT_BOUNDS = {
     # row blocks of a matrix's int8 scales; must divide the rows anyway (Grok-1: 8)
     "scale_blocks": 1024,
 }
+WEIGHT_BITS = (8, 4)      # int8 (the release's) or int4 (packed, per-group scales)
+MAX_GROUP_SIZE = 2 ** 16  # rows per int4 scale; Grok-1's widest input is 32768
 # int(widening_factor * emb_size) <= 2**26: the expert width is computed exactly (Grok-1: 8.0)
 MAX_WIDENING_FACTOR = 1024.0
 # the multipliers, eps, RoPE base and logit cap are used in float32 (max 3.4e38): further from 1
@@ -90,6 +92,11 @@ class GrokConfig:
     attn_logit_cap: float = 30.0
     # Row blocks of the row-parallel matrices' scales (SPEC §3); 1 for all others.
     scale_blocks: int = 8
+    # The weights' storage: 8 (int8 with scale_blocks row blocks, the release's) or 4 (int4,
+    # safetensors checkpoints only, one scale per group of rows: each matrix's group is the
+    # largest divisor of its input width not above group_size; 0 with int8).
+    weight_bits: int = 8
+    group_size: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,7 +160,25 @@ class GrokConfig:
                            (self.ffn_size, "the expert width (ffn_size)")):
             if rows % self.scale_blocks:
                 raise ConfigError(f"scale_blocks={self.scale_blocks} does not divide {what}={rows}")
+        self._check_format()
         self._check_sizes()
+
+    def _check_format(self) -> None:
+        if not _is_int(self.weight_bits) or self.weight_bits not in WEIGHT_BITS:
+            raise ConfigError(f"config field weight_bits must be one of {WEIGHT_BITS}, got "
+                              f"{_show(self.weight_bits)}")
+        group = self.group_size
+        if self.weight_bits == 8:
+            if group != 0 or not _is_int(group):
+                raise ConfigError(f"config field group_size must be 0 with weight_bits=8 (int8 "
+                                  f"weights use scale_blocks), got {_show(group)}")
+            return
+        if not _is_int(group) or not 1 <= group <= MAX_GROUP_SIZE:
+            raise ConfigError(f"config field group_size must be a positive integer <= "
+                              f"{MAX_GROUP_SIZE} with weight_bits=4, got {_show(group)}")
+        if self.emb_size % 2 or self.ffn_size % 2:   # int4 packs pairs of input rows
+            raise ConfigError(f"weight_bits=4 needs even emb_size and expert width, got "
+                              f"{self.emb_size} and {self.ffn_size}")
 
     def _check_sizes(self) -> None:
         """Bound each checkpoint tensor (one file: one layer's weights), one sequence's KV cache
@@ -227,8 +252,8 @@ class GrokConfig:
             raise ConfigError(f"{name}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
                               f"offset {err.start})") from None
         try:
-            data = json.loads(text, parse_int=_parse_int, object_pairs_hook=_unique_keys)
-        except ConfigError as err:
+            data = json.loads(text, parse_int=_parse_int, object_pairs_hook=unique_keys)
+        except DuplicateKey as err:
             raise ConfigError(f"{name}: {err}") from None
         except json.JSONDecodeError as err:
             raise ConfigError(f"{name}: not valid JSON ({one_line(err.msg, 100)} at line "
@@ -248,7 +273,8 @@ class GrokConfig:
         return dataclasses.replace(self, **changes)
 
 
-_EXTRA_FIELDS = ("rms_norm_eps", "rope_base", "attn_logit_cap", "scale_blocks")
+_EXTRA_FIELDS = ("rms_norm_eps", "rope_base", "attn_logit_cap", "scale_blocks", "weight_bits",
+                 "group_size")
 
 
 def _is_int(value: Any) -> bool:
@@ -272,15 +298,6 @@ class _LongInteger:
 
 def _parse_int(text: str) -> int | _LongInteger:
     return _LongInteger(text) if len(text) > 40 else int(text)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ConfigError(f"duplicate key {_show(key)}")
-        out[key] = value
-    return out
 
 
 _REPR = reprlib.Repr()

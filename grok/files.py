@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -67,3 +67,19 @@ def describe(path: str | os.PathLike) -> str:
     except (OSError, ValueError):
         pass
     return where
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice (`unique_keys`)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`'s object_pairs_hook for files we must not guess about (configs, tensor
+    headers): a key given twice is DuplicateKey, not the last one silently winning."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            shown = repr(key) if len(key) <= 60 else repr(key[:60]) + "..."
+            raise DuplicateKey(f"duplicate key {shown}")
+        out[key] = value
+    return out

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig
-from grok.quant import INT8, QuantizedWeight, WeightFormat, is_quantized, quantize
+from grok.quant import (FORMAT_BITS, QuantizedWeight, WeightFormat, group_size_for, is_quantized,
+                        quantize, quantize_int4)
 
 LAYER_MODULE = "decoder_layer"   # the haiku name of one layer inside the layer transform
 EMBED_MODULE = "language_model/in_out_embed"
@@ -40,8 +41,8 @@ class Entry:
     index: int
     name: str                 # SPEC §3 path, e.g. transformer/decoder_layer_3/router/w
     shape: tuple[int, ...]
-    fmt: WeightFormat | None  # a QuantizedWeight's storage (INT8: int8 + bfloat16 scales), or
-                              # None for a float32 array
+    fmt: WeightFormat | None  # a QuantizedWeight's storage (INT8: int8 + bfloat16 scales; INT4:
+                              # packed uint8 + bfloat16 scales), or None for a float32 array
     scale_blocks: int = 0     # S of scales [..., S, out]; 0 for float32 leaves
     layer: int | None = None  # decoder layer index, None for the embedding / final norm
     module: str = ""          # haiku module path inside its tree (embed tree or layer tree)
@@ -61,6 +62,16 @@ class Entry:
         """Where the leaf sits in the model's params tree: "embed/<module>/<param>" or
         "layers/decoder_layer/<module>/<param>" (the same path for every layer)."""
         return f"{'embed' if self.layer is None else 'layers'}/{self.module}/{self.param}"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The stored weight's shape (int4: In halved by the packing)."""
+        return self.fmt.storage_shape(self.shape) if self.fmt else self.shape
+
+    @property
+    def group_size(self) -> int:
+        """Rows of In per scale (0 for float32 leaves)."""
+        return self.shape[-2] // self.scale_blocks if self.scale_blocks else 0
 
     @property
     def scales_shape(self) -> tuple[int, ...]:
@@ -108,8 +119,18 @@ def checkpoint_entries(config: GrokConfig) -> list[Entry]:
             named.append((f"transformer/decoder_layer_{layer}/{sub}", shape, blocks, layer,
                           f"{LAYER_MODULE}/{module}", param, axes))
     named.sort(key=lambda item: item[0])
-    return [Entry(i, name, shape, INT8 if blocks else None, blocks, layer, module, param, axes)
+    fmt = FORMAT_BITS[config.weight_bits]
+    return [Entry(i, name, shape, fmt if blocks else None, _blocks(config, shape, blocks), layer,
+                  module, param, axes)
             for i, (name, shape, blocks, layer, module, param, axes) in enumerate(named)]
+
+
+def _blocks(config: GrokConfig, shape: tuple[int, ...], release_blocks: int) -> int:
+    """S of a leaf's scales: the release's row blocks for int8; for int4 one scale per group of
+    the largest divisor of In not above the config's group_size."""
+    if not release_blocks or config.weight_bits == 8:
+        return release_blocks
+    return shape[-2] // group_size_for(shape[-2], config.group_size)
 
 
 def model_tree(config: GrokConfig, make: Callable[[Entry, bool], Any],
@@ -178,8 +199,9 @@ def abstract_flat(config: GrokConfig, embed_dtype: Any = jnp.bfloat16) -> dict[s
     """ShapeDtypeStructs of every leaf as the model holds them (nothing allocated)."""
     def make(entry: Entry) -> Any:
         if entry.quantized:
-            return QuantizedWeight(jax.ShapeDtypeStruct(entry.shape, jnp.int8),
-                                       jax.ShapeDtypeStruct(entry.scales_shape, jnp.bfloat16))
+            return QuantizedWeight(jax.ShapeDtypeStruct(entry.weight_shape, entry.fmt.dtype),
+                                   jax.ShapeDtypeStruct(entry.scales_shape, jnp.bfloat16),
+                                   entry.fmt)
         dtype = embed_dtype if entry.param == "embeddings" else jnp.float32
         return jax.ShapeDtypeStruct(entry.shape, dtype)
     return map_entries(config, make)
@@ -190,8 +212,9 @@ def abstract_params(config: GrokConfig, scan: bool = True) -> dict[str, Any]:
     def make(entry: Entry, stacked: bool) -> Any:
         lead = (config.num_layers,) if stacked else ()
         if entry.quantized:
-            return QuantizedWeight(jax.ShapeDtypeStruct((*lead, *entry.shape), jnp.int8),
-                                   jax.ShapeDtypeStruct((*lead, *entry.scales_shape), jnp.bfloat16))
+            return QuantizedWeight(
+                jax.ShapeDtypeStruct((*lead, *entry.weight_shape), entry.fmt.dtype),
+                jax.ShapeDtypeStruct((*lead, *entry.scales_shape), jnp.bfloat16), entry.fmt)
         dtype = jnp.bfloat16 if entry.param == "embeddings" else jnp.float32
         return jax.ShapeDtypeStruct((*lead, *entry.shape), dtype)
     return model_tree(config, make, scan)
@@ -208,7 +231,11 @@ def random_flat(config: GrokConfig, seed: int = 0, weight_scale: float = 1.0) ->
         if entry.param == "scale":
             return (1.0 + 0.1 * rng.standard_normal(entry.shape)).astype(np.float32)
         w = (weight_scale / np.sqrt(entry.fan_in)) * rng.standard_normal(entry.shape, np.float32)
-        return quantize(w, entry.scale_blocks) if entry.quantized else w.astype(np.float32)
+        if not entry.quantized:
+            return w.astype(np.float32)
+        if entry.fmt.bits == 4:
+            return quantize_int4(w, entry.group_size)
+        return quantize(w, entry.scale_blocks)
     return map_entries(config, make)
 
 

@@ -1,9 +1,12 @@
 """Quantised weights (one type that carries its storage format) and the one scaled matmul over
 them, `qeinsum`, that never dequantises a whole weight on an accelerator.
 
-Today's format is the release's: int8 [..., In, Out] with bfloat16 scales [..., S, Out], row
-block s of In scaled by scales[s] (SPEC §3). A new format (int4 packed two per byte with
-per-group scales) is a new `WeightFormat` and a branch in `qeinsum` / `dequantize`.
+Two formats share one layout of scales: weight [..., In, Out] with bfloat16 scales
+[..., S, Out], row block s of In scaled by scales[s]. INT8 is the release's (SPEC §3: S = 1 or
+the config's scale_blocks). INT4 holds values in [-7, 7] packed two per byte along In (byte r
+of a column: row 2r in the low nibble, row 2r + 1 in the high one; uint8 [..., In/2, Out]), with
+one scale per group of In/S rows (`group_size_for` picks each tensor's group). `qeinsum`
+unpacks an INT4 weight to int8 inside the computation and runs the int8 path.
 """
 from __future__ import annotations
 
@@ -32,16 +35,36 @@ class WeightFormat:
     dtype: Any
     scales_dtype: Any
 
+    @property
+    def per_byte(self) -> int:
+        """Values packed in one storage element along In (1 for int8, 2 for int4)."""
+        return 8 // self.bits
+
+    def storage_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The stored weight's shape for a logical [..., In, Out] weight."""
+        *lead, rows, cols = shape
+        return (*lead, rows // self.per_byte, cols)
+
+    def logical_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The logical [..., In, Out] of a stored weight of `shape`."""
+        *lead, rows, cols = shape
+        return (*lead, rows * self.per_byte, cols)
+
 
 INT8 = WeightFormat("int8", 8, np.dtype(np.int8), np.dtype(ml_dtypes.bfloat16))
-FORMATS = {INT8.name: INT8}
+INT4 = WeightFormat("int4", 4, np.dtype(np.uint8), np.dtype(ml_dtypes.bfloat16))
+FORMATS = {INT8.name: INT8, INT4.name: INT4}
+FORMAT_BITS = {f.bits: f for f in FORMATS.values()}
+INT4_MAX = 7   # symmetric: values in [-7, 7], so -w and w quantise alike
 
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedWeight:
     """A quantised `weight` [..., In, Out] with `scales` [..., S, Out] in format `fmt` (INT8: int8
-    values, row block s of In scaled by scales[s]). The release pickles this type as
-    `__main__.QuantizedWeight8bit` (grok.checkpoint reads and writes that name)."""
+    values; INT4: uint8 [..., In/2, Out] of packed pairs; row block s of In scaled by
+    scales[s]). `shape` is the logical [..., In, Out] whatever the packing. The release pickles
+    the int8 format as `__main__.QuantizedWeight8bit` (grok.checkpoint reads and writes that
+    name)."""
 
     def __init__(self, weight: Any, scales: Any, fmt: WeightFormat = INT8):
         self.weight = weight
@@ -50,11 +73,16 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape)
+        return self.fmt.logical_shape(self.weight.shape)
 
     @property
     def dtype(self) -> Any:
         return self.weight.dtype
+
+    @property
+    def group_size(self) -> int:
+        """Rows of In per scale (In / S)."""
+        return self.shape[-2] // self.scale_blocks
 
     @property
     def scale_blocks(self) -> int:
@@ -78,7 +106,7 @@ class QuantizedWeight:
 
     def __repr__(self) -> str:
         return (f"QuantizedWeight({self.fmt.name}, weight={getattr(self.weight, 'dtype', '?')}"
-                f"{list(self.shape)}, scales={list(self.scales.shape)})")
+                f"{list(self.weight.shape)}, scales={list(self.scales.shape)})")
 
 
 QuantizedWeight8bit = QuantizedWeight   # the release's name for the int8 format
@@ -141,8 +169,61 @@ def quantize(w: np.ndarray, blocks: int = 1) -> QuantizedWeight8bit:
     return QuantizedWeight8bit(weight, scales)
 
 
+def group_size_for(rows: int, requested: int) -> int:
+    """The group (rows per scale) of a weight with `rows` inputs: the largest divisor of `rows`
+    not above `requested` (e.g. 88 for the demo's expert width 176 and 128 asked)."""
+    if requested < 1 or rows < 1:
+        raise ValueError(f"group size {requested} for {rows} rows: both must be positive")
+    return next(g for g in range(min(requested, rows), 0, -1) if rows % g == 0)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7], [..., In, Out] with In even -> uint8 [..., In/2, Out] (row 2r in
+    the low nibble of byte r, row 2r + 1 in the high one)."""
+    q = np.asarray(q, np.int8)
+    if q.shape[-2] % 2:
+        raise ValueError(f"int4 packing needs an even number of rows, got {q.shape[-2]}")
+    nibbles = q.view(np.uint8) & 0x0F
+    return nibbles[..., 0::2, :] | (nibbles[..., 1::2, :] << 4)
+
+
+def unpack_int4(packed: Any, xp: Any = np) -> Any:
+    """uint8 [..., In/2, Out] -> int8 [..., In, Out] (numpy, or jax.numpy with xp=jnp)."""
+    signed = packed.astype(xp.int8)
+    low = xp.right_shift(xp.left_shift(signed, 4), 4)   # arithmetic shifts sign-extend
+    high = xp.right_shift(signed, 4)
+    *lead, half, cols = packed.shape
+    return xp.stack([low, high], axis=-2).reshape(*lead, 2 * half, cols)
+
+
+def quantize_int4(w: np.ndarray, group_size: int) -> QuantizedWeight:
+    """Symmetric int4 quantisation of float `w` [..., In, Out] with one bfloat16 scale per
+    (group of `group_size` rows, column): scale max|w| / 7, values rounded against the rounded
+    scale, so |w - dequantize(q)| <= scale / 2 elementwise. `group_size` must divide In (see
+    `group_size_for`)."""
+    w = np.asarray(w, dtype=np.float32)
+    rows = w.shape[-2]
+    if group_size < 1 or rows % group_size:
+        raise ValueError(f"group size {group_size} does not divide the {rows} input rows")
+    blocks = rows // group_size
+    blocked = w.reshape(*w.shape[:-2], blocks, group_size, w.shape[-1])
+    scales = np.abs(blocked).max(axis=-2) / INT4_MAX
+    scales = np.where(scales > 0, scales, 1.0).astype(ml_dtypes.bfloat16)
+    exact = scales.astype(np.float32)[..., :, None, :]
+    q = np.clip(np.rint(blocked / exact), -INT4_MAX, INT4_MAX).astype(np.int8).reshape(w.shape)
+    return QuantizedWeight(pack_int4(q), scales, INT4)
+
+
+def as_int8(q: QuantizedWeight, xp: Any = np) -> QuantizedWeight:
+    """The same weight with int8 storage (INT4 unpacked; the scales are unchanged)."""
+    if q.fmt is INT8:
+        return q
+    return QuantizedWeight(unpack_int4(q.weight, xp), q.scales, INT8)
+
+
 def dequantize(q: QuantizedWeight8bit, dtype: Any = np.float32) -> np.ndarray:
     """The float weight (numpy; for tests, oracles and conversion, never on the hot path)."""
+    q = as_int8(QuantizedWeight(np.asarray(q.weight), q.scales, q.fmt))
     weight = np.asarray(q.weight)
     scales = np.asarray(q.scales).astype(np.float64)
     blocks, rows = scales.shape[-2], weight.shape[-2]
@@ -187,6 +268,7 @@ def qeinsum(spec: str, x: jax.Array, w: Any, plan: "ExecutionPlan",
         w = w.get()
     if not is_quantized(w):
         return dot(spec, x, w.astype(x.dtype), plan).astype(out_dtype)
+    w = as_int8(w, jnp)   # int4: unpacked inside the computation (XLA fuses it into the convert)
     if not plan.scales_after_dot:
         return dot(spec, x, _dequantize_f32(w), plan).astype(out_dtype)
     inputs, out = spec.split("->")

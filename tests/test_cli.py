@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from grok.checkpoint import write_checkpoint
 from grok.leaves import random_flat
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPILE_CACHE = tempfile.mkdtemp(prefix="grok-test-xla-")   # not the user's cache
+COMPILE_CACHE = os.environ["GROK_TEST_XLA_CACHE"]   # the session's (conftest), not the user's
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 180) -> subprocess.CompletedProcess:

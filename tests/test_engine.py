@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from oracle_sampling import penalized
+from oracle_sampling import recompute_greedy
 from grok.api import from_flat
 from grok.serving.engine import Engine, Request, bucket
 from grok.leaves import random_flat
@@ -23,34 +23,10 @@ def model():
     return from_flat(random_flat(CONFIG, seed=7, weight_scale=1.5), CONFIG, max_batch=8)
 
 
-# The cached decode and the full forward compute the same sums in other shapes and orders, so the
-# bfloat16 activation feeding the output projection can land one ulp (2^-8 relative) apart,
-# moving a logit by about an ulp of the logits' scale; a top-2 gap under two such ulps may flip
-# on another CPU, so the greedy comparisons stop there (a real bug moves the argmax outright).
-NEAR_TIE = 2 * 2.0 ** -8
-
-
-def _recompute_greedy(model, prompt, steps, penalties=(1.0, 0.0, 0.0)):
-    """Greedy tokens from full forwards (no cache) with the penalties applied by the float64
-    oracle, up to `steps` or the first near-tie."""
-    seq, out = list(prompt), []
-    for _ in range(steps):
-        logits = penalized(model.logits([seq])[0, -1], prompt, out, *penalties)
-        second, first = np.sort(logits)[-2:]
-        if first - second < NEAR_TIE * np.abs(logits).max():
-            break
-        token = int(np.argmax(logits))
-        out.append(token)
-        seq.append(token)
-        if token == model.config.eos_token:
-            break
-    return out
-
-
 def test_cached_greedy_equals_full_recompute(model):
     outputs = model.generate(PROMPTS[::3], max_new_tokens=10)
     for prompt, out in zip(PROMPTS[::3], outputs):
-        want = _recompute_greedy(model, prompt, 10)
+        want = recompute_greedy(model, prompt, 10)
         assert len(want) >= 5 and out[:len(want)] == want
     assert len(set(map(tuple, outputs))) > 1, "degenerate model: outputs all equal"
 
@@ -64,7 +40,7 @@ def test_penalized_greedy_equals_the_numpy_reference(model, penalties):
     plain = model.generate(prompts, max_new_tokens=12)
     outputs = model.generate(prompts, max_new_tokens=12, **kwargs)
     for prompt, out in zip(prompts, outputs):
-        want = _recompute_greedy(model, prompt, 12, penalties)
+        want = recompute_greedy(model, prompt, 12, penalties)
         assert len(want) >= 5 and out[:len(want)] == want
     assert outputs != plain, "the penalties changed nothing"
     # a penalized request beside a plain one leaves the plain one as it is alone

@@ -44,6 +44,17 @@ class FakeRunner:
         self._maybe_fail("prefill")
         return np.zeros((len(tokens), self.config.vocab_size), np.float32), cache
 
+    def chunk(self, params, cache, tokens, rows, starts, lengths, attend):
+        self._maybe_fail("chunk")
+        return np.zeros((len(tokens), self.config.vocab_size), np.float32), cache
+
+    def copy_rows(self, cache, sources, targets):
+        self._maybe_fail("copy_rows")
+        return cache
+
+    def take_rows(self, logits, rows):
+        return np.asarray(logits)[np.asarray(rows)]
+
     def decode(self, params, cache, tokens, positions, attend):
         self._maybe_fail("decode")
         return np.zeros((len(tokens), self.config.vocab_size), np.float32), cache
@@ -347,3 +358,25 @@ def test_text_the_tokenizer_cannot_take_is_a_request_error(model):
     unknown = tok.decode([tok._sp.unk_id()])
     assert tok.decode([tok.vocab_size]) == tok.decode([-1]) == unknown
     assert _forgotten(with_tok.engine)
+
+
+@pytest.mark.parametrize("where", ["chunk", "copy_rows"])
+def test_a_failing_chunk_or_row_copy_ends_only_its_requests(where):
+    engine = _engine(prefill_tokens=16)
+    if where == "chunk":      # a 40-token prompt, prefilled in chunks of 16, beside a short one
+        requests, failed = [Request(list(range(1, 41)), 3), Request([9], 3)], {0}
+    else:                     # two requests sharing one prefill row (copied to the second)
+        requests, failed = [Request([7, 8], 3), Request([7, 8], 3)], {0, 1}
+    engine.runner.fail[where] = 1
+    ids = engine.submit_all(requests)
+    list(engine.run())
+    assert engine.idle and engine.slots == [None, None] and not engine._chunking
+    for i, rid in enumerate(ids):
+        result = engine.pop(rid)
+        if i in failed:
+            assert result.finish_reason == "error" and f"injected {where}" in result.error
+        else:
+            assert result.finish_reason == "length" and result.tokens == [TOKEN] * 3
+    again = engine.submit_all(requests)
+    list(engine.run())
+    assert [engine.pop(r).tokens for r in again] == [[TOKEN] * 3] * 2

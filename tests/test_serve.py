@@ -113,10 +113,10 @@ def _settled(engine, timeout=10.0, state=None) -> bool:
 
 
 def test_concurrent_streams_each_get_their_text_alone(client, model):
-    """8 greedy streams at once: each gets the text it gets alone (first, so that the engine's
-    cache grows to 8 slots once)."""
-    prompts = [f"def f{i}(x):" for i in range(8)]
-    with ThreadPoolExecutor(8) as pool:
+    """64 greedy streams at once on 8 slots (56 of them wait their turn): each gets the text it
+    gets alone."""
+    prompts = [f"def f{i}(x):" for i in range(64)]
+    with ThreadPoolExecutor(64) as pool:
         together = list(pool.map(lambda p: _streamed(client, prompt=p, **GREEDY)[0][0], prompts))
     alone = [_complete(client, prompt=p, **GREEDY).choices[0].text for p in prompts]
     assert together == alone
@@ -427,11 +427,13 @@ def test_logprobs_are_the_log_softmax_of_the_model_at_the_same_positions(client,
     for i, top in enumerate(lp.top_logprobs):
         assert len(top) == 3 and list(top)[0] == lp.tokens[i]      # greedy: the most likely
         assert list(top.values()) == sorted(top.values(), reverse=True)
-    assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
-    streamed = [c.choices[0].logprobs for c in client.completions.create(
+    chunks = [c.choices[0] for c in client.completions.create(
         model=NAME, prompt=PROMPT, temperature=0, max_tokens=5, logprobs=3, stream=True)
         if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.tokens]
-    assert sum((c.token_logprobs for c in streamed), []) == lp.token_logprobs
+    assert sum((c.logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
+    # a token's offset: the length of the text before its event's (each chunk is one event)
+    assert lp.text_offset == list(np.cumsum([0] + [len(c.text) for c in chunks[:-1]]))
+    assert "".join(c.text for c in chunks) == out.choices[0].text
 
 
 def test_echo_with_logprobs_scores_the_prompt_even_with_max_tokens_0(client, model,
@@ -447,4 +449,14 @@ def test_echo_with_logprobs_scores_the_prompt_even_with_max_tokens_0(client, mod
     assert_within(lp.token_logprobs[1:], want[steps, ids[1:]], logprob_bound[ids[1:]],
                   "echoed prompt logprobs")
     both = _complete(client, temperature=0, max_tokens=2, echo=True, logprobs=2)
-    assert len(both.choices[0].logprobs.tokens) == len(ids) + 2
+    lp = both.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 2
+    # the prompt tokens' top alternatives: the 2 most likely, the greatest first
+    assert lp.top_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    for top, chosen in zip(lp.top_logprobs[1:len(ids)], lp.token_logprobs[1:len(ids)]):
+        values = list(top.values())
+        assert values == sorted(values, reverse=True) and chosen <= values[0]   # both read from one log-softmax
+    # offsets: each token's text starts where the ones before it end, in the echoed text
+    offsets = lp.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert offsets[len(ids)] == len(PROMPT)

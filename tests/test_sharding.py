@@ -117,6 +117,10 @@ def test_plan_grok1():
     eight = memory.estimate_memory(GROK1, (1, 8), batch=8, length=512).workspace
     many = memory.estimate_memory(GROK1, (1, 8), batch=32, length=512).workspace
     assert eight - one > 6 * 4096 * GROK1.emb_size * 4 and many - eight < 0.01 * (eight - one)
+    # a prompt longer than the budget is prefilled in chunks: its activations are a chunk's
+    chunked = memory.estimate_memory(GROK1, (1, 8), length=8192, prefill_tokens=4096).workspace
+    whole = memory.estimate_memory(GROK1, (1, 8), length=8192, prefill_tokens=8192).workspace
+    assert whole - chunked > 3 * 4096 * GROK1.emb_size * 4
 
 
 def test_plan_cli():

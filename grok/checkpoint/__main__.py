@@ -1,11 +1,13 @@
-"""`python -m grok.checkpoint verify DIR [--full] [--sha256 MANIFEST]` and
-`python -m grok.checkpoint plan ...`."""
+"""`python -m grok.checkpoint verify DIR [--full] [--sha256 MANIFEST]`,
+`python -m grok.checkpoint convert SRC DST --bits {4,8} [--group-size G]` and
+`python -m grok.checkpoint plan ... [--bits 4]`."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Iterator
 
+from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, convert, target_config
 from grok.checkpoint.directory import read_config
 from grok.checkpoint.digests import verify_digests
 from grok.checkpoint.verify import FileReport, verify
@@ -18,8 +20,11 @@ from grok.parallel import rules as sharding   # the layouts' names, for --layout
 def main(argv: list[str] | None = None) -> int:
     """`verify DIR [--config FILE] [--full] [--sha256 MANIFEST]`: check a downloaded checkpoint
     without loading it (exit 1 on any problem with a file, 2 on a bad argument, config or
-    manifest). `plan --devices N --memory GB [--batch B --length T] [--config FILE]`: will the
-    model (Grok-1 by default) fit, on which meshes (exit 1 if on none)."""
+    manifest). `convert SRC DST --bits {4,8} [--group-size G [--exact-group-size]]`: a release
+    checkpoint as safetensors, int8 or int4 (exit 2 on any error, DST left absent).
+    `plan --devices N --memory GB [--batch B --length T] [--bits 4 [--group-size G]]
+    [--config FILE]`: will the
+    model (Grok-1 by default) fit, on which meshes, with how much KV cache (exit 1 if on none)."""
     parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
                                      description="Checkpoint checks and memory planning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="also check every file's SHA-256 against MANIFEST, sha256sum's format; "
                    "paths relative to ckpt-0/ or to the directory holding it (reads every byte)")
     v.add_argument("-q", "--quiet", action="store_true", help="report only the problems")
+    c = sub.add_parser("convert", help="a release checkpoint as safetensors, int8 or int4")
+    c.add_argument("source", help="release checkpoint directory (holding ckpt-0/)")
+    c.add_argument("destination", help="new directory to write (must not exist)")
+    c.add_argument("--bits", type=int, choices=(4, 8), required=True, help="weight bits")
+    c.add_argument("--group-size", type=int, default=None,
+                   help=f"int4: input rows per scale (default {DEFAULT_GROUP_SIZE}); each matrix "
+                   "takes the largest divisor of its input width not above it")
+    c.add_argument("--exact-group-size", action="store_true",
+                   help="int4: every matrix must take --group-size itself (error if it does not "
+                   "divide a matrix's input width)")
+    c.add_argument("--config", default=None, help="config.json (default: SRC/config.json)")
     p = sub.add_parser("plan", help="per-device memory of a model on N devices")
     p.add_argument("--devices", type=int, required=True, help="number of devices")
     p.add_argument("--memory", type=float, required=True, help="memory per device, GB")
@@ -42,13 +58,28 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: the context length)")
     p.add_argument("--layout", choices=sorted(sharding.LAYOUTS), default="tensor")
     p.add_argument("--config", default=None, help="config.json (default: Grok-1)")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=None,
+                   help="weight bits (default: the config's; 4: int4 with the default group size)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"with --bits 4: input rows per scale (default {DEFAULT_GROUP_SIZE})")
     args = parser.parse_args(argv)
     try:
+        if args.command == "convert":
+            config = GrokConfig.from_json(args.config) if args.config else None
+            out = convert(args.source, args.destination, args.bits, args.group_size,
+                          exact=args.exact_group_size, config=config)
+            group = f", group size {out.group_size}" if out.weight_bits == 4 else ""
+            print(f"wrote {args.destination}: int{out.weight_bits} safetensors{group}")
+            return 0
         if args.command == "plan":
             if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
                     or (args.length is not None and args.length < 1):
                 parser.error("--devices, --memory, --batch and --length must be positive")
             config = GrokConfig.from_json(args.config) if args.config else GROK1
+            if args.group_size is not None and args.bits != 4:
+                parser.error("--group-size needs --bits 4")
+            if args.bits is not None and (args.bits != config.weight_bits or args.group_size):
+                config = target_config(config, args.bits, args.group_size)
             fits, report = memory.plan_report(config, args.devices, args.memory,
                                                 batch=args.batch, length=args.length,
                                                 layout=args.layout)

@@ -62,7 +62,7 @@ def leaf_parts(leaf: Any) -> dict[str, Any]:
 def expected_parts(entry: Entry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{part: (shape, dtype)} that the file of `entry` must hold."""
     if entry.quantized:
-        return {"weight": (tuple(entry.shape), np.dtype(entry.fmt.dtype)),
+        return {"weight": (tuple(entry.weight_shape), np.dtype(entry.fmt.dtype)),
                 "scales": (tuple(entry.scales_shape), np.dtype(entry.fmt.scales_dtype))}
     return {"array": (tuple(entry.shape), F32)}
 
@@ -80,8 +80,10 @@ def leaf_problem(parts: Mapping[str, Any], entry: Entry) -> str | None:
     want = expected_parts(entry)
     if set(parts) != set(want):
         if entry.quantized:
-            return (f"expected QuantizedWeight8bit (int8 weight {list(entry.shape)}, bfloat16 "
-                    f"scales {list(entry.scales_shape)}), got {_summary(parts)}")
+            kind = "QuantizedWeight8bit" if entry.fmt.bits == 8 else "an int4 QuantizedWeight"
+            return (f"expected {kind} ({np.dtype(entry.fmt.dtype)} weight "
+                    f"{list(entry.weight_shape)}, bfloat16 scales {list(entry.scales_shape)}), "
+                    f"got {_summary(parts)}")
         return f"expected a float32 array {list(entry.shape)}, got {_summary(parts)}"
     for part, (shape, dtype) in want.items():
         array = parts[part]

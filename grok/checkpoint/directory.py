@@ -1,5 +1,6 @@
-"""The checkpoint directory (SPEC §3): `ckpt-0/tensor{i:05d}_000`, one file per leaf, and an
-optional `config.json` beside ckpt-0 (none: Grok-1)."""
+"""The checkpoint directory (SPEC §3): `ckpt-0/tensor{i:05d}_000`, one file per leaf (or
+`tensor{i:05d}_000.safetensors`: a converted checkpoint), and an optional `config.json` beside
+ckpt-0 (none: Grok-1)."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,8 @@ log = logging.getLogger(__name__)
 CKPT_DIR = "ckpt-0"
 CONFIG_FILE = "config.json"
 PathLike = str | os.PathLike
+RELEASE, SAFETENSORS = "release", "safetensors"
+ST_SUFFIX = ".safetensors"
 
 
 def checkpoint_dir(path: PathLike) -> Path:
@@ -22,22 +25,45 @@ def checkpoint_dir(path: PathLike) -> Path:
     p = Path(path)
     if (p / CKPT_DIR).is_dir():
         return p / CKPT_DIR
-    if p.is_dir() and (p.name == CKPT_DIR or (p / "tensor00000_000").is_file()):
+    if p.is_dir() and (p.name == CKPT_DIR or (p / "tensor00000_000").is_file()
+                       or (p / f"tensor00000_000{ST_SUFFIX}").is_file()):
         return p
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint directory")
     raise CheckpointError(f"{p}: not a checkpoint directory (no {CKPT_DIR}/ inside)")
 
 
-def check_files(ckpt: Path, entries: list[Entry]) -> None:
-    """Exactly the tensor files `entries` expect must be in `ckpt`, else a CheckpointError naming
-    the first missing (or unexpected) file."""
+def checkpoint_format(ckpt: Path) -> str:
+    """RELEASE (pickles) or SAFETENSORS, from the file names in `ckpt`; a directory holding
+    both kinds is a CheckpointError (which would be meant is unclear)."""
+    names = [n for n in os.listdir(ckpt) if n.startswith("tensor")]
+    converted = any(n.endswith(ST_SUFFIX) for n in names)
+    if converted and any("." not in n for n in names):
+        raise CheckpointError(f"{ckpt}: holds both release-format and safetensors tensor files")
+    return SAFETENSORS if converted else RELEASE
+
+
+def tensor_suffix(ckpt: Path, config: GrokConfig) -> str:
+    """The suffix of `ckpt`'s tensor files: "" (release pickles) or ST_SUFFIX. Release files
+    hold int8 only: a config asking for other weights there is a CheckpointError."""
+    if checkpoint_format(ckpt) == SAFETENSORS:
+        return ST_SUFFIX
+    if config.weight_bits != 8:
+        raise CheckpointError(f"{ckpt}: release-format files hold int8 weights, but the config "
+                              f"says weight_bits={config.weight_bits} (int4 checkpoints are "
+                              "safetensors: python -m grok.checkpoint convert)")
+    return ""
+
+
+def check_files(ckpt: Path, entries: list[Entry], suffix: str = "") -> None:
+    """Exactly the tensor files `entries` expect (their names + `suffix`) must be in `ckpt`,
+    else a CheckpointError naming the first missing (or unexpected) file."""
     present = set(os.listdir(ckpt))
-    missing = [e.filename for e in entries if e.filename not in present]
+    missing = [e.filename + suffix for e in entries if e.filename + suffix not in present]
     if missing:
         raise CheckpointError(f"{ckpt / missing[0]}: missing ({len(missing)} of {len(entries)} "
                               "tensor files the config expects are missing; wrong config?)")
-    expected = {e.filename for e in entries}
+    expected = {e.filename + suffix for e in entries}
     extra = sorted(n for n in present if n.startswith("tensor") and n not in expected)
     if extra:
         raise CheckpointError(f"{ckpt / extra[0]}: unexpected file ({len(extra)} tensor file(s) "

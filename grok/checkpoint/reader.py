@@ -6,7 +6,7 @@ A reader answers, for each leaf of the leaf table (a `grok.leaves.Entry`), the l
 (shape, dtype, and an offset + length in that file, or the bytes inline). `ReleaseReader` reads
 the release's pickles (their headers only, through the allow-list); a reader for another format
 (e.g. safetensors: one JSON header per file naming each tensor's dtype, shape and byte range)
-is one more subclass.
+is `SafetensorsReader`; `as_reader` picks by the files in ckpt-0/.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import dataclasses
 from pathlib import Path
 
 from grok.checkpoint.arrays import ArrayRef, leaf_problem
-from grok.checkpoint.directory import PathLike, check_files, checkpoint_dir
+from grok.checkpoint import safetensors_io
+from grok.checkpoint.directory import (SAFETENSORS, ST_SUFFIX, PathLike, check_files,
+                                       checkpoint_dir, checkpoint_format, tensor_suffix)
 from grok.checkpoint.header import read_header
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
@@ -52,7 +54,8 @@ class ReleaseReader(CheckpointReader):
     def __init__(self, path: PathLike, config: GrokConfig) -> None:
         self.directory: Path = checkpoint_dir(path)
         self.name = str(self.directory)
-        check_files(self.directory, checkpoint_entries(config))   # fail before any reading
+        tensor_suffix(self.directory, config)   # fail before any reading: int8 only,
+        check_files(self.directory, checkpoint_entries(config))   # every file there
 
     def locate(self, entry: Entry) -> dict[str, Part]:
         file = self.directory / entry.filename
@@ -63,6 +66,26 @@ class ReleaseReader(CheckpointReader):
         return {part: Part(str(file), ref) for part, ref in header.parts.items()}
 
 
+class SafetensorsReader(CheckpointReader):
+    """A converted checkpoint: one safetensors file per leaf in `ckpt-0/`, located by parsing
+    each file's JSON header (bounded, checked against the file's size and the leaf table)."""
+
+    def __init__(self, path: PathLike, config: GrokConfig) -> None:
+        self.directory: Path = checkpoint_dir(path)
+        self.name = str(self.directory)
+        check_files(self.directory, checkpoint_entries(config), ST_SUFFIX)
+
+    def locate(self, entry: Entry) -> dict[str, Part]:
+        header = safetensors_io.read_st_header(self.directory / safetensors_io.filename(entry))
+        parts = safetensors_io.leaf_parts(header, entry)
+        return {part: Part(header.path, ref) for part, ref in parts.items()}
+
+
 def as_reader(source: CheckpointReader | PathLike, config: GrokConfig) -> CheckpointReader:
-    """`source` itself when it is a reader, else a ReleaseReader of the directory `source`."""
-    return source if isinstance(source, CheckpointReader) else ReleaseReader(source, config)
+    """`source` itself when it is a reader, else the reader of the directory `source`'s format
+    (SafetensorsReader or ReleaseReader)."""
+    if isinstance(source, CheckpointReader):
+        return source
+    if checkpoint_format(checkpoint_dir(source)) == SAFETENSORS:
+        return SafetensorsReader(source, config)
+    return ReleaseReader(source, config)

@@ -18,8 +18,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from grok.checkpoint.arrays import leaf_parts, leaf_problem
-from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, PathLike, check_files,
-                                       checkpoint_dir)
+from grok.checkpoint import safetensors_io
+from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, ST_SUFFIX, PathLike, check_files,
+                                       checkpoint_dir, tensor_suffix)
 from grok.checkpoint.header import read_header
 from grok.checkpoint.unpickle import read_array, reading
 from grok.config import GrokConfig
@@ -88,6 +89,8 @@ def save_tensor(path: PathLike, leaf: np.ndarray | QuantizedWeight8bit) -> None:
 
 # --- a directory ----------------------------------------------------------------------------------
 def _load_entry(path: Path, entry: Entry) -> tuple[Any, int]:
+    if path.name.endswith(ST_SUFFIX):
+        return safetensors_io.read_leaf(path, entry), path.stat().st_size
     return load_tensor(path, entry), path.stat().st_size
 
 
@@ -95,16 +98,18 @@ def read_checkpoint(path: PathLike, config: GrokConfig, *, workers: int = 4,
                     progress: bool = True) -> dict[str, Any]:
     """Load every leaf of the checkpoint at `path` (a model dir holding ckpt-0/, or ckpt-0 itself).
 
-    Returns {SPEC path: float32 array or QuantizedWeight8bit}, in file order; every file is checked
-    against `checkpoint_entries(config)` (shape and dtype). Errors are CheckpointErrors.
+    Returns {SPEC path: float32 array or QuantizedWeight}, in file order; every file is checked
+    against `checkpoint_entries(config)` (shape and dtype). A converted checkpoint (safetensors
+    files, int8 or int4) is read the same way. Errors are CheckpointErrors.
     """
     ckpt = checkpoint_dir(path)
     entries = checkpoint_entries(config)
-    check_files(ckpt, entries)
+    suffix = tensor_suffix(ckpt, config)
+    check_files(ckpt, entries, suffix)
     leaves: dict[str, Any] = {}
     with Progress(len(entries), f"reading {ckpt}", enabled=progress, logger=log) as bar, \
             ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ckpt") as pool:
-        futures = {pool.submit(_load_entry, ckpt / e.filename, e): e for e in entries}
+        futures = {pool.submit(_load_entry, ckpt / (e.filename + suffix), e): e for e in entries}
         try:
             for future in as_completed(futures):
                 leaf, nbytes = future.result()

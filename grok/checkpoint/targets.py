@@ -66,7 +66,7 @@ def plan_targets(config: GrokConfig, shardings: Any, scan: bool, embed_dtype: np
     targets: dict[str, Target] = {}
     per_file = []
     for entry in checkpoint_entries(config):
-        parts = ({"weight": (entry.shape, np.dtype(entry.fmt.dtype)),
+        parts = ({"weight": (entry.weight_shape, np.dtype(entry.fmt.dtype)),
                   "scales": (entry.scales_shape, np.dtype(entry.fmt.scales_dtype))}
                  if entry.quantized else
                  {"array": (entry.shape, embed_dtype if entry.param == "embeddings" else F32)})
@@ -119,6 +119,7 @@ def assemble(config: GrokConfig, targets: dict[str, Target], scan: bool) -> dict
     def leaf(entry: Entry, stacked: bool) -> Any:
         if entry.quantized:
             return QuantizedWeight8bit(targets[target_key(entry, "weight", scan)].array,
-                                       targets[target_key(entry, "scales", scan)].array)
+                                       targets[target_key(entry, "scales", scan)].array,
+                                       entry.fmt)
         return targets[target_key(entry, "array", scan)].array
     return model_tree(config, leaf, scan)

@@ -21,7 +21,8 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from grok.checkpoint.arrays import ArrayRef, expected_parts, leaf_problem
-from grok.checkpoint.directory import PathLike, checkpoint_dir
+from grok.checkpoint import safetensors_io
+from grok.checkpoint.directory import ST_SUFFIX, PathLike, checkpoint_dir, tensor_suffix
 from grok.checkpoint.fileio import Mapped
 from grok.checkpoint.header import read_header
 from grok.config import GrokConfig
@@ -206,15 +207,19 @@ def _verify_file(file: Path, entry: Entry, sample_bytes: int, full: bool, chunk_
             bar.add(nbytes)
 
     try:
-        header = read_header(file)
-        problem = leaf_problem(header.parts, entry) or (
-            _full_problem(file, header.parts, chunk_bytes, advance) if full
-            else _sampled_problem(file, header.parts, sample_bytes))
+        if file.name.endswith(ST_SUFFIX):   # a converted checkpoint: checked by its header
+            st = safetensors_io.read_st_header(file)
+            parts, size = safetensors_io.leaf_parts(st, entry), st.size
+        else:
+            header = read_header(file)
+            parts, size = header.parts, header.end
+        problem = leaf_problem(parts, entry) or (
+            _full_problem(file, parts, chunk_bytes, advance) if full
+            else _sampled_problem(file, parts, sample_bytes))
         if problem:
             return FileReport(file.name, entry.name, False, problem)
-        notes = [f"{p} {r.dtype}{list(r.shape)}" for p, r in header.parts.items()]
-        return FileReport(file.name, entry.name, True,
-                          f"{', '.join(notes)}, {header.end / 1e9:.3f} GB")
+        notes = [f"{p} {r.dtype}{list(r.shape)}" for p, r in parts.items()]
+        return FileReport(file.name, entry.name, True, f"{', '.join(notes)}, {size / 1e9:.3f} GB")
     except CheckpointError as err:
         text = str(err)
         prefix = f"{file}: "
@@ -241,30 +246,32 @@ def verify(path: PathLike, config: GrokConfig, *, workers: int = 4,
     Yields one FileReport per expected file (in file order), then one per unexpected file."""
     ckpt = checkpoint_dir(path)
     entries = checkpoint_entries(config)
+    suffix = tensor_suffix(ckpt, config)   # release pickles or safetensors files
     present = set(os.listdir(ckpt))
     bar = None
     if full:
-        total = sum(_float_bytes(e) for e in entries if e.filename in present)
+        total = sum(_float_bytes(e) for e in entries if e.filename + suffix in present)
         bar = ByteBar(total, f"checking values in {ckpt}", progress)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
             try:
                 futures = []
                 for entry in entries:
-                    if entry.filename not in present:
+                    if entry.filename + suffix not in present:
                         futures.append(None)
                     else:
-                        futures.append(pool.submit(_verify_file, ckpt / entry.filename, entry,
+                        futures.append(pool.submit(_verify_file, ckpt / (entry.filename + suffix),
+                                                   entry,
                                                    sample_bytes, full, chunk_bytes, bar))
                 for entry, future in zip(entries, futures):
-                    yield (FileReport(entry.filename, entry.name, False, "missing")
+                    yield (FileReport(entry.filename + suffix, entry.name, False, "missing")
                            if future is None else future.result())
             finally:   # on an early exit, queued files are dropped and running ones stop
                 stop_pool(pool, bar)
     finally:
         if bar is not None:
             bar.close()
-    expected = {e.filename for e in entries}
+    expected = {e.filename + suffix for e in entries}
     for name in sorted(n for n in present if n.startswith("tensor") and n not in expected):
         yield FileReport(name, "-", False, f"unexpected file: the config has {len(entries)} "
                          "tensors (wrong config?)")

@@ -27,7 +27,7 @@ from grok.errors import GrokError
 from grok.kernels import moe_mlp
 from grok.kernels.pallas_int8 import kernel_applies
 from grok.parallel import mesh_kernels
-from grok.quant import LayerSlice, QuantizedWeight, is_quantized
+from grok.quant import INT8, LayerSlice, QuantizedWeight
 
 MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas")
 # Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
@@ -84,8 +84,8 @@ class ExecutionPlan:
         "grouped" or "pallas". "auto" takes the kernels where every weight is int8 and each
         device's shard has a shape they handle."""
         weights = (w1, wv, w2)
-        quantized = all(isinstance(w, QuantizedWeight) for w in weights)
-        if self.moe != "auto":   # the kernels take quantised weights only
+        quantized = all(takes_kernel(w) for w in weights)
+        if self.moe != "auto":   # the kernels take int8 weights only (int4: XLA)
             return "grouped" if self.moe == "pallas" and not quantized else self.moe
         if self.backend != "gpu" or not quantized:
             return "grouped"
@@ -116,14 +116,21 @@ class ExecutionPlan:
     def linear_kernel(self, x: jax.Array, ws: Sequence[Any], out_dtype: Any
                       ) -> list[jax.Array] | None:
         """x [..., In] times layer slices of int8 stacks through one kernel launch, or None
-        where the plan or the shapes leave it to XLA (then the caller's reference path runs)."""
+        where the plan, the format (int4) or the shapes leave it to XLA (then the caller's
+        reference path runs)."""
         if not self.projections or not all(
-                isinstance(w, LayerSlice) and is_quantized(w.stack) for w in ws):
+                isinstance(w, LayerSlice) and takes_kernel(w.stack) for w in ws):
             return None
         rows = math.prod(x.shape[:-1])
         if rows > KERNEL_ROWS:
             return None
         return moe_mlp.stacked_linears(x, ws, out_dtype, interpret=self.interpret)
+
+
+def takes_kernel(w: Any) -> bool:
+    """Whether the Pallas kernels can take weight `w`: int8 QuantizedWeights only. Every other
+    weight (float, int4) takes XLA's reference path (grok.quant.qeinsum unpacks int4 there)."""
+    return isinstance(w, QuantizedWeight) and w.fmt is INT8
 
 
 def block_rows_for(assignments: int, experts: int, impl: str = "grouped") -> int:

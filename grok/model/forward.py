@@ -29,7 +29,9 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     The tokens attend to the first `attend_len` cache slots (default: all; bucket it to the live
     context when decoding) and to each other, causally. `attend_len=0` starts fresh sequences
     (prefill): the old cache is not read, and the rows are cleared before the write. `rows` [B]
-    picks the cache rows to write (default: row b for token row b; only with attend_len=0).
+    picks the cache rows to read and write (default: row b for token row b; a row past the
+    cache writes nothing): with attend_len > 0 token row b continues the sequence in cache row
+    rows[b] (a chunk of a long prompt).
     Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given, and the cache.
     `plan` (grok.kernels.plan; default: `resolve_plan()` for jax's backend) says how the step
     runs: which MoE path, which kernels, how many layers per step of the layer loop.
@@ -39,9 +41,9 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     plan = resolve_plan() if plan is None else plan
     b, t = tokens.shape
     attend_len = cache.length if attend_len is None else attend_len
-    if rows is not None and attend_len:
-        raise ValueError("rows= is for prefilling fresh sequences (attend_len=0)")
+    gather = rows is not None and bool(attend_len)   # read the old slots of those rows only
     rows = jnp.arange(b) if rows is None else rows.astype(jnp.int32)
+    old_valid = cache.valid[rows] if gather else cache.valid
     start = start.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     new_valid = tokens > config.pad_token
@@ -52,9 +54,11 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     unembed = hk.without_apply_rng(hk.transform(lambda x: final_logits(config, plan, x)))
 
     def one_layer(h, layer_params, k_cache, v_cache):
+        if gather:
+            k_cache, v_cache = k_cache[rows], v_cache[rows]
         k_old = k_cache[:, :, :attend_len] if attend_len else None
         v_old = v_cache[:, :, :attend_len] if attend_len else None
-        return layer.apply(layer_params, h, k_old, v_old, positions, start, cache.valid,
+        return layer.apply(layer_params, h, k_old, v_old, positions, start, old_valid,
                            new_valid)
 
     with jax.named_scope("embed"):

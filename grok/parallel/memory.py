@@ -54,13 +54,20 @@ def _leaf_layout(config: GrokConfig) -> Iterable[tuple[Entry, int, bool]]:
                 yield e, part, e.layer is not None
 
 
-def _part_bytes(entry: Entry, part: int, spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
+def _part_elements(entry: Entry, part: int, spec: Sequence[Any],
+                   sizes: Mapping[str, int]) -> tuple[int, int]:
+    """(values in the part's shard, bits each) for the logical shape (int4: two per byte)."""
     shape = entry.scales_shape if part else entry.shape
-    if entry.quantized:    # the storage format's bytes (a packed format: bits / 8 per weight)
+    if entry.quantized:    # the storage format's bits (a packed format: bits / 8 per weight)
         bits = 8 * np.dtype(entry.fmt.scales_dtype).itemsize if part else entry.fmt.bits
     else:                  # float32; the embedding is held in bfloat16
         bits = 16 if entry.param == "embeddings" else 32
-    return math.prod(local_shape(shape, spec, sizes)) * bits // 8
+    return math.prod(local_shape(shape, spec, sizes)), bits
+
+
+def _part_bytes(entry: Entry, part: int, spec: Sequence[Any], sizes: Mapping[str, int]) -> int:
+    values, bits = _part_elements(entry, part, spec, sizes)
+    return values * bits // 8
 
 
 def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: int | None = None,
@@ -76,7 +83,8 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
     - workspace: one layer's weights gathered over "data" (the scan gathers a layer at a time)
       with a bfloat16 copy of the largest weight shard (int8 -> bf16 in the matmul), the
       activations of a prefill of `length`-token prompts (as many rows as the engine batches
-      within `prefill_tokens`, at least one) or a batch decode step (MoE hidden [N, E, F] float32
+      within `prefill_tokens`, at least one; a longer prompt a chunk at a time, its last chunk
+      attending over all of it) or a batch decode step (MoE hidden [N, E, F] float32
       x2, attention scores, logits), and `overhead_gb` for the runtime.
     """
     sizes = mesh_shape(mesh)
@@ -91,21 +99,22 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
         local = _part_bytes(entry, part, leaf_specs(entry, sizes, config, layout)[part], sizes)
         weights += local * (config.num_layers if per_layer else 1)
         if per_layer:
-            gathered = _part_bytes(entry, part, leaf_specs(entry, no_data, config, layout)[part],
-                                   no_data)
-            layer_gathered += gathered if d > 1 else 0
-            largest = max(largest, gathered)
+            values, bits = _part_elements(entry, part,
+                                          leaf_specs(entry, no_data, config, layout)[part], no_data)
+            layer_gathered += values * bits // 8 if d > 1 else 0
+            largest = max(largest, values)   # its bfloat16 copy: 2 bytes a value
     kv_heads = config.num_kv_heads // m if config.num_kv_heads % m == 0 else config.num_kv_heads
     local_batch = batch // d if batch % d == 0 else batch
     kv = 2 * config.num_layers * local_batch * length * kv_heads * config.key_size * 2
     # activations (float32), per device, for the larger of prefill (R x T) and decode (B x 1)
-    prefill_rows = max(1, min(batch, prefill_tokens // max(1, length)))
+    chunk = min(length, 1 << (max(1, prefill_tokens).bit_length() - 1))   # the engine's chunk
+    prefill_rows = max(1, min(batch, prefill_tokens // max(1, chunk)))
     f_local = config.ffn_size // m if config.ffn_size % m == 0 else config.ffn_size
     e_local = config.num_experts // m if layout == "expert" else config.num_experts
     hq_local = config.num_q_heads // m if config.num_q_heads % m == 0 else config.num_q_heads
     v_local = config.vocab_size // m if config.vocab_size % m == 0 else config.vocab_size
     acts = 0
-    for n_tokens, keys in ((prefill_rows * length, length), (local_batch, length)):
+    for n_tokens, keys in ((prefill_rows * chunk, length), (local_batch, length)):
         moe = 2 * n_tokens * e_local * f_local * 4 + n_tokens * config.num_experts * \
             config.emb_size * 4
         scores = 2 * n_tokens * hq_local * keys * 4
@@ -148,6 +157,10 @@ def plan_report(config: GrokConfig, devices: int, memory_gb: float, *, batch: in
         best = min(fitting, key=lambda e: e.total)
         lines.append(f"fits on mesh(es): {', '.join(f'{e.mesh[0]},{e.mesh[1]}' for e in fitting)}"
                      f" (least memory: --mesh {best.mesh[0]},{best.mesh[1]})")
+        room = max((max_batch(config, e.mesh, memory_gb, length=length, layout=layout), e.mesh)
+                   for e in fitting)
+        lines.append(f"KV cache room: up to {room[0]} sequences of {length} tokens "
+                     f"({room[0] * length} tokens) on --mesh {room[1][0]},{room[1][1]}")
     else:
         more = next((n for n in itertools.chain(range(devices + 1, 4 * devices + 1),
                                                 (2 ** k for k in range(1, 16)))
@@ -156,6 +169,20 @@ def plan_report(config: GrokConfig, devices: int, memory_gb: float, *, batch: in
         hint = f"; {more} such devices would" if more else ""
         lines.append(f"does not fit on any mesh of {devices} device(s){hint}")
     return bool(fitting), "\n".join(lines)
+
+
+def max_batch(config: GrokConfig, mesh: Any, memory_gb: float, *, length: int | None = None,
+              layout: str = "tensor", most: int = 1 << 16) -> int:
+    """The most sequences of `length` tokens (default: the context) whose KV cache and
+    workspace fit beside the weights on `mesh` (0 if not even one; at most `most`)."""
+    def fits(batch: int) -> bool:
+        return estimate_memory(config, mesh, batch=batch, length=length, layout=layout,
+                               capacity_gb=memory_gb).fits
+    low, high = 0, most
+    while low < high:   # memory grows with the batch: bisect for the last that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def check_fits(config: GrokConfig, mesh: Any, memory_bytes: int | None, *, batch: int = 1,

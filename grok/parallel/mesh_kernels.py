@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from grok.quant import QuantizedWeight8bit
+from grok.quant import INT8, QuantizedWeight8bit
 from grok.parallel.rules import MODEL, local_shape, mesh_shape
 
 MOE_LEAVES = ("linear", "linear_v", "linear_1")   # w1, wv, w2 under decoder_layer/moe/
@@ -66,8 +66,8 @@ def kernel_plan(params: dict[str, Any], mesh: Any) -> MeshKernel | None:
     layers = params["layers"]
     layer = layers[0] if isinstance(layers, (list, tuple)) else layers
     weights = [layer.get(f"decoder_layer/moe/{name}", {}).get("w") for name in MOE_LEAVES]
-    if not all(isinstance(w, QuantizedWeight8bit) for w in weights):
-        return None
+    if not all(isinstance(w, QuantizedWeight8bit) and w.fmt is INT8 for w in weights):
+        return None   # the kernels take int8 only: other formats run XLA's partitioned matmuls
     stacked = not isinstance(layers, (list, tuple))
     specs, dims = [], []
     for w in weights:

@@ -5,7 +5,8 @@ Each leaf names its axes once, logically (grok.leaves: e.g. moe/linear is ("expe
 "model") or to None (not split). Every logical axis used must have a rule: an axis no layout
 mentions is an error, never a silent replication. A mesh axis is dropped (that dimension
 replicated) where it does not divide the dimension; q_heads / kv_heads dimensions (H*K columns)
-are split only in whole heads. Scales follow their weight: the row-block axis S of
+are split only in whole heads; an int4 weight's packed rows (In/2) must divide too. Scales
+follow their weight: the row-block axis S of
 `scales [..., S, Out]` is split over the weight's rows' mesh axis only when S is divisible by it
 (e.g. not S=8 on a 16-way model axis, nor S=1); the blocked matmul (grok.quant.qeinsum) reshapes
 the rows [In] -> [S, In/S] and XLA inserts whatever collective that needs (tests check it).
@@ -162,6 +163,7 @@ def leaf_specs(entry: Entry, sizes: Mapping[str, int], config: GrokConfig,
     lead = rules.mesh_axes((LAYERS_AXIS,)) if stacked else ()
     if not entry.quantized:
         return (lead + weight,)
+    weight = fit(weight, entry.weight_shape, sizes)   # a packed (int4) weight's rows split too
     # scales [..., S, Out]: every dim but S as the weight; S with the weight's rows' axis only
     rows_axis = weight[-2]
     size = sizes.get(rows_axis, 1) if rows_axis else 1
@@ -199,7 +201,7 @@ def params_shardings(params: Any, mesh: Any, config: GrokConfig, layout: str = "
 
     def make(entry: Entry, stacked: bool) -> Any:
         shardings = [named(mesh, s) for s in leaf_specs(entry, sizes, config, layout, stacked)]
-        return QuantizedWeight(*shardings) if entry.quantized else shardings[0]
+        return QuantizedWeight(*shardings, entry.fmt) if entry.quantized else shardings[0]
     return model_tree(config, make, is_scanned(params))
 
 

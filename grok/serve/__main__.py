@@ -1,17 +1,23 @@
 """`python -m grok.serve`: an OpenAI-compatible HTTP server (/v1/completions) on a model's
 long-lived engine. Errors before serving (a bad flag, a missing checkpoint) are one line on
 stderr, exit status 2; SIGTERM or Ctrl-C shuts down cleanly (requests in flight get
---shutdown-timeout seconds to finish, then are cancelled; the engine's thread is stopped)."""
+--shutdown-timeout seconds to finish, then are cancelled; the engine's thread is stopped).
+
+Several hosts (the multi-host flags, as run.py's): every process runs this same command; process
+0 serves HTTP and schedules, the others run each device call it announces
+(`grok.serving.lockstep`) and serve nothing; they exit when process 0 does."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Sequence
 
-from grok.cli import DEFAULT_CHECKPOINT, GET_WEIGHTS, enable_compile_cache
-from grok.config import DEMO, DEMO_DIR, model_dir
+from grok.cli import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags, check_placement,
+                      distributed_mesh, enable_compile_cache)
+from grok.config import DEMO, DEMO_DIR, PREFILL_TOKENS, model_dir
 from grok.errors import GrokError
 
 PROG = "python -m grok.serve"
@@ -46,10 +52,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they "
                         "are cancelled (default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="T",
+                   help="prompt tokens prefilled per engine step; a longer prompt is prefilled "
+                        "in chunks, between the other requests' decode steps "
+                        "(default: %(default)s)")
+    add_placement_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log loading and requests")
     args = p.parse_args(argv)
+    check_placement(p, args)
     for flag, value, least in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
-                               ("--max-waiting", args.max_waiting, 1)):
+                               ("--max-waiting", args.max_waiting, 1),
+                               ("--prefill-tokens", args.prefill_tokens, 1)):
         if value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.port > 65535:
@@ -87,8 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         import grok
         from grok.serve.app import create_app
+        from grok.serving import lockstep
         enable_compile_cache()
-        model = grok.load(path, max_batch=args.max_batch)
+        mesh = distributed_mesh(args)
+        model = grok.load(path, mesh, max_batch=args.max_batch, layout=args.layout)
+        import jax
+        if jax.process_count() > 1 and jax.process_index() > 0:
+            calls = lockstep.follow(model.runner)
+            print(f"{PROG}: process {jax.process_index()}: ran {calls} device calls; process 0 "
+                  "stopped", file=sys.stderr)
+            return 0
+        leader = lockstep.Leader(model.runner) if jax.process_count() > 1 else None
+        model.new_engine(args.prefill_tokens, steps=leader)
         api_key = args.api_key if args.api_key is not None else os.environ.get("GROK_API_KEY")
         app = create_app(model, model_name=args.model_name or name, api_key=api_key,
                          max_waiting=args.max_waiting)
@@ -97,13 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     state = app.state.grok
 
+    if leader is not None:          # after the engine's last step: the others stop following
+        state.on_close.append(leader.close)
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
             # The app ends what still runs after the grace period with a clear error; uvicorn's
-            # own limit, a little later, is the backstop.
+            # own limit, a little later, is the backstop. Not uvicorn's handler: it re-raises
+            # the signal once shut down, so a clean shutdown would end "killed by SIGTERM".
             if not state.closing:
                 state.shut_down(args.shutdown_timeout)
-            super().handle_exit(sig, frame)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True      # a second Ctrl-C
+            self.should_exit = True
 
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5,
@@ -111,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = Server(config)
     print(f"{PROG}: serving {path} as {app.state.grok.model_name!r} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if leader is not None:      # if the app's shutdown did not run
+            leader.close()
     return 0 if server.started else 1
 
 

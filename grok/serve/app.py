@@ -46,6 +46,8 @@ def create_app(model: Any, *, model_name: str = "demo", api_key: str | None = No
             for rid in list(state.live):      # any left after the server's grace period
                 end_request(state, rid)
             await asyncio.to_thread(state.engine.stop)
+            for close in state.on_close:
+                close()
 
     app = FastAPI(title="grok", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from grok.errors import RequestError, one_line
 from grok.serve.protocol import SEED_LIMIT, ApiError, CompletionParams
 from grok.serve.state import ServerState
+from grok.serving.detokenizer import Detokenizer
 from grok.serving.request import Event
 from grok.serving.request import Request as EngineRequest
 
@@ -127,7 +128,6 @@ class Choice:
     def __init__(self, state: ServerState, params: CompletionParams, rid: int, prompt: Any):
         self.state, self.params, self.rid, self.prompt = state, params, rid, prompt
         self.text = ""
-        self.offset = 0
         self.reason: str | None = None
         self.started = False
         self.logprobs = self._empty()
@@ -140,15 +140,15 @@ class Choice:
             self.started = True
             if self.params.echo:
                 text += self.prompt.text
-                prompt_scores = self._prompt_scores()
-                # the engine scores each prompt token, not its alternatives: its own entry
-                tops = [None] + [[(t, v)] for t, v in zip(self.prompt.ids[1:], prompt_scores[1:])]
-                self._extend(scores, self.prompt.ids, prompt_scores, tops)
+                if scores is not None:
+                    self._extend(scores, self.prompt.ids, *self._prompt_scores(),
+                                 self._prompt_offsets())
         shown = event.token is not None and self.params.max_tokens > 0
         if shown:
+            offset = len(self.text) + len(text)     # where this token's text begins
             text += event.text or ""
             top = None if event.top_logprobs is None else [event.top_logprobs]
-            self._extend(scores, [event.token], [event.logprob], top or [None])
+            self._extend(scores, [event.token], [event.logprob], top or [None], [offset])
         elif event.text and self.params.max_tokens > 0:
             text += event.text        # held-back text released by the last event
         if event.done:
@@ -163,24 +163,39 @@ class Choice:
         return None if self.params.logprobs is None else \
             {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def _prompt_scores(self) -> list[float | None]:
+    def _prompt_scores(self) -> tuple[list[float | None], list]:
+        """The echoed prompt tokens' log-probabilities and top alternatives (None for the first
+        token; with logprobs 0, each token's own entry), as the engine scored them."""
+        n = len(self.prompt.ids)
         result = self.state.engine.results.get(self.rid)
         scores = list(result.prompt_logprobs) if result is not None else []
-        return scores if len(scores) == len(self.prompt.ids) else [None] * len(self.prompt.ids)
+        if len(scores) != n:
+            return [None] * n, [None] * n
+        tops = list(result.prompt_top_logprobs)
+        if len(tops) != n:
+            tops = [None] + [[(t, v)] for t, v in zip(self.prompt.ids[1:], scores[1:])]
+        return scores, tops
 
-    def _extend(self, scores: dict[str, list] | None, ids: list[int], values: list, tops: list
-                ) -> None:
+    def _prompt_offsets(self) -> list[int]:
+        """Where each prompt token's text begins in the echoed prompt: the length of the text
+        the tokens before it decode to (read incrementally, as the engine's events are)."""
+        detok, offsets, length = Detokenizer(self.state.model.tokenizer), [], 0
+        for token in self.prompt.ids:
+            offsets.append(min(length, len(self.prompt.text)))
+            length += len(detok.add(token))
+        return offsets
+
+    def _extend(self, scores: dict[str, list] | None, ids: list[int], values: list, tops: list,
+                offsets: list[int]) -> None:
         if scores is None:
             return
         tokenizer = self.state.model.tokenizer
-        for token, value, top in zip(ids, values, tops):
-            piece = tokenizer.piece(token)
-            scores["tokens"].append(piece)
+        for token, value, top, offset in zip(ids, values, tops, offsets):
+            scores["tokens"].append(tokenizer.piece(token))
             scores["token_logprobs"].append(value)
             scores["top_logprobs"].append(
                 None if top is None else {tokenizer.piece(t): s for t, s in top})
-            scores["text_offset"].append(self.offset)
-            self.offset += len(piece)
+            scores["text_offset"].append(offset)
 
 
 def choices_of(state: ServerState, params: CompletionParams, gen: Generation) -> list[Choice]:

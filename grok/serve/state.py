@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from grok.errors import RequestError
 from grok.serve.metrics import Metrics
@@ -28,6 +28,7 @@ class ServerState:
         self.metrics = Metrics(self.engine)
         self.live: set[int] = set()           # engine ids of requests being answered
         self.closing = False                  # shutting down: new completions get 503
+        self.on_close: list[Callable[[], None]] = []   # called once the engine has stopped
 
     def shut_down(self, grace: float) -> None:
         """Begin a shutdown (`python -m grok.serve` calls this on SIGTERM): completions asked

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from grok.config import GrokConfig
@@ -68,23 +67,63 @@ def _penalties(rows: Sequence[tuple[int, Result]], batch: int, config: GrokConfi
         counts[row, :len(seen[res.id])] = list(seen[res.id].values())
         s = res.request.sampling
         factors[:, row] = (s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
-    return Penalties(*(jnp.asarray(a) for a in (ids, counts, *factors)))
+    return Penalties(ids, counts, *factors)   # host arrays: the jitted sampler takes them as they are
+
+
+class PrefillCall(NamedTuple):
+    """A group's prefill: the distinct prompts `tokens` [R, P] (R a power of two: pad rows
+    repeat the first prompt and write nothing, their cache row past the cache), their cache
+    `rows` [R] and `lengths` [R]; `take` [G]: the logits row of each request of the group (None:
+    row i, all prompts distinct), G its size padded to a power of two (`draw_rows`); `sources`,
+    `targets` [M]: cache rows copied after the prefill to requests sharing a prompt (or None)."""
+
+    tokens: np.ndarray
+    rows: np.ndarray
+    lengths: np.ndarray
+    take: np.ndarray | None
+    sources: np.ndarray | None
+    targets: np.ndarray | None
+
+    @property
+    def draw_rows(self) -> int:
+        return len(self.tokens) if self.take is None else len(self.take)
+
+    def member_tokens(self) -> np.ndarray:
+        """Each request's (padded) prompt row, in group order."""
+        return self.tokens if self.take is None else self.tokens[self.take]
 
 
 def prefill_inputs(group: Sequence[tuple[int, Result]], length: int, slots: int,
-                   config: GrokConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokens [R, length], cache rows [R] and prompt lengths [R] of the (slot, result) pairs of
-    `group`, R a power of two: pad rows repeat the first prompt and write nothing (their cache
-    row is past the cache's `slots`)."""
-    rows = min(bucket(len(group), slots, minimum=1), slots)
+                   config: GrokConfig) -> PrefillCall:
+    """The prefill of the (slot, result) pairs of `group`, all of them prompts of bucket
+    `length`: one row per distinct prompt."""
+    first: dict[tuple[int, ...], int] = {}      # prompt -> its row
+    distinct: list[tuple[int, Result]] = []
+    take, sources, targets = [], [], []
+    for slot, res in group:
+        row = first.setdefault(tuple(res.prompt), len(distinct))
+        if row == len(distinct):
+            distinct.append((slot, res))
+        else:
+            sources.append(distinct[row][0])
+            targets.append(slot)
+        take.append(row)
+    rows = min(bucket(len(distinct), slots, minimum=1), slots)
     tokens = np.full((rows, length), config.pad_token, np.int32)
     cache_rows = np.full(rows, slots, np.int32)
     lengths = np.ones(rows, np.int32)
-    for i, (slot, res) in enumerate(group):
+    for i, (slot, res) in enumerate(distinct):
         tokens[i, :len(res.prompt)] = res.prompt
         cache_rows[i], lengths[i] = slot, len(res.prompt)
-    tokens[len(group):], lengths[len(group):] = tokens[0], lengths[0]
-    return tokens, cache_rows, lengths
+    tokens[len(distinct):], lengths[len(distinct):] = tokens[0], lengths[0]
+    if not sources:
+        return PrefillCall(tokens, cache_rows, lengths, None, None, None)
+    draws = min(bucket(len(group), slots, minimum=1), slots)
+    copies = bucket(len(sources), slots, minimum=1)
+    return PrefillCall(tokens, cache_rows, lengths,
+                       np.array(take + [0] * (draws - len(take)), np.int32),
+                       np.array(sources + [0] * (copies - len(sources)), np.int32),
+                       np.array(targets + [slots] * (copies - len(targets)), np.int32))
 
 
 def prompt_logprob_rows(group: Sequence[tuple[int, Result]], tokens: np.ndarray

@@ -1,10 +1,16 @@
 """Generation: a continuous-batching engine over batch slots and a shared KV cache.
 
 A finished request frees its slot and the next waiting request is prefilled into it while the
-others keep decoding. Prompts admitted together are prefilled together, grouped by power-of-two
-length bucket, in power-of-two row counts (at most `prefill_tokens` tokens per call); decode steps
-attend over the cache up to the longest live sequence (also bucketed), so the number of compiles
-stays bounded by the number of buckets.
+others keep decoding. Each step prefills at most about `prefill_tokens` prompt tokens (padded to
+their length bucket), then decodes one token for every live slot:
+- prompts admitted together are prefilled together, grouped by power-of-two length bucket, in
+  power-of-two row counts; requests with the same prompt (a server's `n`) share one prefill row,
+  its cache row copied to the others;
+- a prompt longer than the chunk (the largest power of two <= `prefill_tokens`) is prefilled a
+  chunk per step, one such prompt at a time, so a long prompt never stalls the others' decoding.
+Decode steps attend over the cache up to the longest live sequence (bucketed), so the number of
+compiles stays bounded by the number of buckets. The device calls and the cache are a
+`grok.serving.steps.DeviceSteps` (on several hosts, a `grok.serving.lockstep.Leader`).
 
 Threading: one lock (`Engine._lock`, with the condition `_changed` on it) guards the requests'
 bookkeeping: the queue, the slots, results and event buffers. It is held only while that state
@@ -17,27 +23,27 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from typing import Any, Callable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from grok.config import PREFILL_TOKENS
 from grok.errors import RequestError, one_line
 from grok.serving import batching
+from grok.serving.admission import Admission
 from grok.serving.batching import bucket
 from grok.serving.book import Book
 from grok.serving.request import Event, Request, Result, check_request, checked_request
 from grok.serving.runner import ModelRunner
-from grok.serving.sampling import describe, is_int, row_keys
+from grok.serving.sampling import describe, is_int
+from grok.serving.steps import DeviceSteps, Drawn
 
 __all__ = ["Engine", "EventStream", "Event", "ModelRunner", "Request", "Result", "bucket"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Engine:
+class Engine(Admission):
     """Continuous batching over `batch_size` slots of a cache of `max_len` positions (default:
     the model's context). With `grow=True` those are limits: the cache starts empty and is
     re-made, in powers of two, when a waiting request needs more slots or a longer context; that
@@ -53,7 +59,9 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, batch_size: int = 8, max_len: int | None = None,
                  tokenizer: Any = None, prefill_tokens: int = PREFILL_TOKENS, *,
-                 grow: bool = False):
+                 grow: bool = False, steps: DeviceSteps | None = None):
+        """`steps`: the device side (default: a DeviceSteps of `runner`; a multi-host leader
+        passes its `grok.serving.lockstep.Leader`)."""
         config = runner.config
         for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 2),
                                    ("prefill_tokens", prefill_tokens, 1)):
@@ -61,6 +69,7 @@ class Engine:
                 raise RequestError(f"{name} must be an integer >= {least}, got {describe(value)}")
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
         self.prefill_tokens = int(prefill_tokens)
+        self.chunk_len = 1 << (self.prefill_tokens.bit_length() - 1)   # a power of two
         self.max_batch = int(batch_size)
         self.max_context = min(config.sequence_len if max_len is None else int(max_len),
                                config.sequence_len)
@@ -69,12 +78,12 @@ class Engine:
         self.batch_size = 0 if grow else self.max_batch
         self.max_len = 0 if grow else self.max_context
         self.slots: list[int | None] = [None] * self.batch_size
-        self.cache: Any = None
-        self.cache_allocations = 0
+        self.steps = steps if steps is not None else DeviceSteps(runner)
         self.book = Book(config.eos_token, tokenizer)
         self.results, self.waiting = self.book.results, self.book.waiting   # by id; queued ids
-        self.attend_spans: collections.Counter[int] = collections.Counter()  # decode steps by span
-        self.prefill_shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (R, P)
+        # The request being prefilled a chunk per step (in a slot, not yet decoding) -> the
+        # prompt tokens already in its cache row.
+        self._chunking: dict[int, int] = {}
         self._released: collections.deque[int] = collections.deque()  # appended without the lock
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)   # notified on every change of state
@@ -158,6 +167,30 @@ class Engine:
         return self._until(rid, lambda: self.book.next_event(rid))
 
     @property
+    def cache(self) -> Any:
+        """The KV cache (None until the first admission, or after it was lost)."""
+        return self.steps.cache
+
+    @property
+    def cache_allocations(self) -> int:
+        return self.steps.allocations
+
+    @property
+    def prefill_shapes(self) -> collections.Counter[tuple[int, int]]:
+        """Prefill calls by (rows, padded length)."""
+        return self.steps.prefill_shapes
+
+    @property
+    def chunk_shapes(self) -> collections.Counter[tuple[int, int]]:
+        """Calls prefilling a later chunk of a long prompt, by (rows, chunk length)."""
+        return self.steps.chunk_shapes
+
+    @property
+    def attend_spans(self) -> collections.Counter[int]:
+        """Decode steps by attention span."""
+        return self.steps.attend_spans
+
+    @property
     def idle(self) -> bool:
         with self._lock:
             return not self._stepping and self._idle()
@@ -193,46 +226,42 @@ class Engine:
             yield from self.step()
 
     def step(self) -> list[tuple[int, int]]:
-        """Admit waiting requests into free slots (prefilling them), then decode one token for
-        every live slot. Returns the (request id, token) pairs produced. A device call that
-        fails ends the requests in it with finish_reason "error"; the others go on. Should the
-        step itself fail (a bug), it ends the requests it held with "error" (and logs it),
-        rather than raise: the engine goes on serving the rest."""
+        """Admit waiting requests into free slots and prefill them (a long prompt: its next
+        chunk), then decode one token for every live slot. Returns the (request id, token) pairs
+        produced. A device call that fails ends the requests in it with finish_reason "error";
+        the others go on. Should the step itself fail (a bug), it ends the requests it held with
+        "error" (and logs it), rather than raise: the engine goes on serving the rest."""
         with self._lock:
             while self._stepping:
                 self._changed.wait()
             self._stepping = True
             self._drop_released()
-        admitted: set[int] = set()    # taken off the queue, not yet in a slot: lost if not ended
+        held: set[int] = set()     # ids in this step's prefills: ended if the step fails
         live: list[tuple[int, Result]] = []
         events: list[tuple[int, int]] = []
         failure = None
         try:
             with self._lock:
-                groups = []
-                for group, length in self._admit(admitted):
-                    inputs = batching.prefill_inputs(group, length, self.batch_size, self.config)
-                    draw = self._draw_inputs(list(enumerate(r for _, r in group)),
-                                             len(inputs[0]))
-                    groups.append((group, inputs, draw))
-            for group, inputs, draw in groups:
-                asking, prompt_tokens = batching.prompt_logprob_rows(group, inputs[0])
-                scored = self._prompt_logprobs(prompt_tokens) if asking else None
-                out = self._call(self._prefill, inputs, draw)
-                with self._lock:
-                    if asking:
-                        self._set_prompt_logprobs([group[i][1] for i in asking], scored)
-                    events += self._apply([(i, slot, res.id) for i, (slot, res) in
-                                           enumerate(group)], out, place=True)
-                    admitted -= {res.id for _, res in group}
+                piece = self._next_piece()
+                budget = self.prefill_tokens - (piece[1].shape[1] if piece else 0)
+                calls = [self._group_call(group, length)
+                         for group, length in self._admit(held, budget)]
+                if piece is None:           # a long prompt admitted just now: its first chunk
+                    piece = self._next_piece()
+                held |= set(self._chunking)
+            for call in calls:
+                events += self._run_group(*call)
+            if piece is not None:
+                events += self._run_piece(*piece)
+            held.clear()
             with self._lock:
                 live = [(s, self.results[rid]) for s, rid in enumerate(self.slots)
-                        if rid is not None]
+                        if rid is not None and rid not in self._chunking]
                 if live:
                     inputs = batching.decode_inputs(live, self.batch_size, self.max_len)
                     draw = self._draw_inputs(live, self.batch_size)
             if live:
-                out = self._call(self._decode, inputs, draw)
+                out = self._call(self.steps.decode, *inputs, draw)
                 with self._lock:
                     events += self._apply([(s, s, res.id) for s, res in live], out)
                     live = []
@@ -248,7 +277,7 @@ class Engine:
                 if failure is not None:
                     # The step's requests, whose state is unknown: ended, so that no later step
                     # meets the same failure (the live ones could otherwise fail every step).
-                    for rid in sorted(admitted) + [res.id for _, res in live]:
+                    for rid in sorted(held) + [res.id for _, res in live]:
                         self._finish(rid, "error", error=failure)
                     self._check_cache()
                 self._stepping = False
@@ -300,95 +329,15 @@ class Engine:
                 self._driver = None
                 self._changed.notify_all()
 
-    def _admit(self, admitted: set[int]) -> list[tuple[list[tuple[int, Result]], int]]:
-        """Take waiting requests for free slots (first in, first out), re-making the cache when
-        the next ones need more; returns the prefill groups (slot, result) with their length.
-        The ids taken off the queue are added to `admitted` as they are taken."""
-        free = [s for s, rid in enumerate(self.slots) if rid is None]
-        if not self.waiting:
-            return []
-        if self.cache is None or self._need(self.waiting[0]) > self.max_len or (
-                len(self.waiting) > len(free) and self.batch_size < self.max_batch and self.grow):
-            if len(free) < self.batch_size:
-                return []           # let the live requests finish before the cache changes
-            if not self._remake():
-                return []
-            free = list(range(self.batch_size))
-        groups: dict[int, list[tuple[int, Result]]] = collections.defaultdict(list)
-        for slot in free:
-            if not self.waiting or self._need(self.waiting[0]) > self.max_len:
-                break
-            rid = self.waiting.popleft()
-            admitted.add(rid)
-            res = self.results[rid]
-            groups[bucket(len(res.prompt), self.max_len)].append((slot, res))
-        out = []
-        for length, group in sorted(groups.items()):
-            most = max(1, self.prefill_tokens // length)
-            out += [(group[i:i + most], length) for i in range(0, len(group), most)]
-        return out
-
-    def _need(self, rid: int) -> int:
-        res = self.results[rid]
-        return len(res.prompt) + res.request.max_new_tokens
-
-    def _remake(self) -> bool:
-        """A new, empty cache big enough for the next waiting requests (no slot is live). If it
-        cannot be made (out of memory), the requests it was for end with "error" (the next
-        ones try again): False."""
-        batch, length = self.batch_size, self.max_len
-        if self.grow:
-            batch = max(batch, bucket(min(len(self.waiting), self.max_batch), self.max_batch,
-                                      minimum=1))
-            need = max(self._need(r) for r in list(self.waiting)[:batch])
-            length = max(length, bucket(need, self.max_context))
-        self.cache = None           # the old one is freed before the new one is made
-        try:
-            self.cache = self.runner.new_cache(batch, length)
-        except Exception as err:
-            log.exception("making a KV cache of %d x %d failed", batch, length)
-            error = one_line(f"the KV cache ({batch} x {length}) could not be made: "
-                             f"{type(err).__name__}: {err}")
-            for rid in list(self.waiting)[:batch]:
-                self._finish(rid, "error", error=error)
-            return False
-        self.batch_size, self.max_len = batch, length
-        self.cache_allocations += 1
-        self.slots = [None] * self.batch_size
-        return True
-
     def _draw_inputs(self, rows: list[tuple[int, Result]], batch: int) -> batching.Draw:
         return batching.draw_inputs(rows, batch, self.config, self.book.seen)
 
-    def _call(self, fn: Callable, inputs: tuple, draw: batching.Draw) -> Drawn | Exception:
-        """Run a device call and the sampler (no lock held): the tokens drawn and, when a row
-        asked, their log-probabilities (`Drawn`); or the error."""
+    def _call(self, fn: Callable[..., T], *args: Any) -> T | Exception:
+        """Run a device call (no lock held): its value, or the error."""
         try:
-            logits = fn(*inputs)
-            keys = row_keys(jnp.asarray(draw.seeds), jnp.asarray(draw.steps))
-            s = draw.settings
-            tokens = self.runner.sample(logits, keys, jnp.asarray(s[0]), jnp.asarray(s[1]),
-                                        jnp.asarray(s[2], jnp.int32), draw.penalties)
-            tokens = np.asarray(tokens)
+            return fn(*args)
         except Exception as err:
             log.error("engine step failed: %s", err, exc_info=True)
-            return err
-        scores: Any = None
-        if draw.logprobs:           # a second call, on the same logits: the tokens are as drawn
-            try:
-                scores = tuple(np.asarray(a) for a in self.runner.logprobs(logits, tokens))
-            except Exception as err:  # fails the requests that asked only
-                log.error("log-probabilities failed: %s", err, exc_info=True)
-                scores = err
-        return Drawn(tokens, scores)
-
-    def _prompt_logprobs(self, tokens: np.ndarray) -> np.ndarray | Exception:
-        """The prompt tokens' log-probabilities [R, length - 1] of the prefill rows `tokens`
-        (one full forward, no lock held), or the error."""
-        try:
-            return self.runner.prompt_logprobs(tokens)
-        except Exception as err:
-            log.error("prompt log-probabilities failed: %s", err, exc_info=True)
             return err
 
     def _set_prompt_logprobs(self, results: list[Result], scored: np.ndarray | Exception
@@ -402,21 +351,13 @@ class Engine:
                 self._finish(res.id, "error", error=one_line(
                     f"prompt log-probabilities: {type(scored).__name__}: {scored}"))
             else:
-                res.prompt_logprobs = [None] + scored[i, :len(res.prompt) - 1].tolist()
-
-    def _prefill(self, tokens: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> jax.Array:
-        self.prefill_shapes[tokens.shape] += 1
-        logits, self.cache = self.runner.prefill(self.runner.params, self.cache,
-                                                  jnp.asarray(tokens), jnp.asarray(rows),
-                                                  jnp.asarray(lengths))
-        return logits
-
-    def _decode(self, tokens: np.ndarray, positions: np.ndarray, attend: int) -> jax.Array:
-        self.attend_spans[attend] += 1
-        logits, self.cache = self.runner.decode(self.runner.params, self.cache,
-                                                 jnp.asarray(tokens), jnp.asarray(positions),
-                                                 attend)
-        return logits
+                chosen, values, ids = scored
+                n, k = len(res.prompt) - 1, res.request.logprobs
+                res.prompt_logprobs = [None] + chosen[i, :n].tolist()
+                if k:
+                    res.prompt_top_logprobs = [None] + [
+                        tuple(zip(t, v)) for t, v in zip(ids[i, :n, :k].tolist(),
+                                                         values[i, :n, :k].tolist())]
 
     def _apply(self, rows: list[tuple[int, int, int]], out: Drawn | Exception,
                place: bool = False) -> list[tuple[int, int]]:
@@ -461,16 +402,16 @@ class Engine:
     def _check_cache(self) -> None:
         """After a failed call: if the cache went with it (donated), end every live request
         (their keys and values are gone) and leave the cache to be re-made."""
-        if self.cache is not None and any(getattr(x, "is_deleted", lambda: False)()
-                                          for x in jax.tree.leaves(self.cache)):
+        if self.steps.lost:
             for rid in [r for r in self.slots if r is not None]:
                 self._finish(rid, "error", error="the KV cache was lost when a step failed")
-            self.cache = None
+            self.steps.drop_cache()
 
     def _finish(self, rid: int, reason: str, error: str | None = None) -> None:
         """End a request, free its slot and wake its readers."""
         if self.book.finish(rid, reason, error=error):
             self.slots = [None if r == rid else r for r in self.slots]
+            self._chunking.pop(rid, None)
             self._changed.notify_all()
 
     def _cancel(self, rid: int) -> bool:
@@ -485,14 +426,6 @@ class Engine:
             rid = self._released.popleft()
             self._cancel(rid)
             self.book.drop(rid)
-
-
-class Drawn(NamedTuple):
-    """A device call's tokens [R] and, when a row asked for them, their log-probabilities
-    (`grok.serving.sampling.token_logprobs`: chosen [R], top values [R, k], top ids [R, k])."""
-
-    tokens: np.ndarray
-    scores: tuple[np.ndarray, np.ndarray, np.ndarray] | Exception | None
 
 
 def _check_id(rid: object) -> None:

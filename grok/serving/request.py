@@ -46,8 +46,9 @@ class Result:
     With `request.logprobs` on: `logprobs[i]` is the log-probability of `tokens[i]` and
     `top_logprobs[i]` the k most likely (token id, log-probability) pairs at that step, most
     likely first. With `request.prompt_logprobs`: `prompt_logprobs[j]` is that of `prompt[j]`
-    given `prompt[:j]` (None for the first token, which has no context), filled before the first
-    event. Each list stays empty when not asked for (definition: `Request`)."""
+    given `prompt[:j]` (None for the first token, which has no context), and with logprobs k
+    also `prompt_top_logprobs[j]`, the k most likely there; filled before the first event.
+    Each list stays empty when not asked for (definition: `Request`)."""
 
     id: int
     request: Request
@@ -56,6 +57,8 @@ class Result:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)
+    prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] = dataclasses.field(
+        default_factory=list)
     finish_reason: str | None = None
     text: str | None = None
     error: str | None = None

@@ -56,6 +56,23 @@ class ModelRunner:
                                     attend_len=0, rows=rows, logit_index=lengths - 1, **fwd)
             return place.constrain("logits", logits), place.cache(cache)
 
+        def chunk(params, cache, tokens, rows, starts, lengths, attend_len):
+            # The next pieces [R, C] of prompts whose first starts[r] tokens are in cache row
+            # rows[r]: they attend to those slots and causally to each other.
+            logits, cache = forward(params, tokens, cache, starts, attend_len=attend_len,
+                                    rows=rows, logit_index=lengths - 1, **fwd)
+            return place.constrain("logits", logits), place.cache(cache)
+
+        def copy_rows(cache, sources, targets):
+            # Requests that share a prompt: its keys and values copied into each one's row.
+            def copy(c, axis):
+                taken = jnp.take(c, sources, axis=axis)
+                index = (slice(None),) * axis + (targets,)
+                return c.at[index].set(taken, mode="drop")
+            axis = 1 if self.scan else 0
+            k, v = (jax.tree.map(lambda c: copy(c, axis), part) for part in (cache.k, cache.v))
+            return place.cache(KVCache(k, v, copy(cache.valid, 0)))
+
         def decode(params, cache, tokens, positions, attend_len):
             logits, cache = forward(params, tokens[:, None], cache, positions,
                                     attend_len=attend_len, logit_index=jnp.zeros_like(positions),
@@ -70,13 +87,19 @@ class ModelRunner:
 
         def prompt_logprobs(params, tokens):
             # [B, T - 1]: log p(tokens[:, t + 1] | tokens[:, :t + 1]), the float32 log-softmax of
-            # the full forward's logits at position t (only the chosen entries leave the device).
+            # the full forward's logits at position t, and the MAX_LOGPROBS most likely there
+            # (values and ids [B, T - 1, k]; only these leave the device, not the logits).
             logp = jax.nn.log_softmax(full(params, tokens)[:, :-1].astype(jnp.float32), axis=-1)
-            return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+            values, ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, logp.shape[-1]))
+            chosen = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+            return chosen, values, ids.astype(jnp.int32)
 
         self.prefill = jax.jit(self._counted("prefill", prefill), donate_argnums=1)
         self.decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
                                static_argnums=4)
+        self.chunk = jax.jit(self._counted("chunk", chunk), donate_argnums=1, static_argnums=6)
+        self.copy_rows = jax.jit(self._counted("copy_rows", copy_rows), donate_argnums=0)
+        self.take_rows = jax.jit(lambda logits, rows: jnp.take(logits, rows, axis=0))
         self.full = jax.jit(self._counted("forward", full))
         self.sample = jax.jit(sample)
         # Log-probabilities, called only for the steps and prompts of requests that ask for them.
@@ -103,10 +126,12 @@ class ModelRunner:
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.full(self.params, self._tokens(tokens)))
 
-    def prompt_logprobs(self, tokens: np.ndarray) -> np.ndarray:
-        """[B, T - 1] float32: each token of `tokens` [B, T] after the first, its log-probability
-        given the ones before it (the log-softmax of the full forward's raw logits)."""
-        return np.asarray(self.full_logprobs(self.params, self._tokens(tokens)))
+    def prompt_logprobs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each token of `tokens` [B, T] after the first: its log-probability given the ones
+        before it (the log-softmax of the full forward's raw logits) [B, T - 1] float32, and the
+        MAX_LOGPROBS most likely tokens there, values (descending) and ids [B, T - 1, k]."""
+        return tuple(np.asarray(a) for a in self.full_logprobs(self.params,
+                                                                self._tokens(tokens)))
 
     def _tokens(self, tokens: np.ndarray) -> jax.Array:
         if self.mesh is not None:   # a global array, batch over "data" (any process count)

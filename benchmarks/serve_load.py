@@ -1,0 +1,188 @@
+"""Load benchmark of `grok.serve`: N concurrent streaming clients against the server on loopback,
+beside the same requests through the engine directly, in one run on one model.
+
+    python benchmarks/serve_load.py [--checkpoint demo] [--clients 32] [--requests 64]
+                                    [--max-tokens 32] [--max-batch 32] [--json FILE]
+
+Each request is a completion of `--max-tokens` tokens (temperature 1, its own seed, no stop)
+of a prompt cut from the demo's held-out text. Engine: one thread per request submits it and
+reads its event stream (what the server's handlers do). Server: the app in uvicorn on a thread,
+and `--clients` asyncio clients (httpx) streaming server-sent events; a client's next request
+starts when its last ends. Both run the same requests after a warm-up that compiles every shape.
+
+Per side: requests/s, generated tokens/s, time to first token (submit -> first token event or
+SSE chunk) and inter-token latency (gaps between a request's token events or chunks), p50 and
+p99. On a small CPU box the clients, the HTTP stack and the engine share the cores: the
+server's overhead measured there is an upper bound of what it adds beside an accelerator.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prompts(model, count: int, seed: int = 0) -> list[str]:
+    """`count` prompts of 8-48 words from the model directory's held-out text (or a fixed
+    sentence when it has none)."""
+    path = ROOT / "checkpoints" / "demo" / "heldout.txt"
+    words = path.read_text(encoding="utf-8").split() if path.is_file() else \
+        ("the quick brown fox jumps over the lazy dog " * 64).split()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        n = int(rng.integers(8, 48))
+        start = int(rng.integers(0, max(1, len(words) - n)))
+        out.append(" ".join(words[start:start + n]))
+    return out
+
+
+def summary(name: str, wall: float, ttft: list[float], gaps: list[float], tokens: int,
+            requests: int) -> dict:
+    ms = lambda xs, q: float(np.percentile(xs, q) * 1e3) if xs else float("nan")
+    return {"side": name, "requests": requests, "seconds": wall, "req_per_s": requests / wall,
+            "tok_per_s": tokens / wall, "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
+            "itl_p50_ms": ms(gaps, 50), "itl_p99_ms": ms(gaps, 99)}
+
+
+def run_engine(model, texts: list[str], max_tokens: int) -> dict:
+    """Every request on a thread of its own: submit, then read its events."""
+    from grok import Request
+    from grok.serving.sampling import SamplingParams
+    engine = model.engine
+    ttft, gaps, tokens = [], [], [0]
+    lock = threading.Lock()
+
+    def one(i: int, text: str) -> None:
+        ids = model.tokenizer.encode(text)
+        start = time.perf_counter()
+        rid = engine.submit(Request(ids, max_tokens, SamplingParams(temperature=1.0), seed=i))
+        last, mine, n = None, [], 0
+        for event in engine.events(rid):
+            now = time.perf_counter()
+            if event.token is not None:
+                n += 1
+                if last is None:
+                    first = now - start
+                else:
+                    mine.append(now - last)
+                last = now
+        engine.pop(rid)
+        with lock:
+            ttft.append(first)
+            gaps.extend(mine)
+            tokens[0] += n
+
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i, t)) for i, t in enumerate(texts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return summary("engine", wall, ttft, gaps, tokens[0], len(texts))
+
+
+async def _clients(url: str, texts: list[str], max_tokens: int, clients: int) -> dict:
+    import httpx
+    queue = list(enumerate(texts))
+    ttft, gaps, tokens = [], [], [0]
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            i, text = queue.pop(0)
+            body = {"model": "demo", "prompt": text, "max_tokens": max_tokens,
+                    "temperature": 1.0, "seed": i, "stream": True}
+            start, last = time.perf_counter(), None
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if not chunk["choices"] or not chunk["choices"][0]["text"]:
+                        continue
+                    now = time.perf_counter()
+                    tokens[0] += 1
+                    if last is None:
+                        ttft.append(now - start)
+                    else:
+                        gaps.append(now - last)
+                    last = now
+
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return summary("server", time.perf_counter() - t0, ttft, gaps, tokens[0], len(texts))
+
+
+def run_server(model, texts: list[str], max_tokens: int, clients: int) -> dict:
+    import uvicorn
+
+    from grok.serve import create_app
+    app = create_app(model, model_name="demo", max_waiting=10 ** 6)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        return asyncio.run(_clients(url, texts, max_tokens, clients))
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="demo")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    import grok
+    model = grok.load(args.checkpoint, max_batch=args.max_batch, progress=False)
+    texts = prompts(model, args.requests)
+    # Warm-up: every prompt bucket, batch size and attention span the runs meet, compiled.
+    run_engine(model, texts[:args.max_batch], args.max_tokens)
+    run_engine(model, texts, args.max_tokens)
+    rows = [run_engine(model, texts, args.max_tokens),
+            run_server(model, texts, args.max_tokens, args.clients)]
+    engine, server = rows
+    print(f"# {args.requests} requests x {args.max_tokens} tokens, {args.clients} clients, "
+          f"max batch {args.max_batch}, {args.checkpoint}")
+    print("| side | req/s | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['side']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
+              f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | "
+              f"{r['itl_p99_ms']:.1f} |")
+    print(f"server / engine tokens/s: {server['tok_per_s'] / engine['tok_per_s']:.3f}; "
+          f"TTFT p50 added: {server['ttft_p50_ms'] - engine['ttft_p50_ms']:.1f} ms")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`convert`: a release-format checkpoint (int8 pickles) -> a safetensors checkpoint of int8 or
+int4 weights (`python -m grok.checkpoint convert SRC DST --bits {4,8} [--group-size G]`).
+
+Files are converted one at a time (host memory: one leaf, and one expert's float32 copy while
+requantising), into a temporary sibling of DST that is renamed to DST at the end: DST is never
+half-written, and an existing DST is never touched. DST/config.json records the format
+(`weight_bits`, `group_size`); each int4 file's metadata records its tensor's own group (the
+largest divisor of its input width not above the group size asked for), which the reader checks.
+`--bits 8` keeps the release's numbers exactly (the same int8 values and scales).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grok.checkpoint import safetensors_io
+from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, RELEASE, PathLike, check_files,
+                                       checkpoint_dir, checkpoint_format, read_config)
+from grok.checkpoint.release import load_tensor
+from grok.config import GrokConfig
+from grok.errors import CheckpointError, ConfigError
+from grok.leaves import Entry, checkpoint_entries
+from grok.progress import Progress
+from grok.quant import QuantizedWeight, dequantize, quantize_int4
+
+log = logging.getLogger(__name__)
+
+# From BENCHMARKS.md ("int4 weights: fidelity"): 32 had the lowest error of 32 / 64 / 128 on
+# the demo's held-out perplexity and on both fixtures; its scales cost 0.5 bit a weight (Grok-1
+# 179 GB, 10 GB more than 64) and it still fits 2 x 141 GB and 4 x 80 GB with 8 x 8192 tokens.
+DEFAULT_GROUP_SIZE = 32
+COPIED = ("tokenizer.model", "sampling.json")   # beside ckpt-0, so the result loads as the source
+
+
+def target_config(config: GrokConfig, bits: int, group_size: int | None = None,
+                  exact: bool = False) -> GrokConfig:
+    """The converted checkpoint's config. With `exact`, `group_size` must divide every quantised
+    matrix's input width (ConfigError naming the first that it does not), else each matrix takes
+    the largest divisor of its width not above it."""
+    if bits not in (4, 8):
+        raise ConfigError(f"--bits must be 4 or 8, got {bits}")
+    if bits == 8:
+        if group_size is not None:
+            raise ConfigError("--group-size applies to --bits 4 only (int8 keeps the release's "
+                              "row-block scales)")
+        return config.replace(weight_bits=8, group_size=0)
+    group = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    out = config.replace(weight_bits=4, group_size=group)   # validates the bounds
+    if exact:
+        for entry in checkpoint_entries(out):
+            if entry.quantized and entry.shape[-2] % group:
+                raise ConfigError(f"--group-size {group} does not divide the {entry.shape[-2]} "
+                                  f"input rows of {entry.filename} ({entry.name})")
+    return out
+
+
+def _convert_leaf(leaf: Any, entry: Entry) -> Any:
+    """A release leaf in `entry`'s format: int8 unchanged; int4 requantised from the exact
+    dequantised values, one leading index (an expert) at a time to bound the float copy."""
+    if not entry.quantized or entry.fmt.bits == 8:
+        return leaf
+    if leaf.weight.ndim == 2:
+        return quantize_int4(dequantize(leaf), entry.group_size)
+    pieces = [quantize_int4(dequantize(QuantizedWeight(leaf.weight[i], leaf.scales[i])),
+                            entry.group_size) for i in range(leaf.weight.shape[0])]
+    return QuantizedWeight(np.stack([p.weight for p in pieces]),
+                           np.stack([p.scales for p in pieces]), entry.fmt)
+
+
+def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = None, *,
+            exact: bool = False, config: GrokConfig | None = None,
+            progress: bool = True) -> GrokConfig:
+    """Convert the release checkpoint at `src` (its config.json, else Grok-1, unless `config`)
+    into a safetensors checkpoint at `dst`, which must not exist. Returns dst's config. Errors
+    (a bad source file, a bad group size, an existing dst) are GrokErrors; nothing is left at
+    `dst` after one."""
+    source = config or read_config(src)
+    ckpt = checkpoint_dir(src)
+    if source.weight_bits != 8 or checkpoint_format(ckpt) != RELEASE:
+        raise ConfigError(f"{src}: the source must be a release-format (int8 pickles) checkpoint")
+    out = target_config(source, bits, group_size, exact)
+    target = Path(dst)
+    if os.path.lexists(target):
+        raise CheckpointError(f"{target}: already exists (convert writes a new directory)")
+    src_entries, dst_entries = checkpoint_entries(source), checkpoint_entries(out)
+    check_files(ckpt, src_entries)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+    (tmp / CKPT_DIR).mkdir(parents=True)
+    try:
+        with Progress(len(src_entries), f"converting {ckpt} to int{bits}", enabled=progress,
+                      logger=log) as bar:
+            for src_entry, entry in zip(src_entries, dst_entries):
+                leaf = load_tensor(ckpt / src_entry.filename, src_entry)
+                file = tmp / CKPT_DIR / safetensors_io.filename(entry)
+                safetensors_io.write_leaf(file, entry, _convert_leaf(leaf, entry))
+                del leaf
+                # read back the header as a load would: what was written is what loads
+                safetensors_io.leaf_parts(safetensors_io.read_st_header(file), entry)
+                bar.update(1, file.stat().st_size)
+        with open(tmp / CONFIG_FILE, "w") as f:   # the format is always recorded, even Grok-1's
+            json.dump({**out.to_dict(), "weight_bits": bits, "group_size": out.group_size},
+                      f, indent=1)
+            f.write("\n")
+        for name in COPIED:
+            for where in (Path(src), ckpt.parent):
+                if (where / name).is_file():
+                    shutil.copyfile(where / name, tmp / name)
+                    break
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

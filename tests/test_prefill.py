@@ -1,0 +1,113 @@
+"""The engine's prefill: long prompts a chunk per step beside the others' decoding, and requests
+sharing a prompt sharing its prefill row (grok.serving.engine, grok.serving.batching)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from oracle_sampling import recompute_greedy
+from grok.api import from_flat
+from grok.leaves import random_flat
+from grok.serving.batching import prefill_inputs
+from grok.serving.engine import Engine, Request, Result
+from grok.serving.sampling import SamplingParams
+
+CONFIG = tiny_config(sequence_len=128)
+RNG = np.random.default_rng(5)
+LONG = RNG.integers(1, CONFIG.vocab_size, 100).tolist()      # 7 chunks of 16 (the last of 4)
+SHORT = [3, 17, 29, 4, 8]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return from_flat(random_flat(CONFIG, seed=11, weight_scale=1.5), CONFIG, max_batch=4)
+
+
+def _run(engine: Engine, requests: list[Request]) -> list[Result]:
+    ids = engine.submit_all(requests)
+    list(engine.run())
+    return [engine.results[i] for i in ids]
+
+
+def test_a_chunked_prompt_decodes_as_the_full_recompute(model):
+    engine = Engine(model.runner, batch_size=4, max_len=128, prefill_tokens=16)
+    result, = _run(engine, [Request(LONG, max_new_tokens=8)])
+    want = recompute_greedy(model, LONG, 8)
+    assert len(want) >= 4 and result.tokens[:len(want)] == want
+    # the first chunk a fresh prefill of 16, then six chunks, each no wider than 16 tokens
+    assert engine.prefill_shapes == {(1, 16): 1}
+    assert sum(engine.chunk_shapes.values()) == 6 and {c for _, c in engine.chunk_shapes} <= {16}
+
+
+def test_a_long_prompt_does_not_stall_the_decoding_slots(model):
+    engine = Engine(model.runner, batch_size=4, max_len=128, prefill_tokens=16)
+    short = engine.submit(Request(SHORT, max_new_tokens=40))
+    engine.step()
+    long = engine.submit(Request(LONG, max_new_tokens=3))
+    steps_to_first_token = 0
+    while not engine.results[long].tokens:
+        before = len(engine.results[short].tokens)
+        engine.step()
+        steps_to_first_token += 1
+        assert len(engine.results[short].tokens) == before + 1, "a chunk stalled the decode"
+    assert steps_to_first_token == 7               # ceil(100 / 16) chunks, one per step
+    list(engine.run())
+    alone = _run(Engine(model.runner, batch_size=4, max_len=128), [Request(LONG, 3)])[0]
+    assert engine.results[long].tokens == alone.tokens
+    assert engine.results[short].tokens == _run(Engine(model.runner, batch_size=4, max_len=128),
+                                                [Request(SHORT, 40)])[0].tokens
+
+
+def test_each_step_prefills_within_its_token_budget(model):
+    engine = Engine(model.runner, batch_size=4, max_len=128, prefill_tokens=16)
+    for prompt in (LONG, SHORT, SHORT[:3], SHORT[:4]):
+        engine.submit(Request(prompt, max_new_tokens=2))
+    while not engine.idle:
+        prefills = sum(engine.prefill_shapes.values()), sum(engine.chunk_shapes.values())
+        shapes = dict(engine.prefill_shapes), dict(engine.chunk_shapes)
+        engine.step()
+        new = [(r * p) for (r, p), n in engine.prefill_shapes.items()
+               for _ in range(n - shapes[0].get((r, p), 0))]
+        new += [(r * c) for (r, c), n in engine.chunk_shapes.items()
+                for _ in range(n - shapes[1].get((r, c), 0))]
+        assert sum(new) <= 16, f"one step prefilled {sum(new)} tokens: {new} after {prefills}"
+
+
+def test_cancelling_a_chunked_prompt_frees_its_slot(model):
+    engine = Engine(model.runner, batch_size=4, max_len=128, prefill_tokens=16)
+    long = engine.submit(Request(LONG, max_new_tokens=3))
+    engine.step()
+    engine.step()
+    assert long in engine.slots and not engine.results[long].tokens
+    assert engine.cancel(long)
+    assert engine.slots == [None] * 4
+    after, = _run(engine, [Request(SHORT, max_new_tokens=6)])
+    alone, = _run(Engine(model.runner, batch_size=4, max_len=128), [Request(SHORT, 6)])
+    assert after.tokens == alone.tokens and after.finish_reason == alone.finish_reason
+
+
+def test_requests_with_one_prompt_share_its_prefill_row(model):
+    sampled = SamplingParams(temperature=1.0)
+    requests = [Request(SHORT, 6, sampled, seed=s) for s in (1, 2, 3)] + \
+        [Request(SHORT[:3], 6, sampled, seed=4)]
+    engine = Engine(model.runner, batch_size=4, max_len=128)
+    shared = _run(engine, requests)
+    assert engine.prefill_shapes == {(2, 16): 1}          # two distinct prompts, one call
+    for request, got in zip(requests, shared):
+        alone, = _run(Engine(model.runner, batch_size=4, max_len=128), [request])
+        assert got.tokens == alone.tokens
+    assert len({tuple(r.tokens) for r in shared}) > 1, "the seeds made no difference"
+
+
+def test_prefill_inputs_dedupe_prompts_and_pad_to_powers_of_two():
+    results = [Result(i, Request(p, 1), p) for i, p in enumerate(([5, 6], [7], [5, 6], [5, 6]))]
+    call = prefill_inputs(list(zip((3, 0, 1, 2), results)), 16, 8, CONFIG)
+    assert call.tokens.shape == (2, 16) and call.rows.tolist() == [3, 0]
+    assert call.lengths.tolist() == [2, 1] and call.take.tolist() == [0, 1, 0, 0]
+    assert call.sources.tolist() == [3, 3] and call.targets.tolist() == [1, 2]
+    plain = prefill_inputs(list(zip((0, 1, 2), results[:2] + results[3:])), 16, 8, CONFIG)
+    assert plain.take is not None        # results 0 and 3 share [5, 6]
+    distinct = prefill_inputs(list(zip((0, 1, 2), results[:2])), 16, 8, CONFIG)
+    assert distinct.take is None and distinct.tokens.shape == (2, 16)
+    assert distinct.rows.tolist() == [0, 1]

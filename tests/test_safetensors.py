@@ -1,0 +1,243 @@
+"""Converted checkpoints: `python -m grok.checkpoint convert` (release -> safetensors, int8 or
+int4), loading them (whole, and streamed onto a mesh through SafetensorsReader), verify, run.py,
+and every kind of bad input named in one line with the destination never half-written."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import grok
+from conftest import fixture_dir
+from grok.checkpoint import read_checkpoint, read_config
+from grok.checkpoint.__main__ import main as checkpoint_main
+from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, convert
+from grok.checkpoint.loader import load_params
+from grok.checkpoint.reader import SafetensorsReader, as_reader
+from grok.checkpoint.safetensors_io import read_st_header
+from grok.cli import main as cli_main
+from grok.config import DEMO_DIR
+from grok.errors import CheckpointError, ConfigError
+from grok.leaves import abstract_params, checkpoint_entries
+from grok.parallel import rules
+from grok.quant import INT4, dequantize, unpack_int4
+from oracle import oracle_forward, weights64
+from precision import assert_rows_within, model_rel_error, near_tie_rows, rel_rows
+
+FIXTURE = "grok-tiny-top2"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The fixture converted once to int8 and to int4 (default group size)."""
+    src = fixture_dir(FIXTURE)
+    root = tmp_path_factory.mktemp("converted")
+    convert(src, root / "int8", 8, progress=False)
+    convert(src, root / "int4", 4, progress=False)
+    return src, root / "int8", root / "int4"
+
+
+def _quantised(config):
+    return [e for e in checkpoint_entries(config) if e.quantized]
+
+
+def test_int8_keeps_the_release_numbers_exactly(converted):
+    src, int8, _ = converted
+    config = read_config(src)
+    assert read_config(int8) == config.replace(weight_bits=8, group_size=0)
+    assert json.loads((int8 / "config.json").read_text())["weight_bits"] == 8   # recorded
+    release = read_checkpoint(src, config, progress=False)
+    ours = read_checkpoint(int8, config, progress=False)
+    for name, leaf in release.items():
+        parts = (leaf.weight, leaf.scales) if hasattr(leaf, "scales") else (leaf,)
+        again = (ours[name].weight, ours[name].scales) if hasattr(leaf, "scales") else (ours[name],)
+        for a, b in zip(parts, again):
+            assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
+def test_int8_streamed_onto_a_mesh_holds_the_release_params(converted):
+    """The streaming loader through SafetensorsReader places exactly the release's arrays: the
+    same program over the same params, so the same logits as the release's load."""
+    src, int8, _ = converted
+    config = read_config(int8)
+    assert isinstance(as_reader(int8, config), SafetensorsReader)
+    mesh = rules.make_mesh((1, 1))
+    shardings = rules.params_shardings(abstract_params(config), mesh, config)
+    want = jax.tree.leaves(load_params(src, read_config(src), shardings, progress=False))
+    got = jax.tree.leaves(load_params(int8, config, shardings, progress=False))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_int4_files_record_their_group_and_are_within_half_a_step(converted):
+    src, _, int4 = converted
+    config = read_config(int4)
+    assert (config.weight_bits, config.group_size) == (4, DEFAULT_GROUP_SIZE)
+    release = read_checkpoint(src, read_config(src), progress=False)
+    flat = read_checkpoint(int4, config, progress=False)
+    for entry in _quantised(config):
+        header = read_st_header(int4 / "ckpt-0" / f"{entry.filename}.safetensors")
+        # the demo's and fixtures' F=176: 32 asked, 22 taken (the largest divisor not above)
+        assert header.metadata["group_size"] == str(entry.group_size)
+        assert entry.group_size == (22 if entry.shape[-2] == 176 else 32)
+        leaf = flat[entry.name]
+        assert leaf.fmt is INT4 and leaf.weight.dtype == np.uint8
+        # each int4 value is the int8 weight rounded to its group's step: within half a step,
+        # plus the clipped maximum's bf16 scale rounding (7 x 2^-8 of a step)
+        step = np.repeat(leaf.scales.astype(np.float64), entry.group_size, axis=-2)
+        err = np.abs(dequantize(leaf, np.float64) - dequantize(release[entry.name], np.float64))
+        assert (err <= step * (0.5 + 7 * 2.0 ** -8)).all(), entry.name
+        assert np.abs(unpack_int4(leaf.weight)).max() <= 7
+
+
+def test_int4_model_matches_the_float64_oracle_of_its_weights(converted):
+    """int4 on the random fixture moves the logits far from the int8 truth (BENCHMARKS.md: the
+    random 12-layer model amplifies the weights' error), so the load is checked against the exact
+    evaluation of the int4 weights themselves, with the parity tests' bfloat16 bound."""
+    src, _, int4 = converted
+    config = read_config(int4)
+    prompt = np.load(src / "expected.npz")["prompt_1"].tolist()
+    logits, routing = oracle_forward(weights64(read_checkpoint(int4, config, progress=False)),
+                                     config, np.asarray(prompt)[None])
+    ours = grok.load(int4, mesh=(1, 1), progress=False).logits([prompt])[0]   # streamed
+    assert_rows_within(rel_rows(ours, logits[0]), model_rel_error(config.num_layers),
+                       near_tie_rows(routing.margin[:, 0]), "int4 load vs float64 oracle")
+
+
+def test_verify_passes_and_names_a_damaged_file(converted, tmp_path, capsys):
+    _, _, int4 = converted
+    assert checkpoint_main(["verify", str(int4), "-q"]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(int4, copy)
+    victim = copy / "ckpt-0" / "tensor00005_000.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-3])
+    capsys.readouterr()
+    assert checkpoint_main(["verify", str(copy), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL tensor00005_000.safetensors" in out and "1 with problems" in out
+
+
+def test_the_safetensors_package_reads_our_files(converted):
+    safetensors = pytest.importorskip("safetensors")
+    _, _, int4 = converted
+    entry = _quantised(read_config(int4))[0]
+    path = int4 / "ckpt-0" / f"{entry.filename}.safetensors"
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        assert set(f.keys()) == {f"{entry.name}/weight", f"{entry.name}/scales"}
+        assert f.metadata()["weight_format"] == "int4"
+        weight = f.get_tensor(f"{entry.name}/weight")
+    ours = read_checkpoint(int4, read_config(int4), progress=False)[entry.name]
+    np.testing.assert_array_equal(weight, ours.weight)
+
+
+def test_run_py_on_an_int4_demo(tmp_path, capsys):
+    dst = tmp_path / "demo4"
+    assert checkpoint_main(["convert", str(DEMO_DIR), str(dst), "--bits", "4"]) == 0
+    assert (dst / "tokenizer.model").is_file() and (dst / "sampling.json").is_file()
+    capsys.readouterr()
+    assert cli_main(["def f(x):", "--checkpoint", str(dst), "--max-new-tokens", "1",
+                     "--temperature", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["tokens"]) == 1 and result["prompt"] == "def f(x):"
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with `edit(header)`, keeping the data."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+@pytest.fixture
+def damaged(converted, tmp_path):
+    """A copy of the int4 checkpoint and its first quantised file (to damage)."""
+    _, _, int4 = converted
+    copy = tmp_path / "int4"
+    shutil.copytree(int4, copy)
+    entry = _quantised(read_config(copy))[0]
+    return copy, copy / "ckpt-0" / f"{entry.filename}.safetensors", entry
+
+
+def _shift(field, by):
+    def edit(header):
+        name = next(k for k in header if k.endswith(field))
+        header[name]["data_offsets"] = [o + by for o in header[name]["data_offsets"]]
+    return edit
+
+
+def _set(field, key, value):
+    def edit(header):
+        header[next(k for k in header if k.endswith(field))][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda p: p.write_bytes(p.read_bytes()[:5]), "no header length"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-1]), "after the last tensor|data_offsets"),
+    (lambda p: p.write_bytes((1 << 40).to_bytes(8, "little") + p.read_bytes()[8:]),
+     "header length"),
+    (lambda p: p.write_bytes(p.read_bytes()[:8] + b"x" + p.read_bytes()[9:]), "not JSON"),
+    (lambda p: _rewrite(p, _shift("/scales", 2)), "data_offsets"),
+    (lambda p: _rewrite(p, _shift("/weight", 1 << 30)), "data_offsets"),
+    (lambda p: _rewrite(p, _set("/weight", "dtype", "F64")), r"dtype: 'F64' is not one of"),
+    (lambda p: _rewrite(p, _set("/weight", "dtype", "I8")), "weight dtype int8, expected uint8"),
+    (lambda p: _rewrite(p, _set("/scales", "shape", [1, 2])), "data_offsets"),
+    (lambda p: _rewrite(p, lambda h: h["__metadata__"].update(group_size="16")),
+     "__metadata__.group_size"),
+])
+def test_a_damaged_file_is_one_line_naming_file_and_field(damaged, damage, words):
+    copy, victim, entry = damaged
+    damage(victim)
+    config = read_config(copy)
+    for read in (lambda: read_checkpoint(copy, config, progress=False),
+                 lambda: SafetensorsReader(copy, config).locate(entry)):
+        with pytest.raises(CheckpointError, match=words) as err:
+            read()
+        assert str(victim) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_whose_format_does_not_match_the_tensors(damaged, converted):
+    copy, victim, _ = damaged
+    text = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**text, "weight_bits": 8, "group_size": 0}))
+    with pytest.raises(CheckpointError, match=r"__metadata__\.weight_format is 'int4'.*"
+                       "weight_bits=8"):
+        read_checkpoint(copy, read_config(copy), progress=False)
+    src = converted[0]   # an int4 config over release (int8) files
+    with pytest.raises(CheckpointError, match="release-format files hold int8"):
+        read_checkpoint(src, read_config(src).replace(weight_bits=4, group_size=64),
+                        progress=False)
+
+
+def test_convert_never_leaves_a_half_written_destination(converted, tmp_path, capsys):
+    src = converted[0]
+    # a group size that does not divide K, when forced: one line naming file and field
+    with pytest.raises(ConfigError, match=r"--group-size 64 does not divide the 176 input rows "
+                       r"of tensor\d+_000"):
+        convert(src, tmp_path / "a", 4, 64, exact=True, progress=False)
+    # a source file damaged late in the run
+    bad_src = tmp_path / "src"
+    shutil.copytree(src, bad_src)
+    last = sorted((bad_src / "ckpt-0").iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:-7])
+    assert checkpoint_main(["convert", str(bad_src), str(tmp_path / "b"), "--bits", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(last) in err and "\n" not in err
+    # an existing destination is left as it was
+    existing = tmp_path / "c"
+    existing.mkdir()
+    (existing / "keep").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(src, existing, 8, progress=False)
+    assert [p.name for p in existing.iterdir()] == ["keep"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "src"]   # no a, b or partials
