@@ -4,11 +4,12 @@ beside the same requests through the engine directly, in one run on one model.
     python benchmarks/serve_load.py [--checkpoint demo] [--clients 32] [--requests 64]
                                     [--max-tokens 32] [--max-batch 32] [--json FILE]
 
-Each request is a completion of `--max-tokens` tokens (temperature 1, its own seed, no stop)
-of a prompt cut from the demo's held-out text. Engine: one thread per request submits it and
+Each request is a completion of `--max-tokens` tokens (the model's sampling.json settings at
+temperature 1, its own seed, no stop) of a prompt cut from the demo's held-out text. Engine: one thread per request submits it and
 reads its event stream (what the server's handlers do). Server: the app in uvicorn on a thread,
-and `--clients` asyncio clients (httpx) streaming server-sent events; a client's next request
-starts when its last ends. Both run the same requests after a warm-up that compiles every shape.
+and `--clients` asyncio clients (httpx, in a process of their own) streaming server-sent events; a client's next request
+starts when its last ends. Both run the same requests after a warm-up that compiles every shape
+(the cache at its largest, every prefill row count, then both runs once, untimed).
 
 Per side: requests/s, generated tokens/s, time to first token (submit -> first token event or
 SSE chunk) and inter-token latency (gaps between a request's token events or chunks), p50 and
@@ -19,9 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -55,10 +59,33 @@ def summary(name: str, wall: float, ttft: list[float], gaps: list[float], tokens
             "itl_p50_ms": ms(gaps, 50), "itl_p99_ms": ms(gaps, 99)}
 
 
+def warm_up(model, texts: list[str], max_batch: int) -> None:
+    """Compile what the runs meet, so that they time steady serving: the cache at its largest
+    (every slot, the whole context), then a prefill of every row count (powers of two up to
+    `max_batch`) at every prompt-length bucket of `texts`."""
+    from grok import Request
+    from grok.serving.batching import bucket
+    engine, context = model.engine, model.config.sequence_len
+    full = engine.submit_all([Request([5 + i], context - 1) for i in range(max_batch)])
+    for rid in full:
+        next(iter(engine.events(rid)))
+        engine.release(rid)
+    buckets = {bucket(len(model.tokenizer.encode(t)), context) for t in texts}
+    rows, rng = 1, np.random.default_rng(1)
+    while rows <= max_batch:
+        for length in sorted(buckets):
+            ids = engine.submit_all([
+                Request(rng.integers(3, model.config.vocab_size, length - 2).tolist(), 2)
+                for _ in range(rows)])
+            for rid in ids:
+                engine.wait(rid)
+                engine.pop(rid)
+        rows *= 2
+
+
 def run_engine(model, texts: list[str], max_tokens: int) -> dict:
     """Every request on a thread of its own: submit, then read its events."""
     from grok import Request
-    from grok.serving.sampling import SamplingParams
     engine = model.engine
     ttft, gaps, tokens = [], [], [0]
     lock = threading.Lock()
@@ -66,7 +93,9 @@ def run_engine(model, texts: list[str], max_tokens: int) -> dict:
     def one(i: int, text: str) -> None:
         ids = model.tokenizer.encode(text)
         start = time.perf_counter()
-        rid = engine.submit(Request(ids, max_tokens, SamplingParams(temperature=1.0), seed=i))
+        # the model's sampling.json settings at temperature 1, as the server's requests get
+        sampling = dataclasses.replace(model.sampling_defaults, temperature=1.0)
+        rid = engine.submit(Request(ids, max_tokens, sampling, seed=i))
         last, mine, n = None, [], 0
         for event in engine.events(rid):
             now = time.perf_counter()
@@ -145,7 +174,16 @@ def run_server(model, texts: list[str], max_tokens: int, clients: int) -> dict:
     while not server.started:
         time.sleep(0.01)
     try:
-        return asyncio.run(_clients(url, texts, max_tokens, clients))
+        # The clients in a process of their own: their Python does not share the server's GIL.
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump(texts, f)
+            f.flush()
+            out = subprocess.run([sys.executable, __file__, "--client-of", url, "--texts", f.name,
+                                  "--max-tokens", str(max_tokens), "--clients", str(clients)],
+                                 capture_output=True, text=True, timeout=1800)
+        if out.returncode:
+            raise RuntimeError(f"the clients failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout)
     finally:
         server.should_exit = True
         thread.join(60)
@@ -159,24 +197,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--client-of", default=None, help=argparse.SUPPRESS)   # the clients' process
+    p.add_argument("--texts", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.client_of:
+        texts = json.loads(args.texts.read_text())
+        print(json.dumps(asyncio.run(_clients(args.client_of, texts, args.max_tokens,
+                                              args.clients))))
+        return 0
     import grok
+    from grok.cli import enable_compile_cache
+    enable_compile_cache()
     model = grok.load(args.checkpoint, max_batch=args.max_batch, progress=False)
     texts = prompts(model, args.requests)
-    # Warm-up: every prompt bucket, batch size and attention span the runs meet, compiled.
-    run_engine(model, texts[:args.max_batch], args.max_tokens)
-    run_engine(model, texts, args.max_tokens)
-    rows = [run_engine(model, texts, args.max_tokens),
-            run_server(model, texts, args.max_tokens, args.clients)]
+    warm_up(model, texts, args.max_batch)
+    run_engine(model, texts, args.max_tokens)      # once each, untimed: the rest of the shapes
+    run_server(model, texts, args.max_tokens, args.clients)
+    rows = []
+    for run in (lambda: run_engine(model, texts, args.max_tokens),
+                lambda: run_server(model, texts, args.max_tokens, args.clients)):
+        steps = sum(model.engine.attend_spans.values())
+        rows.append(run())
+        # generated tokens per decode step: how full the batch was
+        rows[-1]["tokens_per_step"] = (args.requests * args.max_tokens /
+                                       max(1, sum(model.engine.attend_spans.values()) - steps))
     engine, server = rows
     print(f"# {args.requests} requests x {args.max_tokens} tokens, {args.clients} clients, "
           f"max batch {args.max_batch}, {args.checkpoint}")
-    print("| side | req/s | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| side | req/s | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+          "tokens/step |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['side']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | "
-              f"{r['itl_p99_ms']:.1f} |")
+              f"{r['itl_p99_ms']:.1f} | {r['tokens_per_step']:.1f} |")
     print(f"server / engine tokens/s: {server['tok_per_s'] / engine['tok_per_s']:.3f}; "
           f"TTFT p50 added: {server['ttft_p50_ms'] - engine['ttft_p50_ms']:.1f} ms")
     if args.json:

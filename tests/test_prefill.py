@@ -32,9 +32,15 @@ def _run(engine: Engine, requests: list[Request]) -> list[Result]:
 
 def test_a_chunked_prompt_decodes_as_the_full_recompute(model):
     engine = Engine(model.runner, batch_size=4, max_len=128, prefill_tokens=16)
-    result, = _run(engine, [Request(LONG, max_new_tokens=8)])
+    asked = Request(LONG, max_new_tokens=8, logprobs=2, prompt_logprobs=True)
+    result, = _run(engine, [asked])
     want = recompute_greedy(model, LONG, 8)
     assert len(want) >= 4 and result.tokens[:len(want)] == want
+    # the prompt's scores come from one full forward, chunked or not: the same numbers
+    whole, = _run(Engine(model.runner, batch_size=4, max_len=128), [asked])
+    assert result.prompt_logprobs == whole.prompt_logprobs and len(whole.prompt_logprobs) == 100
+    assert result.prompt_top_logprobs == whole.prompt_top_logprobs
+    assert len(result.logprobs) == 8 and all(len(t) == 2 for t in result.top_logprobs)
     # the first chunk a fresh prefill of 16, then six chunks, each no wider than 16 tokens
     assert engine.prefill_shapes == {(1, 16): 1}
     assert sum(engine.chunk_shapes.values()) == 6 and {c for _, c in engine.chunk_shapes} <= {16}

@@ -380,3 +380,21 @@ def test_a_failing_chunk_or_row_copy_ends_only_its_requests(where):
     again = engine.submit_all(requests)
     list(engine.run())
     assert [engine.pop(r).tokens for r in again] == [[TOKEN] * 3] * 2
+
+
+def test_a_listener_gets_every_event_in_order_and_a_failing_one_is_dropped():
+    engine = _engine(tokenizer=CharTokenizer())
+    first, second = engine.submit_all([GOOD, GOOD])
+    engine.step()                      # first's opening events are buffered before it listens
+    heard = []
+    engine.listen(first, heard.append)
+
+    def failing(event):
+        raise RuntimeError("listener bug")
+    engine.listen(second, failing)
+    list(engine.run())
+    assert [e.token for e in heard] == [TOKEN] * 3 and heard[-1].finish_reason == "length"
+    assert "".join(e.text for e in heard) == engine.results[first].text
+    assert engine.results[second].finish_reason == "length"     # it ran on, unheard
+    with pytest.raises(RequestError, match="unknown"):
+        engine.release(first) or engine.listen(first, heard.append)

@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import threading
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -66,8 +65,9 @@ def end_request(state: ServerState, rid: int) -> None:
 
 
 class Generation:
-    """The events of one HTTP request's engine requests, merged into one asyncio queue by a
-    reader thread per engine request; `close()` ends them all (idempotent)."""
+    """The events of one HTTP request's engine requests, merged into one asyncio queue (the
+    engine hands each event over as it happens: `Engine.listen`); `close()` ends them all
+    (idempotent)."""
 
     def __init__(self, state: ServerState, rids: list[int], loop: asyncio.AbstractEventLoop):
         self.state, self.rids, self.loop = state, rids, loop
@@ -78,16 +78,11 @@ class Generation:
         self._last: list[float | None] = [None] * len(rids)
         self._closed = False
         for index, rid in enumerate(rids):
-            threading.Thread(target=self._read, args=(index, rid), daemon=True,
-                             name=f"grok-serve-{rid}").start()
-
-    def _read(self, index: int, rid: int) -> None:
-        try:
-            for event in self.state.engine.events(rid):
-                self._put(index, event)
-        except Exception as err:      # released meanwhile (then nobody listens), or a bug
-            self._put(index, Event(id=rid, token=None, text=None, finish_reason="error",
-                                   error=one_line(f"{err}")))
+            try:
+                state.engine.listen(rid, lambda event, index=index: self._put(index, event))
+            except Exception as err:  # released meanwhile (then nobody listens), or a bug
+                self._put(index, Event(id=rid, token=None, text=None, finish_reason="error",
+                                       error=one_line(f"{err}")))
 
     def _put(self, index: int, event: Event) -> None:
         try:

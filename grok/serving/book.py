@@ -3,11 +3,14 @@ detokenizer and penalty counts. No locking here: `Engine` calls it under its one
 from __future__ import annotations
 
 import collections
-from typing import Any
+import logging
+from typing import Any, Callable
 
 from grok.errors import RequestError
 from grok.serving.detokenizer import Detokenizer
 from grok.serving.request import Event, Request, Result
+
+log = logging.getLogger(__name__)
 
 
 class Book:
@@ -21,6 +24,7 @@ class Book:
         self.seen: dict[int, dict[int, int]] = {}
         self._detok: dict[int, Detokenizer] = {}
         self._events: dict[int, collections.deque[Event]] = {}
+        self._listeners: dict[int, Callable[[Event], None]] = {}
         self._next_id = 0
 
     def add(self, request: Request, prompt: list[int]) -> int:
@@ -54,7 +58,7 @@ class Book:
                   else "stop" if token in req.stop_ids or (detok is not None and detok.stopped)
                   else "length" if len(res.tokens) >= req.max_new_tokens else None)
         if reason is None:
-            self._events[rid].append(Event(rid, token, text, logprob=logprob, top_logprobs=top))
+            self._push(rid, Event(rid, token, text, logprob=logprob, top_logprobs=top))
         else:
             self.finish(rid, reason, token, text, logprob=logprob, top=top)
 
@@ -75,8 +79,28 @@ class Book:
             # A cancelled or failed request keeps the text shown so far: what its events carried.
             text = (text or "") + (detok.finish() if reason in ("eos", "stop", "length") else "")
             res.text = detok.text
-        self._events[rid].append(Event(rid, token, text, reason, error, logprob, top))
+        self._push(rid, Event(rid, token, text, reason, error, logprob, top))
         return True
+
+    def listen(self, rid: int, listener: Callable[[Event], None]) -> None:
+        """Hand the request's events to `listener` from now on (those buffered first)."""
+        queue = self._events.get(rid)
+        if queue is None:
+            raise RequestError(f"request {rid} is unknown (or released)")
+        self._listeners[rid] = listener
+        while queue and rid in self._listeners:
+            self._push(rid, queue.popleft())
+
+    def _push(self, rid: int, event: Event) -> None:
+        listener = self._listeners.get(rid)
+        if listener is None:
+            self._events[rid].append(event)
+            return
+        try:
+            listener(event)
+        except Exception:       # a listener that fails hears no more (the request runs on)
+            log.exception("the listener of request %d failed; it is dropped", rid)
+            self._listeners.pop(rid, None)
 
     def next_event(self, rid: int) -> Event | None:
         """The request's next buffered event, or None."""
@@ -96,3 +120,4 @@ class Book:
         """Forget an ended request (an unknown id is ignored)."""
         self.results.pop(rid, None)
         self._events.pop(rid, None)
+        self._listeners.pop(rid, None)

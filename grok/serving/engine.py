@@ -149,6 +149,16 @@ class Engine(Admission):
                 raise RequestError(f"request {rid} is unknown (or released)")
         return EventStream(self, rid)
 
+    def listen(self, rid: int, listener: Callable[[Event], None]) -> None:
+        """Hand request `rid`'s events to `listener` as they happen (any already buffered
+        first) instead of buffering them for `events` / `next_event`: for a server, with a
+        thread driving the engine (`start()`), so that no thread waits per request. It is
+        called on the stepping thread with the engine's lock held: it must be quick and must
+        not call the engine. One that raises is dropped (logged); the request runs on."""
+        _check_id(rid)
+        with self._lock:
+            self.book.listen(rid, listener)
+
     def wait(self, rid: int) -> Result:
         """The request's result once it has finished (stepping when no driving thread runs)."""
         _check_id(rid)
