@@ -3,15 +3,26 @@
 # "dense" and the roofline (with the compiled programs checked for dequantised weights) and
 # kernel tile sweeps at decode and prefill shapes; then a Grok-1-width slice of LAYERS layers:
 # prefill 512 and decode at batch 1, 8 and 32 per evaluation, their logits against dense, peak
-# device memory; the same slice with its layer loop unrolled; then, if time is left, the XLA
-# grouped evaluation, a per-kernel profile of the slice's steps and the engine on the mid preset.
-# At most 8 files land in $OUT (what the device tool brings back).
+# device memory, with the copy and matmul rates of the same run: int8 weights through our Triton
+# kernels ("pallas"), tokamax's ragged dot ("tokamax": Mosaic GPU), XLA grouped and dense; int4
+# weights through tokamax, XLA grouped and dense; the int8 slice with its layer loop unrolled;
+# then, if time is left, a per-kernel profile of the slice's steps and the engine on the mid
+# preset. At most 8 files land in $OUT (what the device tool brings back).
 #
 # The GPU machine has no network and a Python with JAX+CUDA but no dm-haiku: before carrying the
 # repository there, fetch the wheels here with
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d benchmarks/wheels dm-haiku==0.0.17 jmp==0.0.4
-# (benchmarks/wheels/ is gitignored; carry it with the run). Results go to $OUT (or ./bench-out).
+# and, for the tokamax evaluations, tokamax and what it imports beyond JAX (about 8 MB;
+# benchmarks/gpu_env.sh installs them with --no-deps where the Python lacks tokamax):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d benchmarks/wheels/tokamax tokamax==0.0.12 \
+#         qwix==0.1.8 flax==0.12.8 optax==0.2.8 chex einshape immutabledict jaxtyping \
+#         wadler-lindig typeguard==2.13.3 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
+#         typing-inspection typing-extensions absl-py msgpack rich markdown-it-py mdurl \
+#         pygments pyyaml treescope etils tqdm
+# (benchmarks/wheels/ is gitignored; carry it with the run). Without them the tokamax
+# evaluations are skipped with a printed line. Results go to $OUT (or ./bench-out).
 #   usage: bash benchmarks/gpu.sh [SLICE_LAYERS (default 8)] [BUDGET_SECONDS (default 530)]
 # SMOKE=1 runs the sections on tiny shapes (about a minute on a CPU): a check of the script
 # itself (all but the engine run, which the tests cover; tests/test_bench.py runs it).
@@ -24,10 +35,14 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 if [ "${SMOKE:-0}" = 1 ]; then
   SLICE=(--preset tiny --steps --no-engine --prefill-len 16 --batches 1 --repeats 1)
+  INT8=auto,dense   # (our kernels interpreted on a CPU are slow: "auto" is XLA there)
+  INT4=tokamax      # (the run's length: tests/test_tokamax.py checks it against dense on CPU)
   LAYER=(--dims 64,128 --layers 2 --tokens 1 --repeats 1 --max-configs 1)
   PROFILE=(--preset tiny --prefill-len 16 --calls 1 --batches 1)
 else
   SLICE=(--grok1-slice "$LAYERS")
+  INT8=pallas,tokamax,grouped,dense   # named: "auto" is tokamax on JAX >= 0.11 with tokamax
+  INT4=tokamax,grouped,dense  # (our Triton kernels take int8 only: int4 "pallas" is XLA grouped)
   LAYER=()
   PROFILE=(--grok1-slice "$LAYERS" --batches 1,32)
 fi
@@ -49,18 +64,22 @@ timeout "$(left 200)" "$PY" benchmarks/moe_layer.py ${LAYER[@]+"${LAYER[@]}"} --
   2>&1 | tee -a "$OUT/full.log" | grep -v '^{' | tee -a "$OUT/summary.md"
 log "1. exit status ${PIPESTATUS[0]}"
 
-log "2. Grok-1-width slice of $LAYERS layers: prefill 512, decode at batch 1/8/32 (auto, dense)"
-timeout "$(left 240)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl auto,dense \
+log "2. Grok-1-width slice of $LAYERS layers, int8: prefill 512, decode at batch 1/8/32 ($INT8)"
+timeout "$(left 300)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl "$INT8" \
   --json "$OUT/grok1_slice.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
 rc=${PIPESTATUS[0]}
 log "2. exit status $rc (1: an evaluation failed and was reported; others: the process died)"
+log "2d. the same slice, int4 weights (groups of 32 rows), $INT4 (a separate process)"
+timeout "$(left 180)" "$PY" -m grok.tools.bench "${SLICE[@]}" --bits 4 --moe-impl "$INT4" \
+  --json "$OUT/grok1_slice_int4.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
+log "2d. exit status ${PIPESTATUS[0]}"
 log "2b. the same slice, auto, with the layer loop unrolled (a separate process)"
 timeout "$(left 150)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl auto --unroll 0 \
   --json "$OUT/grok1_slice_unrolled.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
 log "2b. exit status ${PIPESTATUS[0]}"
 
-if [ "$rc" -gt 1 ]; then IMPLS=dense,grouped; else IMPLS=grouped; fi
-if [ "$(left 150)" -gt 100 ]; then
+if [ "$rc" -gt 1 ] && [ "$(left 150)" -gt 100 ]; then   # section 2's process died: the XLA ones
+  IMPLS=dense,grouped
   log "2c. the same slice, moe_impl $IMPLS (a separate process)"
   timeout "$(left 150)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl "$IMPLS" \
     --json "$OUT/grok1_slice_b.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
@@ -74,6 +93,6 @@ fi
 if [ "$(left 120)" -gt 60 ] && [ "${SMOKE:-0}" != 1 ]; then   # (the tests run the engine)
   log "4. engine on the mid preset, dense vs auto"
   timeout "$(left 120)" "$PY" -m grok.tools.bench --preset mid --moe-impl auto,dense --steps \
-    --json "$OUT/mid.json" 2>&1 | tee -a "$OUT/full.log" | tail -30 | tee -a "$OUT/summary.md"
+    2>&1 | tee -a "$OUT/full.log" | tail -30 | tee -a "$OUT/summary.md"   # (no JSON: 8 files)
 fi
 log "done; results in $OUT"

@@ -31,6 +31,7 @@ from grok.tools.bench import (hash_uniform, copy_bandwidth, dequantized_buffers,
                         matmul_rate, pipelined_time)
 from grok.kernels.pallas_int8 import (fit_shared, pipeline_defaults, splits_for, sweep_launch,
                                       tiles)
+from grok.kernels.measured import tokamax_installed
 from grok.kernels.plan import block_rows_for, resolve_plan
 from grok.model.moe import grouped, moe
 from grok.quant import QuantizedWeight8bit
@@ -62,6 +63,8 @@ def layer_rows(args, weights, bandwidth) -> list[dict]:
         used = len(np.unique(np.asarray(chosen)))
         nbytes = used * expert_bytes
         impls = ["dense", "pallas", "grouped"] + (["gather"] if n <= 8 else [])
+        if not INTERPRET and tokamax_installed():   # (on CPU: tests/test_tokamax.py)
+            impls.append("tokamax")
         if n >= 256:   # prefill: expert blocks of other sizes (rows padded per expert vs speed)
             impls += [f"pallas/bm{bm}" for bm in (32, 128)]
         ref = None

@@ -5,11 +5,12 @@ beside the same requests through the engine directly, in one run on one model.
                                     [--max-tokens 32] [--max-batch 32] [--json FILE]
 
 Each request is a completion of `--max-tokens` tokens (the model's sampling.json settings at
-temperature 1, its own seed, no stop) of a prompt cut from the demo's held-out text. Engine: one thread per request submits it and
-reads its event stream (what the server's handlers do). Server: the app in uvicorn on a thread,
-and `--clients` asyncio clients (httpx, in a process of their own) streaming server-sent events; a client's next request
-starts when its last ends. Both run the same requests after a warm-up that compiles every shape
-(the cache at its largest, every prefill row count, then both runs once, untimed).
+temperature 1, its own seed, no stop) of a prompt cut from the demo's held-out text.
+Engine: `--clients` threads, each submitting a request and reading its event stream, then the
+next. Server: the app in uvicorn on a thread, and `--clients` asyncio clients (httpx, in a
+process of their own) streaming server-sent events, each starting its next request when its
+last ends. Both run the same requests after a warm-up that compiles every shape (the cache at
+its largest, every prefill row count, then both runs once, untimed).
 
 Per side: requests/s, generated tokens/s, time to first token (submit -> first token event or
 SSE chunk) and inter-token latency (gaps between a request's token events or chunks), p50 and
@@ -83,8 +84,9 @@ def warm_up(model, texts: list[str], max_batch: int) -> None:
         rows *= 2
 
 
-def run_engine(model, texts: list[str], max_tokens: int) -> dict:
-    """Every request on a thread of its own: submit, then read its events."""
+def run_engine(model, texts: list[str], max_tokens: int, clients: int) -> dict:
+    """`clients` threads, as the server's clients: each submits a request, reads its events,
+    then takes the next."""
     from grok import Request
     engine = model.engine
     ttft, gaps, tokens = [], [], [0]
@@ -115,7 +117,16 @@ def run_engine(model, texts: list[str], max_tokens: int) -> dict:
     engine.start()
     try:
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i, t)) for i, t in enumerate(texts)]
+        queue = list(enumerate(texts))
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    i, text = queue.pop(0)
+                one(i, text)
+        threads = [threading.Thread(target=client) for _ in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
@@ -211,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     model = grok.load(args.checkpoint, max_batch=args.max_batch, progress=False)
     texts = prompts(model, args.requests)
     warm_up(model, texts, args.max_batch)
-    run_engine(model, texts, args.max_tokens)      # once each, untimed: the rest of the shapes
+    run_engine(model, texts, args.max_tokens, args.clients)   # once each, untimed
     run_server(model, texts, args.max_tokens, args.clients)
     rows = []
-    for run in (lambda: run_engine(model, texts, args.max_tokens),
+    for run in (lambda: run_engine(model, texts, args.max_tokens, args.clients),
                 lambda: run_server(model, texts, args.max_tokens, args.clients)):
         steps = sum(model.engine.attend_spans.values())
         rows.append(run())

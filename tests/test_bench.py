@@ -53,10 +53,22 @@ def test_gpu_script_runs_every_section_on_tiny_shapes(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     statuses = [line for line in summary.splitlines() if "exit status" in line]
-    assert len(statuses) == 4 and all("exit status 0" in s for s in statuses), statuses
-    for section in ("1. ", "2b. ", "2c. ", "3. ", "done"):
+    assert len(statuses) == 5 and all("exit status 0" in s for s in statuses), statuses
+    for section in ("1. ", "2. ", "2d. ", "2b. ", "3. ", "done"):
         assert f"== {section}" in summary, section
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and {"moe_layer.json", "grok1_slice.json", "profile.md",
-                                "grok1_slice_unrolled.json"} <= set(files), files
+                                "grok1_slice_int4.json", "grok1_slice_unrolled.json"} \
+        <= set(files), files
+    # the int8 slice checked against dense; the int4 one through tokamax where installed
+    from grok.kernels.measured import tokamax_installed
+    slices = {name: json.loads((tmp_path / name).read_text())
+              for name in ("grok1_slice.json", "grok1_slice_int4.json")}
+    assert {r["moe_impl"] for r in slices["grok1_slice.json"]["steps_check"]} == {"auto"}
+    assert {r["moe_impl"] for r in slices["grok1_slice_int4.json"]["steps"]} == \
+        ({"tokamax"} if tokamax_installed() else set())
+    assert all(s["copy_gb_s"] > 0 and s["matmul_tflop_s"] > 0 for s in slices.values())
+    assert slices["grok1_slice_int4.json"]["config"].endswith("-int4-g32")
+    if not tokamax_installed():
+        assert "moe_impl=tokamax skipped" in summary
     assert "layers unrolled" in summary and "| w1+wv |" in summary

@@ -262,15 +262,19 @@ def test_grok_bench_arguments_are_checked(capsys):
         assert words in rejected(main, args, capsys), args
 
 
-@pytest.mark.parametrize("name", ["tiny", "mid", "grok1-slice-2"])
+@pytest.mark.parametrize("name", ["tiny", "mid", "grok1-slice-2", "tiny-int4",
+                                  "grok1-slice-2-int4"])
 def test_bench_random_params_have_the_library_layout(name):
-    """grok.tools.bench's random weights (every preset, and the Grok-1 slice no CPU can hold) are the
-    tree grok.leaves.abstract_params describes: the same leaves, shapes and dtypes (traced only,
-    nothing allocated)."""
+    """grok.tools.bench's random weights (every preset, and the Grok-1 slice no CPU can hold; int8
+    and, with --bits 4, int4 with per-group scales) are the tree grok.leaves.abstract_params
+    describes: the same leaves, shapes and dtypes (traced only, nothing allocated)."""
     from grok.tools import bench
     from grok.leaves import abstract_params
 
-    config = bench.grok1_slice(2) if name.startswith("grok1") else bench.PRESETS[name]
+    base = name.removesuffix("-int4")
+    config = bench.grok1_slice(2) if base.startswith("grok1") else bench.PRESETS[base]
+    if name.endswith("-int4"):
+        config = config.replace(weight_bits=4, group_size=32)
     shapes = lambda tree: [(jax.tree_util.keystr(path), tuple(x.shape), str(x.dtype))
                            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     made = jax.eval_shape(lambda: bench.random_params(config))

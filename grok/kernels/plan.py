@@ -2,8 +2,10 @@
 
 `resolve_plan(moe_impl, params=..., mesh=...)` looks at the backend (the only place in grok that
 does), the mesh and the layout of the weights on it, and the weights' storage format, and fixes:
-- which MoE evaluation runs (`moe`: "dense", "gather", "grouped" in XLA, "pallas" kernels, or
-  "auto": the kernels where a call's shapes fit them, else "grouped");
+- which MoE evaluation runs (`moe`: "dense", "gather", "grouped" in XLA, "pallas" kernels,
+  "tokamax" (`tokamax.ragged_dot`, grok.kernels.tokamax_moe), or "auto": on a GPU the kernel the
+  table of measured results (grok.kernels.measured) names for the card, JAX version and shape
+  class, where a call's weights and shapes fit it, else "grouped");
 - whether the decode-time attention projections go through the kernel (`projections`);
 - whether Pallas kernels are compiled (GPU) or interpreted (elsewhere; tests);
 - whether dots widen their operands to float32 first (XLA's CPU runtime takes no int8 or
@@ -24,12 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from grok.errors import GrokError
-from grok.kernels import moe_mlp
+from grok.kernels import measured, moe_mlp, tokamax_moe
 from grok.kernels.pallas_int8 import kernel_applies
 from grok.parallel import mesh_kernels
 from grok.quant import INT8, LayerSlice, QuantizedWeight
 
-MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas")
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas", "tokamax")
 # Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
 # the weight once, in place. Larger ones are compute-bound, where XLA's GEMMs do better.
 KERNEL_ROWS = 64
@@ -48,6 +50,8 @@ class ExecutionPlan:
     # Quantised weights converted inside the dot and scaled per row block after it (None: on
     # accelerators; the CPU dequantises in float32 first, see grok.quant._dequantize_f32).
     scale_after_dot: bool | None = None
+    # "auto"'s kernel per shape class, from grok.kernels.measured (resolve_plan fills it in).
+    auto_kernels: tuple[tuple[str, str], ...] = (("decode", "pallas"), ("prefill", "pallas"))
 
     def __post_init__(self) -> None:
         if self.moe not in MOE_IMPLS:
@@ -60,6 +64,19 @@ class ExecutionPlan:
     def interpret(self) -> bool:
         """Pallas kernels run through the interpreter: they compile (Triton) on GPUs only."""
         return self.backend != "gpu"
+
+    @property
+    def tokamax_impls(self) -> tuple[str, ...]:
+        """tokamax's implementations to use: its Mosaic kernels on accelerators (never its Triton
+        one: deprecated in JAX 0.11), its XLA reference on CPU."""
+        return ("xla",) if self.backend == "cpu" else ("mosaic",)
+
+    @property
+    def projection_kernel(self) -> str:
+        """Which kernel takes the decode-time projections (with `projections`): tokamax's where
+        the MoE uses it while decoding, else ours."""
+        decode = dict(self.auto_kernels)["decode"] if self.moe == "auto" else self.moe
+        return "tokamax" if decode == "tokamax" else "pallas"
 
     @property
     def widen_dots(self) -> bool:
@@ -81,13 +98,20 @@ class ExecutionPlan:
     # --- the model's two kernel-or-reference branches -------------------------------------------
     def moe_path(self, assignments: int, w1: Any, wv: Any, w2: Any) -> str:
         """The MoE evaluation for `assignments` (token, choice) rows: "dense", "gather",
-        "grouped" or "pallas". "auto" takes the kernels where every weight is int8 and each
-        device's shard has a shape they handle."""
+        "grouped", "pallas" or "tokamax". "auto" takes the table's kernel for the shape class:
+        tokamax where every weight is quantised (int8 or int4) on one device, ours where every
+        weight is int8 and each device's shard has a shape they handle."""
         weights = (w1, wv, w2)
         quantized = all(takes_kernel(w) for w in weights)
-        if self.moe != "auto":   # the kernels take int8 weights only (int4: XLA)
+        if self.moe != "auto":   # our kernels take int8 weights only (int4: XLA)
             return "grouped" if self.moe == "pallas" and not quantized else self.moe
-        if self.backend != "gpu" or not quantized:
+        kernel = dict(self.auto_kernels)[measured.shape_class(assignments)]
+        if kernel == "tokamax" and self.mesh_kernel is not None:
+            kernel = "pallas"   # per device under shard_map only ours are wired (mesh_kernels)
+        if kernel == "tokamax" and self.backend == "gpu":
+            return "tokamax" if all(isinstance(w, QuantizedWeight) for w in weights) \
+                else "grouped"
+        if self.backend != "gpu" or not quantized or kernel != "pallas":
             return "grouped"
         bm = block_rows_for(assignments, w1.shape[-3], "pallas")
         shapes = [w.shape[-3:] for w in weights]
@@ -109,6 +133,13 @@ class ExecutionPlan:
                                             block_rows, w1, wv, w2, layer)
         return self._mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
 
+    def ragged_mlp(self, xs: jax.Array, counts: jax.Array, w1: Any, wv: Any, w2: Any,
+                   layer: Any = None) -> jax.Array:
+        """The MoE's rows xs [A, D], sorted by expert (counts [E]), through tokamax's ragged dot
+        (grok.kernels.tokamax_moe) -> float32 [A, D]."""
+        return tokamax_moe.gated_mlp(xs, counts, w1, wv, w2, layer,
+                                     implementation=self.tokamax_impls, widen=self.widen_dots)
+
     def _mlp(self, xb, block_expert, block_rows, w1, wv, w2, layer=None):
         return moe_mlp.gated_mlp(xb, block_expert, block_rows, w1, wv, w2, layer,
                                  interpret=self.interpret)
@@ -124,6 +155,9 @@ class ExecutionPlan:
         rows = math.prod(x.shape[:-1])
         if rows > KERNEL_ROWS:
             return None
+        if self.projection_kernel == "tokamax":
+            return tokamax_moe.stacked_linears(x, ws, out_dtype, implementation=self.tokamax_impls,
+                                               widen=self.widen_dots)
         return moe_mlp.stacked_linears(x, ws, out_dtype, interpret=self.interpret)
 
 
@@ -147,22 +181,56 @@ def current_backend() -> str:
     return jax.default_backend()
 
 
+def auto_kernels(backend: str, card: str | None = None, jax_version: str | None = None,
+                 tokamax: bool | None = None) -> tuple[tuple[str, str], ...]:
+    """"auto"'s kernel per shape class on `backend`: on a GPU the table's choice
+    (grok.kernels.measured.choose) for the card (default: jax's first device's kind), JAX
+    version and whether tokamax is installed; elsewhere "grouped" (XLA)."""
+    if backend != "gpu":
+        return (("decode", "grouped"), ("prefill", "grouped"))
+    if card is None:
+        card = jax.devices()[0].device_kind if current_backend() == "gpu" else ""
+    version = jax_version or jax.__version__
+    have = _tokamax_loads() if tokamax is None else tokamax
+    triton = measured.has_triton()
+    return tuple((shape, measured.choose(card, version, shape, have, triton))
+                 for shape in ("decode", "prefill"))
+
+
+def _tokamax_loads() -> bool:
+    """Whether tokamax is installed and imports (an install missing a dependency leaves "auto"
+    on the other kernels, not failing)."""
+    if not measured.tokamax_installed():
+        return False
+    try:
+        tokamax_moe.load()
+    except GrokError:
+        return False
+    return True
+
+
 def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None,
                  backend: str | None = None, unroll: int | bool = 1) -> ExecutionPlan:
     """The plan for a model's `params` (sharded on `mesh`, if any) on `backend` (default: jax's).
+    moe_impl="tokamax" needs the tokamax package (else a one-line GrokError naming it).
 
     On a multi-device mesh the MoE kernels run per device where the weights' layout lets each
     device compute from its own shard (mesh_kernels.kernel_plan); elsewhere "auto" means the XLA
     grouped path there, and the attention projections never take the kernel (GSPMD would gather
     their sharded weights for the custom call)."""
     backend = backend or current_backend()   # (ExecutionPlan refuses a bad moe_impl)
+    if moe_impl == "tokamax":
+        tokamax_moe.load()
     multi = mesh is not None and mesh.devices.size > 1
     mesh_kernel = None
     if multi and moe_impl in ("auto", "pallas") and params is not None:
         mesh_kernel = mesh_kernels.kernel_plan(params, mesh)
         if mesh_kernel is None and moe_impl == "auto":
             moe_impl = "grouped"
-    projections = not multi and (moe_impl == "pallas" or (moe_impl == "auto" and backend == "gpu"))
+    kernels = auto_kernels(backend)
+    projections = not multi and (moe_impl in ("pallas", "tokamax") or (
+        moe_impl == "auto" and backend == "gpu" and dict(kernels)["decode"] != "grouped"))
     if moe_impl == "auto" and backend != "gpu":
         moe_impl = "grouped"
-    return ExecutionPlan(backend, moe_impl, projections, mesh_kernel, unroll)
+    return ExecutionPlan(backend, moe_impl, projections, mesh_kernel, unroll,
+                         auto_kernels=kernels)

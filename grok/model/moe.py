@@ -11,7 +11,10 @@ Evaluations with the same results (up to bfloat16 rounding and summation order):
   are read (XLA; the default on CPU, for decoding and prefill alike);
 - "pallas": the same blocks through `grok.kernels` (`gated_block_matmul` for gelu(x w1) * (x wv),
   `block_matmul` for w2), Pallas kernels that read each block's expert weights in place as int8
-  (Triton on GPU; elsewhere the Pallas interpreter, which is slow: tests only).
+  (Triton on GPU; elsewhere the Pallas interpreter, which is slow: tests only);
+- "tokamax": the (token, choice) rows sorted by expert and run through `tokamax.ragged_dot`
+  with the weights as qwix QArrays (grok.kernels.tokamax_moe: Mosaic kernels on GPU and TPU, its
+  XLA implementation on CPU); "grouped" is its reference.
 Which one runs is the execution plan's choice (`plan.moe_path`, grok.kernels.plan): the one
 kernel-or-reference branch, in `moe` below.
 
@@ -20,8 +23,8 @@ layer's index: slicing a layer out of the stack would copy it (XLA cannot hand a
 slice in place), so every evaluation indexes (layer, expert) itself, and the kernel reads the
 chosen experts straight out of the stack.
 
-`jax.lax.ragged_dot` is not used: on CPU (jax 0.10) it lowers to a masked dense product over every
-group, and on GPU it was measured reading every expert even for empty groups.
+The XLA paths do not use `jax.lax.ragged_dot`: on CPU (jax 0.10) it lowers to a masked dense
+product over every group, and on GPU it was measured reading every expert even for empty groups.
 """
 from __future__ import annotations
 
@@ -106,6 +109,8 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2, plan: Ex
         return _dense(x, gates, experts, w1, wv, w2, plan)
     if impl == "gather":
         return _gather(x, gates, experts, w1, wv, w2, plan, layer)
+    if impl == "tokamax":
+        return _ragged(x, gates, experts, w1, wv, w2, plan, layer)
     bm = block_rows_for(n * k, w1.shape[-3], impl)
     return grouped(x, gates, experts, w1, wv, w2, bm, plan, layer, kernels=impl == "pallas")
 
@@ -132,6 +137,17 @@ def _gather(x, gates, experts, w1, wv, w2, plan, layer=None):
     hidden = jax.nn.gelu(per_token(chosen, w1)) * per_token(chosen, wv)         # [N, k, F]
     y = per_token(hidden.astype(BF16), w2)                                      # [N, k, D]
     return dot("nk,nkd->nd", gates, y, plan)
+
+
+def _ragged(x, gates, experts, w1, wv, w2, plan, layer=None):
+    """The rows sorted by expert (route_blocks with one-row blocks gives each its sorted
+    position) through the plan's ragged-dot kernel, then back in (token, choice) order."""
+    n, k = experts.shape
+    slot, _, _ = route_blocks(experts, w1.shape[-3], 1)
+    counts = jnp.zeros((w1.shape[-3],), jnp.int32).at[experts.reshape(-1)].add(1)
+    source = jnp.zeros((n * k,), jnp.int32).at[slot].set(jnp.arange(n * k, dtype=jnp.int32) // k)
+    y = plan.ragged_mlp(x[source], counts, w1, wv, w2, layer)                  # [N*k, D]
+    return dot("nk,nkd->nd", gates, y[slot].reshape(n, k, -1), plan)
 
 
 # --- grouped: (token, choice) rows sorted by expert into blocks of bm rows ------------------------

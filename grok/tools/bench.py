@@ -4,12 +4,15 @@
     python -m grok.tools.bench --preset mid --steps              # + step times and fraction of roofline
     python -m grok.tools.bench --grok1-slice 8                   # Grok-1 width, 8 layers (a big GPU)
     python -m grok.tools.bench --grok1-slice 8 --unroll 0        # the same, layer loop unrolled
+    python -m grok.tools.bench --grok1-slice 8 --bits 4 --moe-impl tokamax,grouped,dense  # int4
     python -m grok.tools.bench --preset mid --moe-impl dense,auto --check
     python -m grok.tools.bench --preset tiny --batches 1 --prompt-len 8 --new-tokens 3 --steps \
         --prefill-len 16 --repeats 1                       # a quick check (seconds, any CPU)
 
-Weights are random int8 generated on the device by a hash of each element's index (nothing is
-read from disk, no float copy is made), so a Grok-1-width slice builds in seconds. Step times are
+Weights are random int8 (or, with `--bits 4`, int4 with per-group scales) generated on the
+device by a hash of each element's index (nothing is read from disk, no float copy is made), so
+a Grok-1-width slice builds in seconds. An evaluation whose package is missing (tokamax) is
+skipped with a printed line. Step times are
 medians over `--repeats` runs after a warm-up call (compile time excluded), each run blocked
 until done; "back-to-back" times are the mean of 5 calls blocked once at the end (the host's
 dispatch hidden behind the device's work), median of 3 (of 1 with `--repeats 1`). Engine
@@ -36,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok.checkpoint.convert import DEFAULT_GROUP_SIZE
 from grok.config import GROK1, GrokConfig
 from grok.serving.engine import Engine, ModelRunner, Request, bucket
 from grok.model import KVCache
-from grok.kernels.plan import MOE_IMPLS, block_rows_for, resolve_plan
+from grok.kernels.measured import tokamax_installed
+from grok.kernels.plan import MOE_IMPLS, auto_kernels, block_rows_for, resolve_plan
 from grok.leaves import Entry, checkpoint_entries, model_tree
 from grok.quant import QuantizedWeight
 
@@ -75,21 +80,31 @@ def hash_uniform(shape: tuple[int, ...], seed: int) -> jax.Array:
 
 
 def random_params(config: GrokConfig, seed: int = 0) -> dict[str, Any]:
-    """The model's tree (layers stacked for the scan) with random int8 weights, built on the
-    default device from the leaf table: int8 uniform in [-127, 127] with fan-in scaled bfloat16
-    scales, unit norm scales, fan-in scaled uniform floats."""
+    """The model's tree (layers stacked for the scan) with random quantised weights in the
+    config's format, built on the default device from the leaf table: int8 uniform in
+    [-127, 127] (int4: [-7, 7], packed two per byte) with fan-in scaled bfloat16 scales (weights
+    of standard deviation about 1 / sqrt(fan-in)), unit norm scales, fan-in scaled uniform
+    floats."""
     index = {e.name: e.index for e in checkpoint_entries(config)}
 
     def make(entry: Entry, stacked: bool) -> Any:
         shape = (config.num_layers, *entry.shape) if stacked else entry.shape
         leaf_seed = seed * 1000 + index[entry.name]
         if entry.quantized:
-            def weight(shape=shape, s=leaf_seed):
+            stored = (*shape[:-2], *entry.weight_shape[-2:])
+            int4 = entry.fmt.bits == 4
+
+            def weight(shape=stored, s=leaf_seed):
                 h = hash_uniform(shape, s)
-                return ((h >> 24).astype(jnp.int32) % 255 - 127).astype(jnp.int8)
+                if not int4:
+                    return ((h >> 24).astype(jnp.int32) % 255 - 127).astype(jnp.int8)
+                nibble = lambda v: (v % 15 + 9) & 0xF      # [0, 14] -> [-7, 7] as a nibble
+                return (nibble(h >> 8) | (nibble(h >> 20) << 4)).astype(jnp.uint8)
+            # uniform on [-m, m] has standard deviation m / sqrt(3)
+            spread = (7 if int4 else 127) / math.sqrt(3)
             scales = jnp.full((*shape[:-2], entry.scale_blocks, shape[-1]),
-                              1.0 / (73.3 * math.sqrt(entry.fan_in)), jnp.bfloat16)
-            return QuantizedWeight(jax.jit(weight)(), scales)
+                              1.0 / (spread * math.sqrt(entry.fan_in)), jnp.bfloat16)
+            return QuantizedWeight(jax.jit(weight)(), scales, entry.fmt)
         if entry.param == "scale":
             return jnp.ones(shape, jnp.float32)
         # embeddings (bfloat16 as the model holds them) and router weights (float32)
@@ -354,10 +369,14 @@ def peak_memory(after: str, weights_gb: float, cache_gb: float) -> dict[str, Any
 
 
 def machine() -> dict[str, Any]:
+    """This run's JAX, device and host, whether tokamax is installed, and the MoE kernel "auto"
+    takes per shape class on this backend (grok.kernels.measured's table)."""
     dev = jax.devices()[0]
-    return dict(jax=jax.__version__, backend=jax.default_backend(),
+    backend = jax.default_backend()
+    return dict(jax=jax.__version__, backend=backend,
                 device=getattr(dev, "device_kind", str(dev)), python=platform.python_version(),
-                host=platform.machine(), cpus=__import__("os").cpu_count())
+                host=platform.machine(), cpus=__import__("os").cpu_count(),
+                tokamax=tokamax_installed(), auto=dict(auto_kernels(backend)))
 
 
 def dequantized_buffers(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
@@ -388,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="Grok-1 width with LAYERS layers (step times and roofline only)")
     ap.add_argument("--moe-impl", default="auto",
                     help=f"comma-separated evaluations to compare, of {', '.join(MOE_IMPLS)}")
+    ap.add_argument("--bits", type=int, choices=(8, 4), default=8,
+                    help="random weights in int8 or int4 (per-group scales, --group-size)")
+    ap.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                    help="int4 rows per scale (the converter's default; per tensor the largest "
+                    "divisor of its input width not above this)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prompt-len", type=int, default=64, help="engine prompts")
     ap.add_argument("--new-tokens", type=int, default=16, help="engine tokens per request")
@@ -407,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [i for i in impls if i not in MOE_IMPLS]
     if bad:
         ap.error(f"unknown --moe-impl {bad[0]!r}; choose from {', '.join(MOE_IMPLS)}")
+    if "tokamax" in impls and not tokamax_installed():
+        print("moe_impl=tokamax skipped: the tokamax package is not installed "
+              "(pip install 'grok[kernels]')", flush=True)
+        impls = [i for i in impls if i != "tokamax"]
     try:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
@@ -425,13 +453,16 @@ def main(argv: list[str] | None = None) -> int:
         config = config.replace(sequence_len=bucket(args.prefill_len + 1, GROK1.sequence_len))
     else:
         config, name = PRESETS[args.preset], args.preset
+    if args.bits == 4:
+        config = config.replace(weight_bits=4, group_size=args.group_size)
+        name += f"-int4-g{args.group_size}"
     info = machine()
     print(f"# grok.tools.bench {name}: {info}", flush=True)
     start = time.perf_counter()
     params = random_params(config)
     _block(params)
     weight_gb = _nbytes(params) / 1e9
-    print(f"random int8 weights: {weight_gb:.2f} GB in {time.perf_counter() - start:.1f} s; "
+    print(f"random int{args.bits} weights: {weight_gb:.2f} GB in {time.perf_counter() - start:.1f} s; "
           f"block rows at batch 1: {block_rows_for(config.num_selected_experts, config.num_experts)}",
           flush=True)
     out: dict[str, Any] = dict(config=name, machine=info, weight_gb=weight_gb,

@@ -1,0 +1,115 @@
+"""The MoE's expert MLP and the decode-time projections through `tokamax.ragged_dot` (same API as
+`jax.lax.ragged_dot`), with the weights handed over as qwix `QArray`s built from our
+`QuantizedWeight`s: tokamax's Mosaic GPU kernels (sm90, sm100) and Mosaic TPU kernel read them
+quantised; on CPU its XLA implementation dequantises them (tests).
+
+- int8 [..., E, K, N] with scales [..., E, S, N] is a QArray as it stands: qwix scales with the
+  same rank as the values, each covering a (1, K/S, 1) tile (the release's row blocks). A layer
+  of a stacked [L, E, K, N] weight is read in place: the stack is seen as L*E groups and only
+  the layer's E get rows (a slice would be copied before the kernel: every expert, every step).
+- int4 (uint8 pairs along K) is unpacked to jax's int4 type with the same per-group scales; that
+  conversion reads the layer's experts once per step (a follow-up: store the converted weights).
+On CPU (the plan's `widen_dots`) x and the scales go in as float32, so the dequantised weight
+and the dots are exact float32 like the reference paths. The reference is the XLA grouped path
+of grok.model.moe; grok.kernels.plan decides when this runs. tokamax is imported on first use.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from grok.errors import GrokError
+from grok.quant import BF16, INT8, LayerSlice, QuantizedWeight, unpack_int4
+
+F32 = jnp.float32
+
+
+@functools.cache
+def load() -> Any:
+    """The tokamax module, or a one-line GrokError naming the missing package."""
+    try:   # (tokamax imports qwix: a missing qwix is named by the error too)
+        import tokamax
+    except ImportError as err:
+        raise GrokError(f"moe_impl='tokamax' needs the {err.name or 'tokamax'} package: "
+                        f"pip install 'grok[kernels]' ({err})") from None
+    from absl import flags   # (a dependency of tokamax)
+    if not flags.FLAGS.is_parsed():
+        # tokamax reads its options from absl flags and would parse sys.argv (a pytest's, a
+        # server's command line) on first use, failing on any flag it does not know: defaults.
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def qarray(w: QuantizedWeight, widen: bool) -> Any:
+    """`w` as a qwix QArray of the same logical shape: int8 values as stored, int4 unpacked to
+    jax's int4 type; scales bfloat16 (float32 with `widen`: the CPU's exact dequantisation)."""
+    import qwix
+    values = w.weight if w.fmt is INT8 else unpack_int4(w.weight, jnp).astype(jnp.int4)
+    scales = w.scales.astype(F32 if widen else BF16)
+    return qwix.QArray(values, scales, qtype=values.dtype)
+
+
+def _grouped(w: Any, counts: jax.Array, layer: Any, widen: bool) -> tuple[Any, jax.Array]:
+    """(rhs [G, K, N], group sizes [G]) for counts [E] rows per expert of layer `layer`."""
+    if layer is not None and isinstance(w, QuantizedWeight) and w.fmt is INT8:
+        lead, experts = w.weight.shape[0], counts.shape[0]
+        flat = QuantizedWeight(w.weight.reshape(-1, *w.weight.shape[-2:]),
+                               w.scales.reshape(-1, *w.scales.shape[-2:]))
+        sizes = jax.lax.dynamic_update_slice(jnp.zeros((lead * experts,), jnp.int32),
+                                             counts.astype(jnp.int32), (layer * experts,))
+        return qarray(flat, widen), sizes
+    if layer is not None:   # int4 (converted anyway) and float weights: the layer's slice
+        w = w[layer]
+    if isinstance(w, QuantizedWeight):
+        return qarray(w, widen), counts.astype(jnp.int32)
+    return w.astype(F32 if widen else BF16), counts.astype(jnp.int32)
+
+
+def ragged_dot(x: jax.Array, w: Any, counts: jax.Array, layer: Any = None, *,
+               implementation: Sequence[str], widen: bool) -> jax.Array:
+    """x [A, K] (rows sorted by expert, counts [E] of them per expert) times each row's expert
+    of `w` ([E, K, N], or [L, E, K, N] with `layer`) -> float32 [A, N]."""
+    tokamax = load()
+    rhs, sizes = _grouped(w, counts, layer, widen)
+    x = x.astype(F32 if widen else BF16)
+    call = functools.partial(tokamax.ragged_dot, preferred_element_type=F32)
+    try:
+        return call(x, rhs, sizes, implementation=tuple(implementation))
+    except NotImplementedError as err:   # a shape or card the kernels do not take: XLA's
+        warnings.warn(f"tokamax {implementation}: {str(err)[:200]}; its XLA path runs instead")
+        if layer is not None:
+            rhs, sizes = _grouped(w[layer], counts, None, widen)
+        return call(x, rhs, sizes, implementation="xla")
+
+
+def gated_mlp(xs: jax.Array, counts: jax.Array, w1: Any, wv: Any, w2: Any, layer: Any = None,
+              *, implementation: Sequence[str], widen: bool) -> jax.Array:
+    """gelu(x w1) * (x wv) w2 for rows xs [A, D] sorted by expert (counts [E]) -> float32
+    [A, D]; the hidden layer is rounded to bfloat16 between the matmuls, as in the reference."""
+    dot = functools.partial(ragged_dot, counts=counts, layer=layer,
+                            implementation=implementation, widen=widen)
+    hidden = jax.nn.gelu(dot(xs, w1)) * dot(xs, wv)
+    return dot(hidden.astype(BF16), w2)
+
+
+def stacked_linears(x: jax.Array, ws: Sequence[LayerSlice], out_dtype: Any, *,
+                    implementation: Sequence[str], widen: bool) -> list[jax.Array] | None:
+    """x [..., In] times layer `w.layer` of each int8 stack [L, In, Out] in `ws`, read in place
+    as a ragged dot whose only non-empty group is the layer: [..., Out_i] each. None for other
+    weights (int4, float: the caller's XLA path)."""
+    if not all(isinstance(w, LayerSlice) and isinstance(w.stack, QuantizedWeight)
+               and w.stack.fmt is INT8 and w.stack.weight.ndim == 3 for w in ws):
+        return None
+    *lead, rows = x.shape
+    flat = x.reshape(-1, rows)
+    out = []
+    for w in ws:
+        onehot = jax.nn.one_hot(w.layer, w.stack.weight.shape[0], dtype=jnp.int32)
+        y = ragged_dot(flat, w.stack, onehot * flat.shape[0], implementation=implementation,
+                       widen=widen)
+        out.append(y.reshape(*lead, y.shape[-1]).astype(out_dtype))
+    return out
