@@ -241,3 +241,17 @@ def test_convert_never_leaves_a_half_written_destination(converted, tmp_path, ca
         convert(src, existing, 8, progress=False)
     assert [p.name for p in existing.iterdir()] == ["keep"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "src"]   # no a, b or partials
+
+
+def test_plan_reads_the_format_from_a_converted_checkpoints_config(converted, capsys):
+    from grok.parallel import memory
+    _, int8, int4 = converted
+    weights = {bits: memory.estimate_memory(read_config(path), (1, 1)).weights
+               for bits, path in ((8, int8), (4, int4))}
+    config8 = read_config(int8)
+    quantised = sum(int(np.prod(e.shape)) for e in _quantised(config8))
+    # int4 saves half a byte per quantised weight, less its scales (a bf16 per group of >= 22)
+    assert weights[8] - weights[4] > quantised * (0.5 - 2 / 22)
+    assert checkpoint_main(["plan", "--devices", "1", "--memory", "80",
+                            "--config", str(int4 / "config.json")]) == 0
+    assert "fits on mesh(es): 1,1" in capsys.readouterr().out

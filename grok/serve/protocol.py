@@ -9,7 +9,7 @@ import secrets
 from typing import Any
 
 from grok.errors import one_line
-from grok.serving.sampling import MAX_LOGPROBS   # OpenAI allows 5; the engine gives up to 20
+from grok.serving.sampling import MAX_LOGPROBS, is_int   # OpenAI allows 5 logprobs; we give 20
 
 DEFAULT_MAX_TOKENS = 16          # OpenAI's default for /v1/completions
 MAX_N = 16                       # completions per prompt
@@ -94,15 +94,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _integer(data: dict, name: str, default: int | None, least: int, most: int) -> int | None:
     value = data.get(name)
     if value is None:
         return default
-    if not _is_int(value) or not least <= value <= most:
+    if not is_int(value) or not least <= value <= most:
         raise bad(name, f"{name} must be an integer in [{least}, {most}], got {_shown(value)}")
     return value
 
@@ -171,7 +167,7 @@ def completion_params(data: dict, tokenizer: Any, vocab_size: int, context: int
     max_tokens = _integer(data, "max_tokens", DEFAULT_MAX_TOKENS, least, context - 1)
     n = _integer(data, "n", 1, 1, MAX_N)
     best_of = data.get("best_of")
-    if best_of is not None and (not _is_int(best_of) or best_of != n):
+    if best_of is not None and (not is_int(best_of) or best_of != n):
         raise bad("best_of", f"best_of must equal n ({n}) or be null: choosing among "
                              f"completions is not supported, got {_shown(best_of)}")
     stream = _boolean(data, "stream")
@@ -232,7 +228,7 @@ def _prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[Prompt]:
         raise bad("prompt", "prompt is required")
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         items = [prompt]
     elif isinstance(prompt, list) and prompt:
         items = prompt
@@ -249,7 +245,7 @@ def _prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[Prompt]:
             if not ids:
                 raise bad("prompt", f"{which} is empty after tokenization")
             out.append(Prompt(item, ids))
-        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+        elif isinstance(item, list) and item and all(is_int(t) for t in item):
             outside = next((t for t in item if not 0 <= t < vocab_size), None)
             if outside is not None:
                 raise bad("prompt", f"{which}: token id {_shown(outside)} is outside the "
