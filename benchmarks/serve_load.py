@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     for run in (lambda: run_engine(model, texts, args.max_tokens, args.clients),
                 lambda: run_server(model, texts, args.max_tokens, args.clients)):
         steps = sum(model.engine.attend_spans.values())
+        prefills = sum(model.engine.prefill_shapes.values())
         rows.append(run())
+        rows[-1]["prefill_calls"] = sum(model.engine.prefill_shapes.values()) - prefills
         # generated tokens per decode step: how full the batch was
         rows[-1]["tokens_per_step"] = (args.requests * args.max_tokens /
                                        max(1, sum(model.engine.attend_spans.values()) - steps))
@@ -236,12 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.requests} requests x {args.max_tokens} tokens, {args.clients} clients, "
           f"max batch {args.max_batch}, {args.checkpoint}")
     print("| side | req/s | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-          "tokens/step |")
-    print("|---|---|---|---|---|---|---|---|")
+          "tokens/step | prefill calls |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['side']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
               f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | {r['itl_p50_ms']:.1f} | "
-              f"{r['itl_p99_ms']:.1f} | {r['tokens_per_step']:.1f} |")
+              f"{r['itl_p99_ms']:.1f} | {r['tokens_per_step']:.1f} | {r['prefill_calls']} |")
     print(f"server / engine tokens/s: {server['tok_per_s'] / engine['tok_per_s']:.3f}; "
           f"TTFT p50 added: {server['ttft_p50_ms'] - engine['ttft_p50_ms']:.1f} ms")
     if args.json:
