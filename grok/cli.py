@@ -117,8 +117,8 @@ def add_placement_flags(p: argparse.ArgumentParser) -> None:
 
 def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Range-check the placement flags; parse --mesh (p.error on a bad value)."""
-    for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id)):
-        least = 1 if flag == "--num-processes" else 0
+    for flag, value, least in (("--num-processes", args.num_processes, 1),
+                               ("--process-id", args.process_id, 0)):
         if value is not None and value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.mesh is not None:

@@ -14,6 +14,12 @@ from grok.files import DuplicateKey, NotRegularFile, TooLarge, read_limited, uni
 
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
 
+
+def prefill_chunk(prefill_tokens: int) -> int:
+    """The chunk a longer prompt is prefilled in, one per engine step: the largest power of two
+    <= `prefill_tokens` (a power of two, so that chunks share the prompt buckets' compiles)."""
+    return 1 << (max(1, int(prefill_tokens)).bit_length() - 1)
+
 # --- bounds on a config (every field is checked against these before any size is computed) ---
 # Grok-1's values, for scale: vocab 2**17, context 8192, width 6144, 48 x 128 query heads,
 # 64 layers, 8 experts of width 32768; 3.2e11 parameters, largest file 2**30.6 elements.

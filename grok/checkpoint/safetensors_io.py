@@ -22,12 +22,12 @@ import ml_dtypes
 import numpy as np
 
 from grok.checkpoint.arrays import ArrayRef, RawRef, leaf_problem
+from grok.checkpoint.directory import ST_SUFFIX
 from grok.errors import CheckpointError, one_line
 from grok.files import NotRegularFile, open_regular, unique_keys
 from grok.leaves import Entry
 from grok.quant import QuantizedWeight
 
-SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 1 << 20      # one leaf's header is a few hundred bytes
 MAX_DIMS = 8
 DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -47,7 +47,7 @@ class StHeader:
 
 
 def filename(entry: Entry) -> str:
-    return entry.filename + SUFFIX
+    return entry.filename + ST_SUFFIX
 
 
 def tensor_names(entry: Entry) -> dict[str, str]:

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from grok.config import PREFILL_TOKENS, GrokConfig
+from grok.config import PREFILL_TOKENS, GrokConfig, prefill_chunk
 from grok.leaves import Entry, checkpoint_entries
 from grok.parallel.rules import (DATA, MODEL, ShardingError, check_layout, leaf_specs, local_shape,
                                  mesh_shape)
@@ -107,7 +107,7 @@ def estimate_memory(config: GrokConfig, mesh: Any, *, batch: int = 1, length: in
     local_batch = batch // d if batch % d == 0 else batch
     kv = 2 * config.num_layers * local_batch * length * kv_heads * config.key_size * 2
     # activations (float32), per device, for the larger of prefill (R x T) and decode (B x 1)
-    chunk = min(length, 1 << (max(1, prefill_tokens).bit_length() - 1))   # the engine's chunk
+    chunk = min(length, prefill_chunk(prefill_tokens))   # a longer prompt: a chunk at a time
     prefill_rows = max(1, min(batch, prefill_tokens // max(1, chunk)))
     f_local = config.ffn_size // m if config.ffn_size % m == 0 else config.ffn_size
     e_local = config.num_experts // m if layout == "expert" else config.num_experts

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,16 +18,28 @@ from grok.serving.request import Result
 log = logging.getLogger(__name__)
 
 
+class Piece(NamedTuple):
+    """One chunk of a long prompt: its `tokens` [1, C] (padded), from prompt position `start`,
+    `length` of them real; `draw` on its last chunk only (the first token is drawn then)."""
+
+    rid: int
+    tokens: np.ndarray
+    start: int
+    length: int
+    draw: batching.Draw | None
+
+
 class Admission:
     """Prefill scheduling for `Engine` (see the engine module's docstring for the policy)."""
 
-    def _admit(self, held: set[int], budget: int
+    def _admit(self, held: set[int], budget: int, first: bool
                ) -> list[tuple[list[tuple[int, Result]], int]]:
         """Take waiting requests for free slots (first in, first out) while this step's prefill
         `budget` (tokens, padded to each prompt's bucket) lasts, re-making the cache when the
         next ones need more; returns the prefill groups (slot, result) with their length. A long
-        prompt goes into its slot at once, to be prefilled a chunk per step (one at a time). The
-        ids taken off the queue are added to `held` as they are taken."""
+        prompt goes into its slot at once, to be prefilled a chunk per step (one at a time).
+        `first`: no chunk runs this step, so the first request is admitted whatever it costs.
+        The ids taken off the queue are added to `held` as they are taken."""
         free = [s for s, rid in enumerate(self.slots) if rid is None]
         if not self.waiting:
             return []
@@ -39,7 +51,7 @@ class Admission:
                 return []
             free = list(range(self.batch_size))
         groups: dict[int, list[tuple[int, Result]]] = collections.defaultdict(list)
-        spent, first = 0, budget == self.prefill_tokens   # the first prefill always runs
+        spent = 0
         prompts: set[tuple[int, ...]] = set()     # admitted now: a repeat shares their row
         for slot in free:
             if not self.waiting or self._need(self.waiting[0]) > self.max_len:
@@ -59,21 +71,14 @@ class Admission:
                 prompts.add(tuple(res.prompt))
         out = []
         for length, group in sorted(groups.items()):
-            # calls of at most `most` distinct prompts; a repeated prompt joins its first's call
+            # calls of at most `most` distinct prompts, each with every request sharing them
             most = max(1, self.prefill_tokens // length)
-            calls: list[list[tuple[int, Result]]] = []
-            distinct: list[int] = []
-            call_of: dict[tuple[int, ...], int] = {}
+            sharing: dict[tuple[int, ...], list[tuple[int, Result]]] = {}
             for slot, res in group:
-                key = tuple(res.prompt)
-                if key not in call_of:
-                    if not calls or distinct[-1] == most:
-                        calls.append([])
-                        distinct.append(0)
-                    call_of[key] = len(calls) - 1
-                    distinct[-1] += 1
-                calls[call_of[key]].append((slot, res))
-            out += [(call, length) for call in calls]
+                sharing.setdefault(tuple(res.prompt), []).append((slot, res))
+            same = list(sharing.values())
+            out += [([pair for members in same[i:i + most] for pair in members], length)
+                    for i in range(0, len(same), most)]
         return out
 
     def _need(self, rid: int) -> int:
@@ -122,9 +127,8 @@ class Admission:
             return self._apply([(i, slot, res.id) for i, (slot, res) in enumerate(group)], out,
                                place=True)
 
-    def _next_piece(self) -> tuple | None:
-        """The next chunk of the long prompt being prefilled: (request id, tokens [1, C], start,
-        real length, draw (its last chunk only)), or None."""
+    def _next_piece(self) -> Piece | None:
+        """The next chunk of the long prompt being prefilled, or None."""
         if not self._chunking:
             return None
         rid, start = next(iter(self._chunking.items()))
@@ -133,10 +137,10 @@ class Admission:
         tokens = np.full((1, bucket(n, self.chunk_len)), self.config.pad_token, np.int32)
         tokens[0, :n] = res.prompt[start:start + n]
         last = start + n == len(res.prompt)
-        return rid, tokens, start, n, self._draw_inputs([(0, res)], 1) if last else None
+        return Piece(rid, tokens, start, n, self._draw_inputs([(0, res)], 1) if last else None)
 
-    def _run_piece(self, rid: int, tokens: np.ndarray, start: int, n: int,
-                   draw: batching.Draw | None) -> list[tuple[int, int]]:
+    def _run_piece(self, piece: Piece) -> list[tuple[int, int]]:
+        rid, tokens, start, n, draw = piece
         with self._lock:
             res, slot = self.results[rid], self.slots.index(rid)
         rows, lengths = np.array([slot], np.int32), np.array([n], np.int32)
@@ -148,19 +152,18 @@ class Admission:
                              lengths, attend, draw)
         scored = None
         if draw is not None and res.request.prompt_logprobs:   # a full forward over the prompt
-            prompt = np.full((1, bucket(len(res.prompt), self.max_len)), self.config.pad_token,
-                             np.int32)
-            prompt[0, :len(res.prompt)] = res.prompt
-            scored = self._call(self.steps.prompt_logprobs, prompt)
+            whole = batching.prefill_inputs([(slot, res)], bucket(len(res.prompt), self.max_len),
+                                            self.batch_size, self.config)
+            scored = self._call(self.steps.prompt_logprobs, whole.tokens)
         with self._lock:
             if res.done:                        # cancelled meanwhile: its slot is free already
                 return []
-            if isinstance(out, Exception) or draw is None:
-                if isinstance(out, Exception):
-                    self._finish(rid, "error", error=one_line(f"{type(out).__name__}: {out}"))
-                    self._check_cache()
-                else:
-                    self._chunking[rid] = start + n
+            if isinstance(out, Exception):
+                self._finish(rid, "error", error=one_line(f"{type(out).__name__}: {out}"))
+                self._check_cache()
+                return []
+            if draw is None:                    # more chunks to come
+                self._chunking[rid] = start + n
                 return []
             del self._chunking[rid]
             if scored is not None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
-from grok.config import PREFILL_TOKENS
+from grok.config import PREFILL_TOKENS, prefill_chunk
 from grok.errors import RequestError, one_line
 from grok.serving import batching
 from grok.serving.admission import Admission
@@ -69,7 +69,7 @@ class Engine(Admission):
                 raise RequestError(f"{name} must be an integer >= {least}, got {describe(value)}")
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
         self.prefill_tokens = int(prefill_tokens)
-        self.chunk_len = 1 << (self.prefill_tokens.bit_length() - 1)   # a power of two
+        self.chunk_len = prefill_chunk(self.prefill_tokens)
         self.max_batch = int(batch_size)
         self.max_context = min(config.sequence_len if max_len is None else int(max_len),
                                config.sequence_len)
@@ -253,16 +253,16 @@ class Engine(Admission):
         try:
             with self._lock:
                 piece = self._next_piece()
-                budget = self.prefill_tokens - (piece[1].shape[1] if piece else 0)
+                budget = self.prefill_tokens - (piece.tokens.shape[1] if piece else 0)
                 calls = [self._group_call(group, length)
-                         for group, length in self._admit(held, budget)]
+                         for group, length in self._admit(held, budget, first=piece is None)]
                 if piece is None:           # a long prompt admitted just now: its first chunk
                     piece = self._next_piece()
                 held |= set(self._chunking)
             for call in calls:
                 events += self._run_group(*call)
             if piece is not None:
-                events += self._run_piece(*piece)
+                events += self._run_piece(piece)
             held.clear()
             with self._lock:
                 live = [(s, self.results[rid]) for s, rid in enumerate(self.slots)
