@@ -56,6 +56,11 @@ source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv,noheader || true
   "$PY" -c "import jax, haiku; print('jax', jax.__version__, 'haiku', haiku.__version__, jax.devices())"
+  # Whether this backend packs jnp.int4 two per byte (tokamax/qwix take int4 in that type): if
+  # not, int4 weights stay packed as uint8 and are converted per step (grok.kernels.tokamax_moe).
+  "$PY" -c "import jax.numpy as jnp; n = 1 << 24
+a = jnp.zeros((n,), jnp.int4).block_until_ready()
+print('jnp.int4 bytes per value on device:', a.addressable_data(0).on_device_size_in_bytes() / n)"
 } 2>&1 | tee -a "$OUT/summary.md"
 
 log "1. one Grok-1-width MoE layer: each evaluation vs dense and the roofline; kernel tile sweeps"

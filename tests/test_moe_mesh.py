@@ -1,5 +1,6 @@
-"""The MoE kernels per device on a mesh (8 virtual CPU devices, kernels interpreted): the
-tensor and expert layouts give the one-device results, through shard_map."""
+"""The MoE kernels per device on a mesh (8 virtual CPU devices): our Pallas kernels (interpreted)
+and tokamax's ragged dot (its XLA implementation), int8 and int4, in the tensor and expert
+layouts, give the one-device results, through shard_map."""
 from __future__ import annotations
 
 import json
@@ -80,17 +81,65 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+# tokamax per device: int8 (w2's 4 scale blocks: whole, or taken per device when split 8 ways)
+# and int4 with groups that split with the rows (F = 176: 8 groups of 22) or are taken per
+# device (2 groups of 88 for 8 devices); expert layout with 1 and 2 experts per device.
+TOKAMAX_CASES = {"int8": {}, "int4 g22": dict(weight_bits=4, group_size=22),
+                 "int4 g88": dict(weight_bits=4, group_size=88)}
+TOKAMAX_MESHES = [((1, 8), "tensor"), ((1, 4), "tensor"), ((1, 4), "expert"), ((1, 8), "expert")]
+TOKAMAX_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import numpy as np, jax
+    sys.path.insert(0, "tests")
+    from conftest import tiny_config
+    import grok.parallel.mesh_kernels as mesh_kernels
+    from grok.parallel import rules as sh
+    from grok.api import Grok, device_params
+    from grok.leaves import random_flat
+
+    calls = []
+    real = mesh_kernels.ragged_mlp
+    mesh_kernels.ragged_mlp = lambda *a, **k: calls.append(1) or real(*a, **k)
+    tokens = np.array(json.loads(sys.argv[3]))
+    out = {}
+    for name, extra in json.loads(sys.argv[4]).items():
+        config = tiny_config(**json.loads(sys.argv[2]), **extra)
+        params = device_params(random_flat(config, seed=1, weight_scale=1.5), config, True)
+        out[name] = {"ref": Grok(params, config, None, "grouped", 2).runner.logits(tokens).tolist()}
+        for shape, layout in json.loads(sys.argv[5]):
+            mesh = sh.make_mesh(shape, jax.devices()[: shape[0] * shape[1]])
+            p = jax.device_put(params, sh.params_shardings(params, mesh, config, layout))
+            calls.clear()
+            m = Grok(p, config, None, "tokamax", 2, mesh=mesh)
+            plan = m.runner.plan.mesh_kernel
+            out[name][f"{tuple(shape)} {layout}"] = {
+                "plan": plan and [plan.layout, plan.slice_w2_scales],
+                "logits": m.runner.logits(tokens).tolist(), "calls": len(calls)}
+    json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+def _run(script, tmp_path_factory, *args):
     path = tmp_path_factory.mktemp("moe_mesh") / "out.json"
     # The caller's XLA flags go along (e.g. --xla_cpu_max_isa, to check the bounds on other ISAs).
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(path), json.dumps(CONFIG),
-                           json.dumps(TOKENS)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", script, str(path), json.dumps(CONFIG),
+                           json.dumps(TOKENS), *map(json.dumps, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return _run(SCRIPT, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tokamax_results(tmp_path_factory):
+    pytest.importorskip("tokamax", reason="tokamax not installed (pip install 'grok[kernels]')")
+    return _run(TOKAMAX_SCRIPT, tmp_path_factory, TOKAMAX_CASES, TOKAMAX_MESHES)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +202,26 @@ def test_planted_bug_dropped_partial_sum_is_caught(results, bound):
     with pytest.raises(AssertionError):
         _check({**results, "bug": {"logits": results["dropped_partial"]}}, bound, "bug",
                "moe_mesh planted bug: device 3's partial dropped")
+
+
+@pytest.mark.parametrize("case", list(TOKAMAX_CASES))
+def test_tokamax_runs_per_device_and_matches_one_device(tokamax_results, case):
+    """moe_impl="tokamax" on a mesh: a per-device plan for int8 and int4 weights alike (w2's
+    scales taken per device where its rows split finer than its scale groups), tokamax's ragged
+    dot under shard_map, and the logits of XLA's grouped path on one device within the route
+    bound (the partial products are summed in another order by the psum)."""
+    from conftest import tiny_config
+    from grok.leaves import random_flat
+    from oracle import oracle_forward
+    config = tiny_config(**CONFIG, **TOKAMAX_CASES[case])
+    flat = random_flat(config, seed=1, weight_scale=1.5)
+    _, routing = oracle_forward(flat, config, np.asarray(TOKENS))
+    bound = (flat_route_bound(flat, config), near_tie_rows(routing.margin))
+    got = tokamax_results[case]
+    w2_blocks = {"int8": 4, "int4 g22": 8, "int4 g88": 2}[case]   # F = 176 rows of w2
+    for shape, layout in TOKAMAX_MESHES:
+        name = f"{tuple(shape)} {layout}"
+        # split with the rows when each device gets whole blocks, else one taken per device
+        expect = [layout, layout == "tensor" and w2_blocks < shape[1]]
+        assert got[name]["plan"] == expect and got[name]["calls"] > 0, (name, got[name]["plan"])
+        _check({**got, "ref": got["ref"]}, bound, name, f"tokamax {case} {name} vs one device")

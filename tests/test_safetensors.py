@@ -1,5 +1,5 @@
-"""Converted checkpoints: `python -m grok.checkpoint convert` (release -> safetensors, int8 or
-int4), loading them (whole, and streamed onto a mesh through SafetensorsReader), verify, run.py,
+"""Converted checkpoints: `python -m grok.checkpoint convert` (release or converted ->
+safetensors, int8 or int4), loading them (whole, and streamed onto a mesh through SafetensorsReader), verify, run.py,
 and every kind of bad input named in one line with the destination never half-written."""
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from grok.checkpoint.__main__ import main as checkpoint_main
 from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, convert
 from grok.checkpoint.loader import load_params
 from grok.checkpoint.reader import SafetensorsReader, as_reader
-from grok.checkpoint.safetensors_io import read_st_header
+from grok.checkpoint.safetensors_io import read_leaf, read_st_header, write_leaf
 from grok.cli import main as cli_main
 from grok.config import DEMO_DIR
 from grok.errors import CheckpointError, ConfigError
 from grok.leaves import abstract_params, checkpoint_entries
 from grok.parallel import rules
-from grok.quant import INT4, dequantize, unpack_int4
+from grok.quant import INT4, QuantizedWeight, dequantize, pack_int4, unpack_int4
 from oracle import oracle_forward, weights64
 from precision import assert_rows_within, model_rel_error, near_tie_rows, rel_rows
 
@@ -135,6 +135,37 @@ def test_the_safetensors_package_reads_our_files(converted):
     np.testing.assert_array_equal(weight, ours.weight)
 
 
+def test_we_read_the_safetensors_packages_files(converted, tmp_path):
+    """A leaf written by the safetensors package (its own header layout and key order) reads
+    back through our parser as the same arrays."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    _, _, int4 = converted
+    config = read_config(int4)
+    entry = _quantised(config)[1]
+    ours = read_checkpoint(int4, config, progress=False)[entry.name]
+    path = tmp_path / f"{entry.filename}.safetensors"
+    metadata = {"format": "grok", "leaf": entry.name, "weight_format": "int4",
+                "group_size": str(entry.group_size)}
+    safetensors_numpy.save_file({f"{entry.name}/weight": ours.weight,
+                                 f"{entry.name}/scales": ours.scales}, str(path), metadata)
+    again = read_leaf(path, entry)
+    assert again.fmt is INT4
+    for a, b in ((again.weight, ours.weight), (again.scales, ours.scales)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_a_conversion_is_byte_for_byte_reproducible(converted, tmp_path):
+    """Two conversions of the same source give the same bytes in every file (a SHA-256 manifest
+    of one checks the other)."""
+    src, _, int4 = converted
+    again = tmp_path / "again"
+    convert(src, again, 4, progress=False)
+    files = sorted(p.relative_to(int4) for p in int4.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for name in files:
+        assert (int4 / name).read_bytes() == (again / name).read_bytes(), name
+
+
 def test_run_py_on_an_int4_demo(tmp_path, capsys):
     dst = tmp_path / "demo4"
     assert checkpoint_main(["convert", str(DEMO_DIR), str(dst), "--bits", "4"]) == 0
@@ -144,6 +175,66 @@ def test_run_py_on_an_int4_demo(tmp_path, capsys):
                      "--temperature", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(result["tokens"]) == 1 and result["prompt"] == "def f(x):"
+
+
+def _assert_same_leaves(a: Path, b: Path) -> None:
+    """The checkpoints at `a` and `b` have the same config and bit-identical leaves."""
+    config = read_config(a)
+    assert read_config(b) == config
+    want = read_checkpoint(a, config, progress=False)
+    got = read_checkpoint(b, config, progress=False)
+    assert set(got) == set(want)
+    for name, leaf in want.items():
+        parts = (leaf.weight, leaf.scales) if hasattr(leaf, "scales") else (leaf,)
+        again = (got[name].weight, got[name].scales) if hasattr(leaf, "scales") else (got[name],)
+        for x, y in zip(parts, again, strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+def test_converting_an_int8_safetensors_checkpoint(converted, tmp_path):
+    """int8 safetensors as the source: -> int8 keeps its numbers, -> int4 gives the leaves
+    converting the release directly gives (the same int8 values requantised alike)."""
+    _, int8, int4 = converted
+    convert(int8, tmp_path / "int8", 8, progress=False)
+    _assert_same_leaves(int8, tmp_path / "int8")
+    convert(int8, tmp_path / "int4", 4, progress=False)
+    _assert_same_leaves(int4, tmp_path / "int4")
+
+
+def test_int4_is_copied_to_its_own_groups_and_otherwise_refused(converted, tmp_path, capsys):
+    """An int4 source converts only to int4 with the same groups (a copy; its own group size is
+    the default); int8 or other groups would round already-rounded weights: one line, no DST."""
+    src, _, int4 = converted
+    # one leaf's values halved (to [-4, 3]) and scales doubled: requantising would move them to
+    # [-7, 7] (convert's own int4 already has a 7 in each group, so requantises to itself)
+    odd = tmp_path / "odd"
+    shutil.copytree(int4, odd)
+    entry = _quantised(read_config(odd))[0]
+    file = odd / "ckpt-0" / f"{entry.filename}.safetensors"
+    leaf = read_leaf(file, entry)
+    write_leaf(file, entry, QuantizedWeight(pack_int4(unpack_int4(leaf.weight) // 2),
+                                            leaf.scales * 2, INT4))
+    convert(odd, tmp_path / "same", 4, DEFAULT_GROUP_SIZE, progress=False)
+    _assert_same_leaves(odd, tmp_path / "same")
+    # a group size other than the default, kept without --group-size
+    g16 = tmp_path / "g16"
+    convert(src, g16, 4, 16, progress=False)
+    assert checkpoint_main(["convert", str(g16), str(tmp_path / "copy"), "--bits", "4"]) == 0
+    _assert_same_leaves(g16, tmp_path / "copy")
+    assert read_config(tmp_path / "copy").group_size == 16
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    for args, asked in ((["--bits", "8"], "int8"),
+                        (["--bits", "4", "--group-size", "32"], "int4 group size 32")):
+        capsys.readouterr()
+        assert checkpoint_main(["convert", str(g16), str(tmp_path / "no"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{g16}: its weights are already int4 (group size 16)" in err
+        assert f"to {asked} would compound the rounding error" in err
+        assert "convert from the release (or an int8) checkpoint instead" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == kept   # no DST, no partial
+    with pytest.raises(ConfigError, match="already int4"):
+        convert(int4, tmp_path / "no", 4, 16, progress=False)
+    assert not (tmp_path / "no").exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------

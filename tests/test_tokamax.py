@@ -4,17 +4,20 @@ the dense reference on fixed routing, and the execution plan's choice of it (exp
 from the table of measured results, and a clear error without the package)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from grok.errors import GrokError
 from grok.kernels import measured, tokamax_moe
 from grok.kernels.plan import ExecutionPlan, auto_kernels, resolve_plan
 from grok.model.moe import moe
+from grok.parallel.mesh_kernels import MeshKernel
 from grok.quant import (INT4, LayerSlice, QuantizedWeight, dequantize, qeinsum, quantize,
                         quantize_int4)
 
@@ -154,6 +157,10 @@ def test_plan_resolves_tokamax_and_auto_keeps_cpu_on_xla():
     assert gpu.moe_path(2, *[jnp.zeros((4, 32, 16))] * 3) == "grouped"
     assert gpu.moe_path(4096, *ws * 3) == "pallas"
     assert ExecutionPlan(backend="gpu", moe="auto").projection_kernel == "pallas"
+    # on a mesh too (per device, grok.parallel.mesh_kernels), never falling back to Triton
+    meshed = dataclasses.replace(gpu, mesh_kernel=MeshKernel(None, "expert", ((P(), P()),) * 3,
+                                                             False))
+    assert meshed.moe_path(2, *ws * 3) == "tokamax" and meshed.moe_path(2, *int4 * 3) == "tokamax"
 
 
 def test_auto_table_rules():

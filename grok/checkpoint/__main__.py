@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     """`verify DIR [--config FILE] [--full] [--sha256 MANIFEST]`: check a downloaded checkpoint
     without loading it (exit 1 on any problem with a file, 2 on a bad argument, config or
     manifest). `convert SRC DST --bits {4,8} [--group-size G [--exact-group-size]]`: a release
-    checkpoint as safetensors, int8 or int4 (exit 2 on any error, DST left absent).
+    or converted checkpoint as safetensors, int8 or int4; an int4 SRC is only copied to its own
+    groups (exit 2 on any error, DST left absent).
     `plan --devices N --memory GB [--batch B --length T] [--bits 4 [--group-size G]]
     [--config FILE]`: will the
     model (Grok-1 by default) fit, on which meshes, with how much KV cache (exit 1 if on none)."""
@@ -39,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="also check every file's SHA-256 against MANIFEST, sha256sum's format; "
                    "paths relative to ckpt-0/ or to the directory holding it (reads every byte)")
     v.add_argument("-q", "--quiet", action="store_true", help="report only the problems")
-    c = sub.add_parser("convert", help="a release checkpoint as safetensors, int8 or int4")
-    c.add_argument("source", help="release checkpoint directory (holding ckpt-0/)")
+    c = sub.add_parser("convert", help="a checkpoint as safetensors, int8 or int4",
+                       description="Write a release (int8 pickles) or converted (safetensors) "
+                       "checkpoint as safetensors, int8 or int4. An int4 source is only copied "
+                       "to its own groups: requantising it would compound the rounding error.")
+    c.add_argument("source", help="checkpoint directory (holding ckpt-0/): the release, or one "
+                   "convert wrote")
     c.add_argument("destination", help="new directory to write (must not exist)")
     c.add_argument("--bits", type=int, choices=(4, 8), required=True, help="weight bits")
     c.add_argument("--group-size", type=int, default=None,
-                   help=f"int4: input rows per scale (default {DEFAULT_GROUP_SIZE}); each matrix "
-                   "takes the largest divisor of its input width not above it")
+                   help=f"int4: input rows per scale (default {DEFAULT_GROUP_SIZE}, or an int4 "
+                   "source's own); each matrix takes the largest divisor of its input width not "
+                   "above it")
     c.add_argument("--exact-group-size", action="store_true",
                    help="int4: every matrix must take --group-size itself (error if it does not "
                    "divide a matrix's input width)")

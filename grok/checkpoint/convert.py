@@ -1,12 +1,16 @@
-"""`convert`: a release-format checkpoint (int8 pickles) -> a safetensors checkpoint of int8 or
-int4 weights (`python -m grok.checkpoint convert SRC DST --bits {4,8} [--group-size G]`).
+"""`convert`: a checkpoint -> a safetensors checkpoint of int8 or int4 weights (`python -m
+grok.checkpoint convert SRC DST --bits {4,8} [--group-size G]`). SRC is the release (int8
+pickles) or a checkpoint convert wrote; `read_source_leaf` reads either, so the conversion itself
+does not depend on the source's format.
 
 Files are converted one at a time (host memory: one leaf, and one expert's float32 copy while
 requantising), into a temporary sibling of DST that is renamed to DST at the end: DST is never
 half-written, and an existing DST is never touched. DST/config.json records the format
 (`weight_bits`, `group_size`); each int4 file's metadata records its tensor's own group (the
 largest divisor of its input width not above the group size asked for), which the reader checks.
-`--bits 8` keeps the release's numbers exactly (the same int8 values and scales).
+`--bits 8` keeps the int8 numbers exactly (the same values and scales); `--bits 4` from int8 gives
+the same weights whichever int8 format SRC is in. An int4 SRC is only copied, to the same groups
+(its own group size by default): requantising 4-bit weights would add a second rounding.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import numpy as np
 
 from grok.checkpoint import safetensors_io
 from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, RELEASE, PathLike, check_files,
-                                       checkpoint_dir, checkpoint_format, read_config)
+                                       checkpoint_dir, checkpoint_format, read_config,
+                                       tensor_suffix)
 from grok.checkpoint.release import load_tensor
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, ConfigError
@@ -61,15 +66,42 @@ def target_config(config: GrokConfig, bits: int, group_size: int | None = None,
     return out
 
 
-def _convert_leaf(leaf: Any, entry: Entry) -> Any:
-    """A release leaf in `entry`'s format: int8 unchanged; int4 requantised from the exact
-    dequantised values, one leading index (an expert) at a time to bound the float copy."""
-    if not entry.quantized or entry.fmt.bits == 8:
+def read_source_leaf(ckpt: Path, entry: Entry) -> Any:
+    """One leaf of the checkpoint directory `ckpt` (its ckpt-0/), whichever format its files are
+    in: a float32 array or a QuantizedWeight of `entry`'s format, checked against `entry`."""
+    if checkpoint_format(ckpt) == RELEASE:
+        return load_tensor(ckpt / entry.filename, entry)
+    return safetensors_io.read_leaf(ckpt / safetensors_io.filename(entry), entry)
+
+
+def _check_requantise(src: PathLike, source: GrokConfig, out: GrokConfig) -> None:
+    """Refuse (ConfigError) to requantise int4 weights: their values are already rounded to their
+    groups' steps, so rounding them again (to other groups, or to int8's row-block scales, which
+    int4's group scales do not fit) adds a second error to the first; only a copy to the same
+    groups is allowed."""
+    if source.weight_bits != 4:
+        return
+    pairs = zip(checkpoint_entries(source), checkpoint_entries(out))
+    if out.weight_bits == 4 and all(a.scale_blocks == b.scale_blocks for a, b in pairs):
+        return
+    asked = f"int{out.weight_bits}" + (f" group size {out.group_size}" if out.weight_bits == 4
+                                       else "")
+    raise ConfigError(f"{src}: its weights are already int4 (group size {source.group_size}); "
+                      f"requantising them to {asked} would compound the rounding error: convert "
+                      "from the release (or an int8) checkpoint instead")
+
+
+def _convert_leaf(leaf: Any, src_entry: Entry, entry: Entry) -> Any:
+    """A source leaf (`src_entry`'s format) in `entry`'s: unchanged when the formats and groups
+    agree; else (int8 -> int4) requantised from the exact dequantised values, one leading index
+    (an expert) at a time to bound the float copy."""
+    if not entry.quantized or (src_entry.fmt is entry.fmt
+                               and src_entry.scale_blocks == entry.scale_blocks):
         return leaf
     if leaf.weight.ndim == 2:
         return quantize_int4(dequantize(leaf), entry.group_size)
-    pieces = [quantize_int4(dequantize(QuantizedWeight(leaf.weight[i], leaf.scales[i])),
-                            entry.group_size) for i in range(leaf.weight.shape[0])]
+    pieces = [quantize_int4(dequantize(leaf[i]), entry.group_size)
+              for i in range(leaf.weight.shape[0])]
     return QuantizedWeight(np.stack([p.weight for p in pieces]),
                            np.stack([p.scales for p in pieces]), entry.fmt)
 
@@ -77,20 +109,23 @@ def _convert_leaf(leaf: Any, entry: Entry) -> Any:
 def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = None, *,
             exact: bool = False, config: GrokConfig | None = None,
             progress: bool = True) -> GrokConfig:
-    """Convert the release checkpoint at `src` (its config.json, else Grok-1, unless `config`)
-    into a safetensors checkpoint at `dst`, which must not exist. Returns dst's config. Errors
-    (a bad source file, a bad group size, an existing dst) are GrokErrors; nothing is left at
-    `dst` after one."""
+    """Convert the checkpoint at `src` (release pickles or convert's safetensors; its
+    config.json, else Grok-1, unless `config`) into a safetensors checkpoint at `dst`, which must
+    not exist. Returns dst's config. `group_size` defaults to DEFAULT_GROUP_SIZE, or an int4
+    source's own. Errors (a bad source file, a bad group size, an int4 source asked for other
+    groups or int8, an existing dst) are GrokErrors; nothing is left at `dst` after one."""
     source = config or read_config(src)
     ckpt = checkpoint_dir(src)
-    if source.weight_bits != 8 or checkpoint_format(ckpt) != RELEASE:
-        raise ConfigError(f"{src}: the source must be a release-format (int8 pickles) checkpoint")
+    suffix = tensor_suffix(ckpt, source)   # release files: int8 only
+    if source.weight_bits == bits == 4 and group_size is None:
+        group_size = source.group_size     # int4 -> int4 asks for a copy unless told otherwise
     out = target_config(source, bits, group_size, exact)
+    _check_requantise(src, source, out)
     target = Path(dst)
     if os.path.lexists(target):
         raise CheckpointError(f"{target}: already exists (convert writes a new directory)")
     src_entries, dst_entries = checkpoint_entries(source), checkpoint_entries(out)
-    check_files(ckpt, src_entries)
+    check_files(ckpt, src_entries, suffix)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
     (tmp / CKPT_DIR).mkdir(parents=True)
@@ -98,9 +133,9 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
         with Progress(len(src_entries), f"converting {ckpt} to int{bits}", enabled=progress,
                       logger=log) as bar:
             for src_entry, entry in zip(src_entries, dst_entries):
-                leaf = load_tensor(ckpt / src_entry.filename, src_entry)
+                leaf = read_source_leaf(ckpt, src_entry)
                 file = tmp / CKPT_DIR / safetensors_io.filename(entry)
-                safetensors_io.write_leaf(file, entry, _convert_leaf(leaf, entry))
+                safetensors_io.write_leaf(file, entry, _convert_leaf(leaf, src_entry, entry))
                 del leaf
                 # read back the header as a load would: what was written is what loads
                 safetensors_io.leaf_parts(safetensors_io.read_st_header(file), entry)

@@ -8,7 +8,8 @@ it. The header is parsed here, bounded and checked against the file's size (ever
 in the file, none overlapping, no gap, nothing after them) and against the leaf table: tensor
 names, dtypes, shapes, and the metadata's weight format and group size. Tensor names: the SPEC
 path of a float32 leaf; "<path>/weight" and "<path>/scales" of a quantised one. Files are written
-with the `safetensors` package.
+here too, byte for byte reproducibly (the `safetensors` package reads them: tests check both
+ways).
 """
 from __future__ import annotations
 
@@ -180,8 +181,9 @@ def read_leaf(path: str | os.PathLike, entry: Entry) -> Any:
 
 
 def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> None:
-    """Write one leaf (checked against `entry` first) as a safetensors file."""
-    from safetensors.numpy import save_file   # only writing needs the package
+    """Write one leaf (checked against `entry` first) as a safetensors file. The header is
+    written with sorted keys and tensors in name order, so the same leaf always gives the same
+    bytes (a converted checkpoint's SHA-256 manifest is reproducible)."""
     quantized = isinstance(leaf, QuantizedWeight)
     arrays = {"weight": leaf.weight, "scales": leaf.scales} if quantized else {"array": leaf}
     arrays = {part: np.ascontiguousarray(a) for part, a in arrays.items()}
@@ -191,5 +193,18 @@ def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> None:
     metadata = {"format": FORMAT_TAG, "leaf": entry.name}
     if entry.quantized:
         metadata.update(weight_format=entry.fmt.name, group_size=str(entry.group_size))
+    codes = {dtype: code for code, dtype in DTYPES.items()}
     names = tensor_names(entry)
-    save_file({names[part]: a for part, a in arrays.items()}, os.fspath(path), metadata=metadata)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    ordered, offset = sorted((names[part], a) for part, a in arrays.items()), 0
+    for name, a in ordered:
+        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # the format's alignment of the data: spaces
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for _, a in ordered:
+            f.write(a.tobytes())

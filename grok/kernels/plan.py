@@ -19,6 +19,7 @@ and one kernel module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -99,15 +100,14 @@ class ExecutionPlan:
     def moe_path(self, assignments: int, w1: Any, wv: Any, w2: Any) -> str:
         """The MoE evaluation for `assignments` (token, choice) rows: "dense", "gather",
         "grouped", "pallas" or "tokamax". "auto" takes the table's kernel for the shape class:
-        tokamax where every weight is quantised (int8 or int4) on one device, ours where every
-        weight is int8 and each device's shard has a shape they handle."""
+        tokamax where every weight is quantised (int8 or int4; on a mesh, per device where
+        mesh_kernels has a layout for them), ours where every weight is int8 and each device's
+        shard has a shape they handle."""
         weights = (w1, wv, w2)
         quantized = all(takes_kernel(w) for w in weights)
         if self.moe != "auto":   # our kernels take int8 weights only (int4: XLA)
             return "grouped" if self.moe == "pallas" and not quantized else self.moe
         kernel = dict(self.auto_kernels)[measured.shape_class(assignments)]
-        if kernel == "tokamax" and self.mesh_kernel is not None:
-            kernel = "pallas"   # per device under shard_map only ours are wired (mesh_kernels)
         if kernel == "tokamax" and self.backend == "gpu":
             return "tokamax" if all(isinstance(w, QuantizedWeight) for w in weights) \
                 else "grouped"
@@ -136,9 +136,12 @@ class ExecutionPlan:
     def ragged_mlp(self, xs: jax.Array, counts: jax.Array, w1: Any, wv: Any, w2: Any,
                    layer: Any = None) -> jax.Array:
         """The MoE's rows xs [A, D], sorted by expert (counts [E]), through tokamax's ragged dot
-        (grok.kernels.tokamax_moe) -> float32 [A, D]."""
-        return tokamax_moe.gated_mlp(xs, counts, w1, wv, w2, layer,
-                                     implementation=self.tokamax_impls, widen=self.widen_dots)
+        (grok.kernels.tokamax_moe) -> float32 [A, D]: per device under shard_map on a mesh."""
+        mlp = functools.partial(tokamax_moe.gated_mlp, implementation=self.tokamax_impls,
+                                widen=self.widen_dots)
+        if self.mesh_kernel is not None:
+            return mesh_kernels.ragged_mlp(self.mesh_kernel, mlp, xs, counts, w1, wv, w2, layer)
+        return mlp(xs, counts, w1, wv, w2, layer)
 
     def _mlp(self, xb, block_expert, block_rows, w1, wv, w2, layer=None):
         return moe_mlp.gated_mlp(xb, block_expert, block_rows, w1, wv, w2, layer,
@@ -223,7 +226,7 @@ def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None
         tokamax_moe.load()
     multi = mesh is not None and mesh.devices.size > 1
     mesh_kernel = None
-    if multi and moe_impl in ("auto", "pallas") and params is not None:
+    if multi and moe_impl in ("auto", "pallas", "tokamax") and params is not None:
         mesh_kernel = mesh_kernels.kernel_plan(params, mesh)
         if mesh_kernel is None and moe_impl == "auto":
             moe_impl = "grouped"

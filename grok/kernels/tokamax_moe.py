@@ -8,7 +8,9 @@ quantised; on CPU its XLA implementation dequantises them (tests).
   of a stacked [L, E, K, N] weight is read in place: the stack is seen as L*E groups and only
   the layer's E get rows (a slice would be copied before the kernel: every expert, every step).
 - int4 (uint8 pairs along K) is unpacked to jax's int4 type with the same per-group scales; that
-  conversion reads the layer's experts once per step (a follow-up: store the converted weights).
+  conversion reads the layer's experts once per step. It is not stored converted: jnp.int4 takes
+  a byte a value on the CPU (measured) and, by qwix's report (google/qwix#328), on GB200 and TPU
+  v7x, twice int4's packed size (benchmarks/gpu.sh prints the card's figure).
 On CPU (the plan's `widen_dots`) x and the scales go in as float32, so the dequantised weight
 and the dots are exact float32 like the reference paths. The reference is the XLA grouped path
 of grok.model.moe; grok.kernels.plan decides when this runs. tokamax is imported on first use.

@@ -1,16 +1,20 @@
-"""The Pallas MoE kernels on a device mesh: each device runs them on its own shard of the experts.
+"""The MoE kernels on a device mesh: each device runs them on its own shard of the experts.
 
-GSPMD cannot partition the kernel's custom call (it would gather the sharded weights onto every
-device), so on a multi-device mesh the kernel runs under `jax.shard_map`, following the weights'
-own layout (grok.parallel.rules), read from the params' shardings:
+GSPMD cannot partition a kernel's custom call (it would gather the sharded weights onto every
+device), so on a multi-device mesh the kernels (our Pallas ones over expert blocks, tokamax's
+ragged dot over expert-sorted rows) run under `jax.shard_map`, following the weights' own
+layout (grok.parallel.rules), read from the params' shardings:
 - "tensor": w1, wv [L, E, D, F] split on F over "model" and w2 [L, E, F, D] on F: each device
   computes its F-slice of the hidden layer and a partial product through w2; a psum over "model"
   adds the partials.
-- "expert": whole experts per device (E over "model"): a device runs the blocks of its own
-  experts (the others' get 0 rows, which the kernel skips) and the psum adds the disjoint results.
-The routing, the gather of each block's rows and the gated sum stay outside, partitioned by XLA.
+- "expert": whole experts per device (E over "model"): a device runs the rows of its own
+  experts (the others' blocks get 0 rows, which the Pallas kernel skips; for the ragged dot, the
+  contiguous run of sorted rows that are its experts') and the psum adds the disjoint results.
+The routing, the gather of the rows and the gated sum stay outside, partitioned by XLA.
 Weights split over "data" too (the tensor layout on a mesh with data > 1) are left to the XLA
 grouped path: the kernel would need the layer gathered over "data" first, a copy per layer.
+int8 and int4 weights both get a MeshKernel; which kernel takes which format is the execution
+plan's choice (ours take int8 only).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from grok.quant import INT8, QuantizedWeight8bit
+from grok.quant import QuantizedWeight
 from grok.parallel.rules import MODEL, local_shape, mesh_shape
 
 MOE_LEAVES = ("linear", "linear_v", "linear_1")   # w1, wv, w2 under decoder_layer/moe/
@@ -66,8 +70,8 @@ def kernel_plan(params: dict[str, Any], mesh: Any) -> MeshKernel | None:
     layers = params["layers"]
     layer = layers[0] if isinstance(layers, (list, tuple)) else layers
     weights = [layer.get(f"decoder_layer/moe/{name}", {}).get("w") for name in MOE_LEAVES]
-    if not all(isinstance(w, QuantizedWeight8bit) and w.fmt is INT8 for w in weights):
-        return None   # the kernels take int8 only: other formats run XLA's partitioned matmuls
+    if not all(isinstance(w, QuantizedWeight) for w in weights):
+        return None   # float weights: XLA's partitioned matmuls
     stacked = not isinstance(layers, (list, tuple))
     specs, dims = [], []
     for w in weights:
@@ -102,31 +106,69 @@ def kernel_plan(params: dict[str, Any], mesh: Any) -> MeshKernel | None:
     return None
 
 
-def grouped_mlp(plan: MeshKernel, mlp: Any, xb: jax.Array, block_expert: jax.Array,
-                block_rows: jax.Array, w1: QuantizedWeight8bit, wv: QuantizedWeight8bit,
-                w2: QuantizedWeight8bit, layer: Any = None) -> jax.Array:
-    """`mlp` (grok.model.moe's kernel MLP over expert blocks: xb [G, bm, D], ids and rows [G], the three
-    weights, the layer -> float32 [G, bm, D]) run per device on its shard, the partial results
-    summed over "model". Blocks, ids and rows are replicated; the result is too."""
+def _per_device(plan: MeshKernel, local: Any, replicated: tuple[jax.Array, ...],
+                weights: tuple[QuantizedWeight, ...], layer: Any) -> jax.Array:
+    """`local(shard, *replicated, w1, wv, w2, layer)` on each device with its shards of the three
+    weights (w2's scale block taken where the plan says), its results summed over "model".
+    `replicated` arrays go to every device whole; the result is replicated too."""
     stacked = layer is not None
     lead = (None,) if stacked else ()
     weight_specs = [P(*lead, *spec) for pair in plan.specs for spec in pair]
+    fmts = [w.fmt for w in weights]
+    count = len(replicated)
 
-    def local(xb, ids, rows, layer, w1w, w1s, wvw, wvs, w2w, w2s):
+    def run(*args):
+        layer_index = args[count]
+        w1w, w1s, wvw, wvs, w2w, w2s = args[count + 1:]
         shard = jax.lax.axis_index(MODEL)
-        if plan.layout == "expert":   # this device's experts only; the others' blocks skipped
-            per_device = w1w.shape[-3]
-            ids = ids - shard * per_device
-            rows = jnp.where((ids >= 0) & (ids < per_device), rows, 0)
-            ids = jnp.clip(ids, 0, per_device - 1)
         if plan.slice_w2_scales:      # rows split finer than the scale blocks: take this one's
             devices_per_block = plan.model // w2s.shape[-2]
             w2s = jax.lax.dynamic_slice_in_dim(w2s, shard // devices_per_block, 1, axis=-2)
-        y = mlp(xb, ids, rows, QuantizedWeight8bit(w1w, w1s), QuantizedWeight8bit(wvw, wvs),
-                QuantizedWeight8bit(w2w, w2s), layer if stacked else None)
+        ws = [QuantizedWeight(w, s, f) for (w, s), f in
+              zip(((w1w, w1s), (wvw, wvs), (w2w, w2s)), fmts)]
+        y = local(shard, *args[:count], *ws, layer_index if stacked else None)
         return jax.lax.psum(y, MODEL)
 
-    run = jax.shard_map(local, mesh=plan.mesh, in_specs=(P(), P(), P(), P(), *weight_specs),
-                        out_specs=P(), check_vma=False)
-    return run(xb, block_expert, block_rows, jnp.int32(0) if layer is None else layer,
-               w1.weight, w1.scales, wv.weight, wv.scales, w2.weight, w2.scales)
+    mapped = jax.shard_map(run, mesh=plan.mesh, in_specs=(*[P()] * (count + 1), *weight_specs),
+                           out_specs=P(), check_vma=False)
+    return mapped(*replicated, jnp.int32(0) if layer is None else layer,
+                  *[a for w in weights for a in (w.weight, w.scales)])
+
+
+def grouped_mlp(plan: MeshKernel, mlp: Any, xb: jax.Array, block_expert: jax.Array,
+                block_rows: jax.Array, w1: QuantizedWeight, wv: QuantizedWeight,
+                w2: QuantizedWeight, layer: Any = None) -> jax.Array:
+    """`mlp` (grok.model.moe's kernel MLP over expert blocks: xb [G, bm, D], ids and rows [G],
+    the three weights, the layer -> float32 [G, bm, D]) run per device on its shard, the partial
+    results summed over "model". Blocks, ids and rows are replicated; the result is too."""
+    def local(shard, xb, ids, rows, w1, wv, w2, layer):
+        if plan.layout == "expert":   # this device's experts only; the others' blocks skipped
+            per_device = w1.shape[-3]
+            ids = ids - shard * per_device
+            rows = jnp.where((ids >= 0) & (ids < per_device), rows, 0)
+            ids = jnp.clip(ids, 0, per_device - 1)
+        return mlp(xb, ids, rows, w1, wv, w2, layer)
+
+    return _per_device(plan, local, (xb, block_expert, block_rows), (w1, wv, w2), layer)
+
+
+def ragged_mlp(plan: MeshKernel, mlp: Any, xs: jax.Array, counts: jax.Array,
+               w1: QuantizedWeight, wv: QuantizedWeight, w2: QuantizedWeight,
+               layer: Any = None) -> jax.Array:
+    """`mlp` (a ragged-dot MLP: rows xs [A, D] sorted by expert, counts [E], the three weights,
+    the layer -> float32 [A, D]) run per device on its shard, summed over "model". In the expert
+    layout a device's experts own one contiguous run of the sorted rows: it is rotated to the
+    front, run with the device's own counts, masked (rows past the run belong to no expert of
+    this device) and rotated back."""
+    def local(shard, xs, counts, w1, wv, w2, layer):
+        if plan.layout != "expert":
+            return mlp(xs, counts, w1, wv, w2, layer)
+        per_device = w1.shape[-3]
+        first = shard * per_device
+        start = jnp.sum(jnp.where(jnp.arange(counts.shape[0]) < first, counts, 0))
+        mine = jax.lax.dynamic_slice_in_dim(counts, first, per_device)
+        y = mlp(jnp.roll(xs, -start, axis=0), mine, w1, wv, w2, layer)
+        y = jnp.where((jnp.arange(xs.shape[0]) < jnp.sum(mine))[:, None], y, 0.0)
+        return jnp.roll(y, start, axis=0)
+
+    return _per_device(plan, local, (xs, counts), (w1, wv, w2), layer)
