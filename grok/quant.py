@@ -6,7 +6,8 @@ Two formats share one layout of scales: weight [..., In, Out] with bfloat16 scal
 the config's scale_blocks). INT4 holds values in [-7, 7] packed two per byte along In (byte r
 of a column: row 2r in the low nibble, row 2r + 1 in the high one; uint8 [..., In/2, Out]), with
 one scale per group of In/S rows (`group_size_for` picks each tensor's group). `qeinsum`
-unpacks an INT4 weight to int8 inside the computation and runs the int8 path.
+runs an INT4 weight as two int8 matmuls over its low and high nibbles (x's even and odd inputs),
+so nothing is interleaved and the unpacking can fuse into the dots.
 """
 from __future__ import annotations
 
@@ -187,11 +188,16 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return nibbles[..., 0::2, :] | (nibbles[..., 1::2, :] << 4)
 
 
+def nibbles(packed: Any, xp: Any = np) -> tuple[Any, Any]:
+    """uint8 [..., In/2, Out] -> the int8 values of the even rows and of the odd rows, each
+    [..., In/2, Out] (elementwise: no interleaving)."""
+    signed = packed.astype(xp.int8)
+    return xp.right_shift(xp.left_shift(signed, 4), 4), xp.right_shift(signed, 4)
+
+
 def unpack_int4(packed: Any, xp: Any = np) -> Any:
     """uint8 [..., In/2, Out] -> int8 [..., In, Out] (numpy, or jax.numpy with xp=jnp)."""
-    signed = packed.astype(xp.int8)
-    low = xp.right_shift(xp.left_shift(signed, 4), 4)   # arithmetic shifts sign-extend
-    high = xp.right_shift(signed, 4)
+    low, high = nibbles(packed, xp)   # (arithmetic shifts sign-extend)
     *lead, half, cols = packed.shape
     return xp.stack([low, high], axis=-2).reshape(*lead, 2 * half, cols)
 
@@ -268,7 +274,9 @@ def qeinsum(spec: str, x: jax.Array, w: Any, plan: "ExecutionPlan",
         w = w.get()
     if not is_quantized(w):
         return dot(spec, x, w.astype(x.dtype), plan).astype(out_dtype)
-    w = as_int8(w, jnp)   # int4: unpacked inside the computation (XLA fuses it into the convert)
+    if w.fmt is INT4 and w.group_size % 2 == 0:
+        return _int4_halves(spec, x, w, plan).astype(out_dtype)
+    w = as_int8(w, jnp)   # int4 with odd groups: unpacked (interleaved) inside the computation
     if not plan.scales_after_dot:
         return dot(spec, x, _dequantize_f32(w), plan).astype(out_dtype)
     inputs, out = spec.split("->")
@@ -282,6 +290,19 @@ def qeinsum(spec: str, x: jax.Array, w: Any, plan: "ExecutionPlan",
     y = dot(f"{xs[:-1]}{s}{xs[-1]},{ws[:-2]}{s}{ws[-2:]}->{blocked_out}", xb, wb, plan)
     scales = w.scales.astype(jnp.float32)
     return jnp.einsum(f"{blocked_out},{ws[:-2]}{s}{ws[-1]}->{out}", y, scales).astype(out_dtype)
+
+
+def _int4_halves(spec: str, x: jax.Array, w: QuantizedWeight, plan: "ExecutionPlan"
+                 ) -> jax.Array:
+    """einsum(spec, x, w) of an int4 weight as x's even inputs times the low nibbles plus its
+    odd inputs times the high ones: two int8 matmuls of In/2 rows over the same scales (an even
+    group keeps rows 2r and 2r + 1 in one group), with nothing interleaved, so XLA can fuse the
+    nibbles' shifts into each dot's operand -> float32."""
+    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    low, high = nibbles(w.weight, jnp)
+    halves = [qeinsum(spec, pairs[..., i], QuantizedWeight(v, w.scales, INT8), plan)
+              for i, v in enumerate((low, high))]
+    return halves[0] + halves[1]
 
 
 def linears(x: jax.Array, ws: Sequence[Any], plan: "ExecutionPlan",

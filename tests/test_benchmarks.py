@@ -279,3 +279,18 @@ def test_bench_random_params_have_the_library_layout(name):
                            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     made = jax.eval_shape(lambda: bench.random_params(config))
     assert shapes(made) == shapes(abstract_params(config, scan=True))
+
+
+def test_int4_matmul_times_each_evaluation_against_int8():
+    done = run(sys.executable, "benchmarks/int4_matmul.py", "--dims", "64,128", "--experts", "4",
+               "--tokens", "1,8", "--repeats", "1")
+    for tokens in (1, 8):
+        for name in ("int8", "int4 halves", "int4 interleaved"):
+            assert re.search(rf"^\| {tokens} \| {name} \| [0-9.]+ \| [0-9.]+ \|$", done.stdout,
+                             re.M), done.stdout
+
+
+def test_int4_matmul_arguments_are_checked():
+    for bad in (["--dims", "64"], ["--dims", "60,128"], ["--tokens", "0"]):
+        done = run(sys.executable, "benchmarks/int4_matmul.py", *bad, ok=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, bad

@@ -64,6 +64,7 @@ def _bf16_values(rng, shape):
 
 
 @pytest.mark.parametrize("plan", [CPU, BLOCKED], ids=["dequantise-first", "scale-after-dot"])
+# groups of 16 (even: the two-nibble-halves path) and of 11 (44 rows: odd, interleaved unpack)
 @pytest.mark.parametrize("spec,x_shape,w_shape", [
     ("...i,io->...o", (2, 3, 32), (32, 12)),
     ("ni,eio->neo", (5, 44), (3, 44, 8)),

@@ -150,10 +150,11 @@ def test_plan_resolves_tokamax_and_auto_keeps_cpu_on_xla():
     cpu = resolve_plan("auto", backend="cpu")            # the CPU default does not change
     assert cpu.moe == "grouped" and cpu.moe_path(2, *ws * 3) == "grouped"
     # "auto" on a GPU: the table's kernel per shape class; tokamax needs quantised weights
-    gpu = ExecutionPlan(backend="gpu", moe="auto",
-                        auto_kernels=(("decode", "tokamax"), ("prefill", "pallas")))
+    gpu = ExecutionPlan(backend="gpu", moe="auto", auto_kernels=(
+        ("decode", "tokamax"), ("prefill", "pallas"), ("decode int4", "tokamax")))
     assert gpu.moe_path(2, *ws * 3) == "tokamax" and gpu.projection_kernel == "tokamax"
-    assert gpu.moe_path(2, *int4 * 3) == "tokamax"
+    assert gpu.moe_path(2, *int4 * 3) == "tokamax"          # int4's own class
+    assert gpu.moe_path(4096, *int4 * 3) == "grouped"       # a class the table leaves out
     assert gpu.moe_path(2, *[jnp.zeros((4, 32, 16))] * 3) == "grouped"
     assert gpu.moe_path(4096, *ws * 3) == "pallas"
     assert ExecutionPlan(backend="gpu", moe="auto").projection_kernel == "pallas"
@@ -171,12 +172,16 @@ def test_auto_table_rules():
     assert measured.choose(h100, "0.11.2", "decode", tokamax=False) == "pallas"
     assert measured.choose(h100, "0.10.2", "prefill", tokamax=True) == "pallas"
     assert measured.choose(h100, "0.12.0", "decode", False, triton=False) == "grouped"
-    assert auto_kernels("gpu", h100, "0.11.2", tokamax=True) == (("decode", "tokamax"),
-                                                                ("prefill", "tokamax"))
-    assert auto_kernels("cpu") == (("decode", "grouped"), ("prefill", "grouped"))
+    # int4 without a measurement: XLA (tokamax would convert every expert of a layer per step)
+    assert measured.choose(h100, "0.11.2", "decode int4", tokamax=True) == "grouped"
+    assert dict(auto_kernels("gpu", h100, "0.11.2", tokamax=True)) == {
+        "decode": "tokamax", "prefill": "tokamax", "decode int4": "grouped",
+        "prefill int4": "grouped"}
+    assert set(dict(auto_kernels("cpu")).values()) == {"grouped"}
     assert measured.shape_class(64) == "decode" and measured.shape_class(1024) == "prefill"
+    assert measured.shape_class(64, bits=4) == "decode int4"
     for entry in measured.MEASURED:   # every entry says where and when it was measured
-        assert entry.card and entry.date and entry.jax and entry.shape in ("decode", "prefill")
+        assert entry.card and entry.date and entry.jax and entry.shape in measured.SHAPE_CLASSES
 
 
 def test_a_measurement_with_tokamax_decides(monkeypatch):
@@ -186,6 +191,11 @@ def test_a_measurement_with_tokamax_decides(monkeypatch):
     assert measured.choose("NVIDIA H200", "0.11.3", "decode", tokamax=True) == "pallas"
     assert measured.choose("NVIDIA H200", "0.11.3", "prefill", tokamax=True) == "tokamax"
     assert measured.choose("NVIDIA H100", "0.11.3", "decode", tokamax=True) == "tokamax"
+    int4 = measured.Measured("H200", "0.11.1", "decode int4", "2027-01-01",
+                             (("tokamax", 3.0), ("grouped", 4.0)))
+    monkeypatch.setattr(measured, "MEASURED", (faster, int4))
+    assert measured.choose("NVIDIA H200", "0.11.3", "decode int4", tokamax=True) == "tokamax"
+    assert measured.choose("NVIDIA H200", "0.11.3", "decode int4", tokamax=False) == "grouped"
 
 
 def test_missing_tokamax_is_one_line_naming_the_package(monkeypatch):

@@ -2,15 +2,21 @@
 apply it per (card, JAX version, shape class).
 
 Every entry is one measurement: the card, the JAX version, the shape class ("decode": a step of
-at most DECODE_ASSIGNMENTS (token, expert) rows; "prefill": more), the date, and the step time
-in milliseconds of each evaluation run side by side on the 8-layer Grok-1-width slice
-(`bash benchmarks/gpu.sh`; BENCHMARKS.md has the full tables). `choose` takes, in order:
+at most DECODE_ASSIGNMENTS (token, expert) rows; "prefill": more; " int4" appended for int4
+weights), the date, and the step time in milliseconds of each evaluation run side by side on the
+8-layer Grok-1-width slice (`bash benchmarks/gpu.sh`; BENCHMARKS.md has the full tables).
+`choose` takes, in order:
 1. the fastest evaluation of an entry for this card, JAX minor version and shape class that
    measured tokamax beside our kernels: the numbers decide;
-2. else, with JAX >= 0.11 (whose Pallas Triton lowering is deprecated) and tokamax installed,
+2. int4 weights: "grouped" (XLA: two int8 matmuls over the packed nibbles, reading only the
+   chosen experts' bytes). tokamax takes int4 as jax's int4 type, so every expert of the layer
+   would be converted each step, more bytes than the int8 step reads (a byte a value where
+   jnp.int4 is not packed): not the default until a measurement says so; our kernels take int8
+   only;
+3. else, with JAX >= 0.11 (whose Pallas Triton lowering is deprecated) and tokamax installed,
    "tokamax" (Mosaic GPU): no DeprecationWarning from the default path while no measurement
    says Triton is worth keeping (tokamax on a GPU: pending a GPU, see PENDING);
-3. else "pallas" (our Triton kernels), measured 2.4-2.9x faster than XLA's grouped path below,
+4. else "pallas" (our Triton kernels), measured 2.4-2.9x faster than XLA's grouped path below,
    or "grouped" where this JAX no longer has the Triton backend.
 """
 from __future__ import annotations
@@ -51,9 +57,15 @@ PENDING = ("tokamax vs pallas vs grouped, decode batch 1/8/32 and prefill 512, i
            "on an H100/H200: pending a GPU")
 
 
-def shape_class(assignments: int) -> str:
-    """"decode" for a step of few (token, expert) rows, else "prefill"."""
-    return "decode" if assignments <= DECODE_ASSIGNMENTS else "prefill"
+INT4_SUFFIX = " int4"
+SHAPE_CLASSES = ("decode", "prefill", "decode" + INT4_SUFFIX, "prefill" + INT4_SUFFIX)
+
+
+def shape_class(assignments: int, bits: int = 8) -> str:
+    """"decode" for a step of few (token, expert) rows, else "prefill"; " int4" appended for
+    int4 weights."""
+    shape = "decode" if assignments <= DECODE_ASSIGNMENTS else "prefill"
+    return shape + (INT4_SUFFIX if bits == 4 else "")
 
 
 def _minor(version: str) -> tuple[int, int]:
@@ -77,7 +89,7 @@ def has_triton() -> bool:
 def choose(card: str, jax_version: str, shape: str, tokamax: bool,
            triton: bool = True) -> str:
     """The MoE kernel for "auto" on a GPU `card` (jax's device_kind) under `jax_version`, for
-    `shape` ("decode" or "prefill"), with tokamax installed or not (the module docstring's
+    `shape` (one of SHAPE_CLASSES), with tokamax installed or not (the module docstring's
     rules)."""
     for entry in MEASURED:
         if (entry.card in card and _minor(entry.jax) == _minor(jax_version)
@@ -85,6 +97,8 @@ def choose(card: str, jax_version: str, shape: str, tokamax: bool,
             winner = entry.winner
             if (winner != "tokamax" or tokamax) and (winner != "pallas" or triton):
                 return winner
+    if shape.endswith(INT4_SUFFIX):
+        return "grouped"
     if tokamax and _minor(jax_version) >= (0, 11):
         return "tokamax"
     return "pallas" if triton else "grouped"

@@ -30,7 +30,7 @@ from grok.errors import GrokError
 from grok.kernels import measured, moe_mlp, tokamax_moe
 from grok.kernels.pallas_int8 import kernel_applies
 from grok.parallel import mesh_kernels
-from grok.quant import INT8, LayerSlice, QuantizedWeight
+from grok.quant import INT4, INT8, LayerSlice, QuantizedWeight
 
 MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas", "tokamax")
 # Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
@@ -52,6 +52,7 @@ class ExecutionPlan:
     # accelerators; the CPU dequantises in float32 first, see grok.quant._dequantize_f32).
     scale_after_dot: bool | None = None
     # "auto"'s kernel per shape class, from grok.kernels.measured (resolve_plan fills it in).
+    # (missing classes: "grouped")
     auto_kernels: tuple[tuple[str, str], ...] = (("decode", "pallas"), ("prefill", "pallas"))
 
     def __post_init__(self) -> None:
@@ -99,15 +100,16 @@ class ExecutionPlan:
     # --- the model's two kernel-or-reference branches -------------------------------------------
     def moe_path(self, assignments: int, w1: Any, wv: Any, w2: Any) -> str:
         """The MoE evaluation for `assignments` (token, choice) rows: "dense", "gather",
-        "grouped", "pallas" or "tokamax". "auto" takes the table's kernel for the shape class:
-        tokamax where every weight is quantised (int8 or int4; on a mesh, per device where
+        "grouped", "pallas" or "tokamax". "auto" takes the table's kernel for the shape class
+        and weight format (grok.kernels.measured.shape_class): tokamax where every weight is quantised (int8 or int4; on a mesh, per device where
         mesh_kernels has a layout for them), ours where every weight is int8 and each device's
         shard has a shape they handle."""
         weights = (w1, wv, w2)
         quantized = all(takes_kernel(w) for w in weights)
         if self.moe != "auto":   # our kernels take int8 weights only (int4: XLA)
             return "grouped" if self.moe == "pallas" and not quantized else self.moe
-        kernel = dict(self.auto_kernels)[measured.shape_class(assignments)]
+        bits = 4 if any(getattr(w, "fmt", None) is INT4 for w in weights) else 8
+        kernel = dict(self.auto_kernels).get(measured.shape_class(assignments, bits), "grouped")
         if kernel == "tokamax" and self.backend == "gpu":
             return "tokamax" if all(isinstance(w, QuantizedWeight) for w in weights) \
                 else "grouped"
@@ -190,14 +192,14 @@ def auto_kernels(backend: str, card: str | None = None, jax_version: str | None 
     (grok.kernels.measured.choose) for the card (default: jax's first device's kind), JAX
     version and whether tokamax is installed; elsewhere "grouped" (XLA)."""
     if backend != "gpu":
-        return (("decode", "grouped"), ("prefill", "grouped"))
+        return tuple((shape, "grouped") for shape in measured.SHAPE_CLASSES)
     if card is None:
         card = jax.devices()[0].device_kind if current_backend() == "gpu" else ""
     version = jax_version or jax.__version__
     have = _tokamax_loads() if tokamax is None else tokamax
     triton = measured.has_triton()
     return tuple((shape, measured.choose(card, version, shape, have, triton))
-                 for shape in ("decode", "prefill"))
+                 for shape in measured.SHAPE_CLASSES)
 
 
 def _tokamax_loads() -> bool:
