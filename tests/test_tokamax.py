@@ -5,6 +5,7 @@ from the table of measured results, and a clear error without the package)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 import jax
@@ -73,6 +74,22 @@ def test_tokamax_moe_equals_dense(fmt):
                       f"moe tokamax {fmt} stacked vs dense (n={n})")
         assert_within(alone(x, gates, chosen, *sliced), ref, bound,
                       f"moe tokamax {fmt} unstacked vs dense (n={n})")
+
+
+@needs_tokamax
+def test_int4_converts_only_the_experts_with_rows():
+    """A decode step of one token (2 of 4 experts chosen) converts 2 experts of each int4 weight
+    to jax's int4 type, not the layer's 4: the program holds int4 arrays of 2 experts only."""
+    experts, d, f = 4, 32, 48
+    w1, wv, w2 = _weights(np.random.default_rng(5), 2, experts, d, f, "int4")
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((1, d)), jnp.bfloat16)
+    gates, chosen = _routing(rng, 1, experts, 2)
+    step = jax.jit(lambda x, g, c, a, b, e: moe(x, g, c, a, b, e, resolve_plan("tokamax"),
+                                                layer=jnp.int32(1)))
+    text = step.lower(x, gates, chosen, w1, wv, w2).as_text()
+    converted = set(re.findall(r"tensor<(\d+)x(?:32x48|48x32)xi4>", text))
+    assert converted == {"2"}, converted
 
 
 @needs_tokamax

@@ -8,11 +8,11 @@ weights), the date, and the step time in milliseconds of each evaluation run sid
 `choose` takes, in order:
 1. the fastest evaluation of an entry for this card, JAX minor version and shape class that
    measured tokamax beside our kernels: the numbers decide;
-2. int4 weights: "grouped" (XLA: two int8 matmuls over the packed nibbles, reading only the
-   chosen experts' bytes). tokamax takes int4 as jax's int4 type, so every expert of the layer
-   would be converted each step, more bytes than the int8 step reads (a byte a value where
-   jnp.int4 is not packed): not the default until a measurement says so; our kernels take int8
-   only;
+2. int4 weights: "grouped" (XLA: two int8 matmuls over the chosen experts' packed nibbles).
+   tokamax takes int4 as jax's int4 type, so the chosen experts are converted each step: read
+   packed, written at a byte a value where jnp.int4 is not packed, read again by the kernel,
+   more bytes than the int8 step reads: not the default until a measurement says so; our
+   kernels take int8 only;
 3. else, with JAX >= 0.11 (whose Pallas Triton lowering is deprecated) and tokamax installed,
    "tokamax" (Mosaic GPU): no DeprecationWarning from the default path while no measurement
    says Triton is worth keeping (tokamax on a GPU: pending a GPU, see PENDING);

@@ -8,9 +8,10 @@ quantised; on CPU its XLA implementation dequantises them (tests).
   of a stacked [L, E, K, N] weight is read in place: the stack is seen as L*E groups and only
   the layer's E get rows (a slice would be copied before the kernel: every expert, every step).
 - int4 (uint8 pairs along K) is unpacked to jax's int4 type with the same per-group scales; that
-  conversion reads the layer's experts once per step. It is not stored converted: jnp.int4 takes
-  a byte a value on the CPU (measured) and, by qwix's report (google/qwix#328), on GB200 and TPU
-  v7x, twice int4's packed size (benchmarks/gpu.sh prints the card's figure).
+  conversion reads the experts that have rows this step (taken by index, at most min(E, rows)
+  of them). It is not stored converted: jnp.int4 takes a byte a value on the CPU (measured) and,
+  by qwix's report (google/qwix#328), on GB200 and TPU v7x: twice int4's packed size
+  (benchmarks/gpu.sh prints the card's figure).
 On CPU (the plan's `widen_dots`) x and the scales go in as float32, so the dequantised weight
 and the dots are exact float32 like the reference paths. The reference is the XLA grouped path
 of grok.model.moe; grok.kernels.plan decides when this runs. tokamax is imported on first use.
@@ -55,8 +56,10 @@ def qarray(w: QuantizedWeight, widen: bool) -> Any:
     return qwix.QArray(values, scales, qtype=values.dtype)
 
 
-def _grouped(w: Any, counts: jax.Array, layer: Any, widen: bool) -> tuple[Any, jax.Array]:
-    """(rhs [G, K, N], group sizes [G]) for counts [E] rows per expert of layer `layer`."""
+def _grouped(w: Any, counts: jax.Array, layer: Any, widen: bool, rows: int
+             ) -> tuple[Any, jax.Array]:
+    """(rhs [G, K, N], group sizes [G]) for counts [E] rows per expert (of `rows` in all) of
+    layer `layer`."""
     if layer is not None and isinstance(w, QuantizedWeight) and w.fmt is INT8:
         lead, experts = w.weight.shape[0], counts.shape[0]
         flat = QuantizedWeight(w.weight.reshape(-1, *w.weight.shape[-2:]),
@@ -64,11 +67,26 @@ def _grouped(w: Any, counts: jax.Array, layer: Any, widen: bool) -> tuple[Any, j
         sizes = jax.lax.dynamic_update_slice(jnp.zeros((lead * experts,), jnp.int32),
                                              counts.astype(jnp.int32), (layer * experts,))
         return qarray(flat, widen), sizes
-    if layer is not None:   # int4 (converted anyway) and float weights: the layer's slice
+    if isinstance(w, QuantizedWeight) and w.fmt is not INT8:
+        return _chosen_experts(w, counts, layer, widen, rows)
+    if layer is not None:   # float weights: the layer's slice
         w = w[layer]
     if isinstance(w, QuantizedWeight):
         return qarray(w, widen), counts.astype(jnp.int32)
     return w.astype(F32 if widen else BF16), counts.astype(jnp.int32)
+
+
+def _chosen_experts(w: QuantizedWeight, counts: jax.Array, layer: Any, widen: bool, rows: int
+                    ) -> tuple[Any, jax.Array]:
+    """An int4 weight's experts that have rows, taken (at most min(E, rows) of them, in expert
+    order like the sorted rows) and converted to jax's int4 type: the conversion reads and
+    writes only those, not the layer's every expert (a decode step of batch 1: 2 of 8)."""
+    experts = counts.shape[0]
+    ids = jnp.nonzero(counts, size=min(experts, rows), fill_value=experts)[0]
+    sizes = jnp.where(ids < experts, counts[jnp.minimum(ids, experts - 1)], 0)
+    ids = jnp.minimum(ids, experts - 1)   # (padding groups: no rows, any expert)
+    taken = w[ids] if layer is None else w[layer, ids]
+    return qarray(taken, widen), sizes.astype(jnp.int32)
 
 
 def ragged_dot(x: jax.Array, w: Any, counts: jax.Array, layer: Any = None, *,
@@ -76,7 +94,7 @@ def ragged_dot(x: jax.Array, w: Any, counts: jax.Array, layer: Any = None, *,
     """x [A, K] (rows sorted by expert, counts [E] of them per expert) times each row's expert
     of `w` ([E, K, N], or [L, E, K, N] with `layer`) -> float32 [A, N]."""
     tokamax = load()
-    rhs, sizes = _grouped(w, counts, layer, widen)
+    rhs, sizes = _grouped(w, counts, layer, widen, x.shape[0])
     x = x.astype(F32 if widen else BF16)
     call = functools.partial(tokamax.ragged_dot, preferred_element_type=F32)
     try:
@@ -84,7 +102,7 @@ def ragged_dot(x: jax.Array, w: Any, counts: jax.Array, layer: Any = None, *,
     except NotImplementedError as err:   # a shape or card the kernels do not take: XLA's
         warnings.warn(f"tokamax {implementation}: {str(err)[:200]}; its XLA path runs instead")
         if layer is not None:
-            rhs, sizes = _grouped(w[layer], counts, None, widen)
+            rhs, sizes = _grouped(w[layer], counts, None, widen, x.shape[0])
         return call(x, rhs, sizes, implementation="xla")
 
 
