@@ -81,12 +81,13 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-# tokamax per device: int8 (w2's 4 scale blocks: whole, or taken per device when split 8 ways)
-# and int4 with groups that split with the rows (F = 176: 8 groups of 22) or are taken per
-# device (2 groups of 88 for 8 devices); expert layout with 1 and 2 experts per device.
-TOKAMAX_CASES = {"int8": {}, "int4 g22": dict(weight_bits=4, group_size=22),
-                 "int4 g88": dict(weight_bits=4, group_size=88)}
-TOKAMAX_MESHES = [((1, 8), "tensor"), ((1, 4), "tensor"), ((1, 4), "expert"), ((1, 8), "expert")]
+# tokamax per device, (config changes, meshes): int8 (w2's 4 scale blocks taken per device when
+# its rows split 8 ways) and int4 with groups that split with the rows (F = 176: 8 groups of 22)
+# or are taken per device (2 groups of 88); expert layout with 2 and 1 experts per device.
+TOKAMAX_CASES = {
+    "int8": ({}, [((1, 8), "tensor"), ((1, 4), "expert")]),
+    "int4 g22": (dict(weight_bits=4, group_size=22), [((1, 4), "tensor"), ((1, 8), "expert")]),
+    "int4 g88": (dict(weight_bits=4, group_size=88), [((1, 8), "tensor")])}
 TOKAMAX_SCRIPT = textwrap.dedent(r"""
     import json, sys
     import numpy as np, jax
@@ -102,11 +103,11 @@ TOKAMAX_SCRIPT = textwrap.dedent(r"""
     mesh_kernels.ragged_mlp = lambda *a, **k: calls.append(1) or real(*a, **k)
     tokens = np.array(json.loads(sys.argv[3]))
     out = {}
-    for name, extra in json.loads(sys.argv[4]).items():
+    for name, (extra, meshes) in json.loads(sys.argv[4]).items():
         config = tiny_config(**json.loads(sys.argv[2]), **extra)
         params = device_params(random_flat(config, seed=1, weight_scale=1.5), config, True)
         out[name] = {"ref": Grok(params, config, None, "grouped", 2).runner.logits(tokens).tolist()}
-        for shape, layout in json.loads(sys.argv[5]):
+        for shape, layout in meshes:
             mesh = sh.make_mesh(shape, jax.devices()[: shape[0] * shape[1]])
             p = jax.device_put(params, sh.params_shardings(params, mesh, config, layout))
             calls.clear()
@@ -139,7 +140,7 @@ def results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokamax_results(tmp_path_factory):
     pytest.importorskip("tokamax", reason="tokamax not installed (pip install 'grok[kernels]')")
-    return _run(TOKAMAX_SCRIPT, tmp_path_factory, TOKAMAX_CASES, TOKAMAX_MESHES)
+    return _run(TOKAMAX_SCRIPT, tmp_path_factory, TOKAMAX_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +214,14 @@ def test_tokamax_runs_per_device_and_matches_one_device(tokamax_results, case):
     from conftest import tiny_config
     from grok.leaves import random_flat
     from oracle import oracle_forward
-    config = tiny_config(**CONFIG, **TOKAMAX_CASES[case])
+    changes, meshes = TOKAMAX_CASES[case]
+    config = tiny_config(**CONFIG, **changes)
     flat = random_flat(config, seed=1, weight_scale=1.5)
     _, routing = oracle_forward(flat, config, np.asarray(TOKENS))
     bound = (flat_route_bound(flat, config), near_tie_rows(routing.margin))
     got = tokamax_results[case]
     w2_blocks = {"int8": 4, "int4 g22": 8, "int4 g88": 2}[case]   # F = 176 rows of w2
-    for shape, layout in TOKAMAX_MESHES:
+    for shape, layout in meshes:
         name = f"{tuple(shape)} {layout}"
         # split with the rows when each device gets whole blocks, else one taken per device
         expect = [layout, layout == "tensor" and w2_blocks < shape[1]]
