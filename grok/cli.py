@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from grok.config import DEMO, DEMO_DIR, model_dir
 from grok.errors import GrokError
+from grok.kernels.measured import MOE_IMPLS
 
 DEFAULT_CHECKPOINT = DEMO_DIR.parent
 GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
@@ -98,8 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def add_placement_flags(p: argparse.ArgumentParser) -> None:
-    """The mesh and multi-host flags (run.py and `python -m grok.serve`); `check_placement`
-    checks them."""
+    """The mesh, multi-host and MoE-evaluation flags (run.py and `python -m grok.serve`);
+    `check_placement` checks them."""
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
                    help="shard over a (data, model) device mesh, e.g. 1,8; weights stream from "
                         "the files onto the devices that own them (default: one device, or "
@@ -113,6 +114,11 @@ def add_placement_flags(p: argparse.ArgumentParser) -> None:
                    help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-host: this process's index (or JAX_PROCESS_ID)")
+    p.add_argument("--moe-impl", choices=MOE_IMPLS, default="auto",
+                   help="the MoE's evaluation: auto (the measured best for this backend, card "
+                        "and weight format), XLA's dense / gather / grouped, our Triton kernels "
+                        "(pallas: GPU, int8; interpreted elsewhere, slow), or tokamax's ragged "
+                        "dot (pip install 'grok[kernels]') (default: %(default)s)")
 
 
 def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -353,7 +359,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mesh = distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
-                              layout=args.layout)
+                              layout=args.layout, moe_impl=args.moe_impl)
             printer = _Printer(model, args, args.interactive or len(prompts) > 1)
             printer.complete(prompts)
             if args.interactive:

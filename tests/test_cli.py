@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config, tokenizer_path
+from grok.errors import GrokError
 from grok.checkpoint import write_checkpoint
 from grok.leaves import random_flat
 
@@ -42,7 +43,7 @@ def test_help_documents_every_flag_with_its_default():
     for flag in ("--checkpoint", "--tokenizer", "--max-new-tokens", "--temperature", "--top-p",
                  "--top-k", "--seed", "--prompts-file", "--stream", "--max-batch", "--json",
                  "--repetition-penalty", "--presence-penalty", "--frequency-penalty",
-                 "--truncate", "--stop", "--interactive", "--mesh"):
+                 "--truncate", "--stop", "--interactive", "--mesh", "--moe-impl"):
         assert flag in out.stdout
     text = " ".join(out.stdout.split())
     for default in ("tokens to generate per prompt (default: 64)", "(default: 8)",
@@ -68,6 +69,7 @@ def test_missing_checkpoint_is_one_line_naming_the_file(tmp_path):
     (["--presence-penalty", "2.5"], "--presence-penalty must be in [-2, 2]"),
     (["--frequency-penalty", "-3"], "--frequency-penalty must be in [-2, 2]"),
     (["--truncate", "right"], "invalid choice: 'right'"),
+    (["--moe-impl", "fast"], "invalid choice: 'fast'"),
     (["--stream", "--json"], "not allowed with argument"),
 ])
 def test_bad_flags_are_one_line(flags, words):
@@ -232,3 +234,34 @@ def test_a_bad_config_json_is_one_line_and_exit_2_in_process(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"run.py: error: {config}") and words in err, err
+
+
+def test_moe_impl_reaches_the_model_and_a_missing_kernel_package_is_one_line(
+        checkpoint, monkeypatch, capsys):
+    """--moe-impl is the loaded model's evaluation (grok.load's moe_impl, its plan's choice), and
+    --moe-impl tokamax without the package is one line naming it, exit 2 (in process)."""
+    import grok
+    import grok.cli
+    from grok.kernels import tokamax_moe
+    monkeypatch.setattr(grok.cli, "exit_on_interrupt", lambda: None)   # keep pytest's Ctrl-C
+    monkeypatch.setenv("GROK_COMPILE_CACHE", "off")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    seen, real = [], grok.load
+
+    def load(*args, **kwargs):   # the real load; the run stops before sampling
+        model = real(*args, **kwargs)
+        seen.append(model.runner.plan.moe)
+        raise GrokError("stopped after loading")
+    monkeypatch.setattr(grok, "load", load)
+    flags = ["hi", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_path())]
+    assert grok.cli.main([*flags, "--moe-impl", "dense"]) == 2
+    assert seen == ["dense"] and "stopped after loading" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tokamax", None)     # `import tokamax` now fails
+    tokamax_moe.load.cache_clear()
+    try:
+        code = grok.cli.main([*flags, "--moe-impl", "tokamax"])
+    finally:
+        tokamax_moe.load.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "grok[kernels]" in err, err

@@ -103,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from grok.serving import lockstep
         enable_compile_cache()
         mesh = distributed_mesh(args)
-        model = grok.load(path, mesh, max_batch=args.max_batch, layout=args.layout)
+        model = grok.load(path, mesh, max_batch=args.max_batch, layout=args.layout,
+                          moe_impl=args.moe_impl)
         import jax
         if jax.process_count() > 1 and jax.process_index() > 0:
             calls = lockstep.follow(model.runner)
