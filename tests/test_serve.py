@@ -248,16 +248,8 @@ def test_api_key_is_required(served, client):
         bad.completions.create(model=NAME, prompt="x", max_tokens=1)
 
 
-def test_models_health_and_metrics(client, http, model):
-    assert [m.id for m in client.models.list()] == [NAME]
-    assert client.models.retrieve(NAME).id == NAME
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("gpt-4")
-    assert http.get("/health").json() == {"status": "ok", "model": NAME}
-    _complete(client, stream=True, max_tokens=3, temperature=0).close()
-    usage = list(_complete(client, stream=True, max_tokens=3, temperature=0,
-                           stream_options={"include_usage": True}))
-    assert usage[-1].choices == [] and usage[-1].usage.completion_tokens == 3
+def _metrics(http) -> dict[str, float]:
+    """/metrics' samples: {name{labels}: value}."""
     response = http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/")
     samples = {}
@@ -265,13 +257,32 @@ def test_models_health_and_metrics(client, http, model):
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
-    assert samples['grok_requests_total{endpoint="/v1/completions",status="200"}'] >= 10
-    assert samples['grok_requests_total{endpoint="/v1/completions",status="400"}'] >= 20
-    assert samples["grok_generated_tokens_total"] >= 100
-    assert samples["grok_prompt_tokens_total"] >= 50
+    return samples
+
+
+def test_models_health_and_metrics(client, http, model):
+    """The metrics count this test's own requests (whatever ran before it, on this server)."""
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    assert http.get("/health").json() == {"status": "ok", "model": NAME}
+    before = _metrics(http)
+    list(_complete(client, stream=True, max_tokens=3, temperature=0))
+    usage = list(_complete(client, stream=True, max_tokens=3, temperature=0,
+                           stream_options={"include_usage": True}))
+    assert usage[-1].choices == [] and usage[-1].usage.completion_tokens == 3
+    _error(http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": -1}),
+           400, "max_tokens")
+    samples = _metrics(http)
+    grew = lambda name: samples.get(name, 0.0) - before.get(name, 0.0)
+    assert grew('grok_requests_total{endpoint="/v1/completions",status="200"}') == 2
+    assert grew('grok_requests_total{endpoint="/v1/completions",status="400"}') == 1
+    assert grew("grok_generated_tokens_total") == 6
+    assert grew("grok_prompt_tokens_total") == 2 * usage[-1].usage.prompt_tokens
     assert samples["grok_queue_depth"] == 0 and samples["grok_slots_in_use"] == 0
-    assert samples["grok_time_to_first_token_seconds_count"] >= 10
-    assert samples["grok_time_per_output_token_seconds_count"] >= 50
+    assert grew("grok_time_to_first_token_seconds_count") == 2
+    assert grew("grok_time_per_output_token_seconds_count") >= 4   # 2 gaps per 3-token answer
     assert 'grok_time_per_output_token_seconds_bucket{le="+Inf"}' in samples
 
 
