@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from grok.kernels.plan import ExecutionPlan
 
 BF16 = jnp.bfloat16
+# Scaling each row block's product after the dot makes a float32 [..., S, Out] of them: fine for
+# the release's S <= 8, but int4's groups of 32 give S = In / 32 (a 6144-row weight: 192 times
+# the output; a prefill's would not fit). Past this the weight is dequantised inside the dot.
+MAX_BLOCKS_AFTER_DOT = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +273,8 @@ def qeinsum(spec: str, x: jax.Array, w: Any, plan: "ExecutionPlan",
     "...i,io->...o" (a linear layer), "ni,eio->neo" (every expert), "nki,nkio->nko" (per-token
     experts). The int8 weight is converted inside the dot with float32 accumulation and each row
     block's product is scaled after it, unless the plan says to dequantise the weight in float32
-    first (the CPU; see `_dequantize_f32`)."""
+    first (the CPU; see `_dequantize_f32`) or it has more than MAX_BLOCKS_AFTER_DOT row blocks
+    (then it is dequantised in the dot's dtype: bfloat16 on accelerators)."""
     if isinstance(w, LayerSlice):
         w = w.get()
     if not is_quantized(w):
@@ -277,8 +282,11 @@ def qeinsum(spec: str, x: jax.Array, w: Any, plan: "ExecutionPlan",
     if w.fmt is INT4 and w.group_size % 2 == 0:
         return _int4_halves(spec, x, w, plan).astype(out_dtype)
     w = as_int8(w, jnp)   # int4 with odd groups: unpacked (interleaved) inside the computation
-    if not plan.scales_after_dot:
-        return dot(spec, x, _dequantize_f32(w), plan).astype(out_dtype)
+    if not plan.scales_after_dot or w.scale_blocks > MAX_BLOCKS_AFTER_DOT:
+        weight = _dequantize_f32(w)
+        if not plan.widen_dots:   # one rounding of the exact product, like the release's copies
+            weight = weight.astype(x.dtype)
+        return dot(spec, x, weight, plan).astype(out_dtype)
     inputs, out = spec.split("->")
     xs, ws = inputs.split(",")
     s = next(c for c in "zyxwsrqp" if c not in spec)      # a letter for the row blocks

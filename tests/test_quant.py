@@ -9,7 +9,8 @@ import pytest
 from grok.tools.bench import dequantized_buffers
 from grok.model.moe import moe
 from grok.kernels.plan import ExecutionPlan, KERNEL_ROWS, resolve_plan
-from grok.quant import QuantizedWeight8bit, dequantize, linears, qeinsum, quantize
+from grok.quant import (MAX_BLOCKS_AFTER_DOT, QuantizedWeight8bit, dequantize, linears, qeinsum,
+                        quantize)
 
 from conftest import tiny_config
 from precision import BF16_EPS, F32_EPS, assert_within, flat_route_bound, gamma, to_bf16
@@ -171,6 +172,22 @@ def test_scale_after_the_dot_path_matches_dequantised_weights(blocks):
     xe = jnp.asarray(rng.standard_normal((5, 3, 64)), jnp.bfloat16)
     got = run("nei,eio->neo", xe, we)
     assert_within(got, *_exact(xe, we), f"experts [N, E, In] scale-after-dot S={blocks}")
+
+
+@pytest.mark.parametrize("blocks,after", [(8, True), (16, False)])
+def test_many_row_blocks_are_dequantised_inside_the_dot(blocks, after):
+    """Past MAX_BLOCKS_AFTER_DOT row blocks (int4's groups) the per-block products would be a
+    float32 [..., S, Out], S times the output: the weight is dequantised inside the dot instead,
+    and the product is the same within the float32 bound."""
+    assert (blocks <= MAX_BLOCKS_AFTER_DOT) == after
+    rng = np.random.default_rng(blocks)
+    x = jnp.asarray(rng.standard_normal((5, 128)), jnp.bfloat16)
+    w = _q(rng, (128, 24), blocks)
+    run = lambda x, w: qeinsum("...i,io->...o", x, w, ACCELERATOR)
+    outputs = [e.outvars[0].aval.size for e in jax.make_jaxpr(run)(x, w).jaxpr.eqns
+               if e.primitive.name == "dot_general"]
+    assert max(outputs) == (blocks if after else 1) * 5 * 24, outputs   # [S, Out, rows] or not
+    assert_within(jax.jit(run)(x, w), *_exact(x, w), f"linear S={blocks}")
 
 
 @pytest.mark.parametrize("rows,blocks", [(1, 1), (5, 4), (3, 8)])
