@@ -171,10 +171,10 @@ def read_leaf(path: str | os.PathLike, entry: Entry) -> Any:
             raise CheckpointError(f"{header.path}: changed size while read")
         for part, ref in parts.items():
             f.seek(ref.raw.offset)
-            data = f.read(ref.raw.length)
-            if len(data) != ref.raw.length:
+            array = np.empty(ref.shape, ref.dtype)   # read straight into it: one copy in memory
+            if f.readinto(array.reshape(-1).view(np.uint8)) != ref.raw.length:
                 raise CheckpointError(f"{header.path}: truncated while reading {part}")
-            arrays[part] = np.frombuffer(data, ref.dtype).reshape(ref.shape).copy()
+            arrays[part] = array
     if "array" in arrays:
         return arrays["array"]
     return QuantizedWeight(arrays["weight"], arrays["scales"], entry.fmt)
@@ -207,4 +207,4 @@ def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> None:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
         for _, a in ordered:
-            f.write(a.tobytes())
+            f.write(a.reshape(-1).view(np.uint8))   # the array's own bytes, not a copy

@@ -51,8 +51,8 @@ class ExecutionPlan:
     # Quantised weights converted inside the dot and scaled per row block after it (None: on
     # accelerators; the CPU dequantises in float32 first, see grok.quant._dequantize_f32).
     scale_after_dot: bool | None = None
-    # "auto"'s kernel per shape class, from grok.kernels.measured (resolve_plan fills it in).
-    # (missing classes: "grouped")
+    # "auto"'s kernel per shape class, from grok.kernels.measured (resolve_plan fills it in); a
+    # class left out takes "grouped".
     auto_kernels: tuple[tuple[str, str], ...] = (("decode", "pallas"), ("prefill", "pallas"))
 
     def __post_init__(self) -> None:
@@ -101,9 +101,10 @@ class ExecutionPlan:
     def moe_path(self, assignments: int, w1: Any, wv: Any, w2: Any) -> str:
         """The MoE evaluation for `assignments` (token, choice) rows: "dense", "gather",
         "grouped", "pallas" or "tokamax". "auto" takes the table's kernel for the shape class
-        and weight format (grok.kernels.measured.shape_class): tokamax where every weight is quantised (int8 or int4; on a mesh, per device where
-        mesh_kernels has a layout for them), ours where every weight is int8 and each device's
-        shard has a shape they handle."""
+        and weight format (grok.kernels.measured.shape_class): tokamax where every weight is
+        quantised (int8 or int4; on a mesh, per device where mesh_kernels has a layout for
+        them), ours where every weight is int8 and each device's shard has a shape they
+        handle."""
         weights = (w1, wv, w2)
         quantized = all(takes_kernel(w) for w in weights)
         if self.moe != "auto":   # our kernels take int8 weights only (int4: XLA)
