@@ -4,12 +4,14 @@ and every kind of bad input named in one line with the destination never half-wr
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import grok
 from conftest import fixture_dir
@@ -22,6 +24,7 @@ from grok.checkpoint.safetensors_io import read_leaf, read_st_header, write_leaf
 from grok.cli import main as cli_main
 from grok.config import DEMO_DIR
 from grok.errors import CheckpointError, ConfigError
+from grok.tools.fuzz_checkpoint import mutate
 from grok.leaves import abstract_params, checkpoint_entries
 from grok.parallel import rules
 from grok.quant import INT4, QuantizedWeight, dequantize, pack_int4, unpack_int4
@@ -346,3 +349,66 @@ def test_plan_reads_the_format_from_a_converted_checkpoints_config(converted, ca
     assert checkpoint_main(["plan", "--devices", "1", "--memory", "80",
                             "--config", str(int4 / "config.json")]) == 0
     assert "fits on mesh(es): 1,1" in capsys.readouterr().out
+
+
+# --- fuzzing: our header parser against the safetensors package -------------------------------
+
+_ODD_VALUES = [-1, 0, 1, 7, 2 ** 31, 2 ** 64, 10 ** 30, 1.5, "8", None, [], [0], [1, 2, 3],
+               {"a": 1}, "I8", "U8", "BF16", "F64", "int4", ""]
+
+
+def _fuzzed_header(data: bytes, rng: random.Random) -> bytes:
+    """`data` with one to three fields of its JSON header replaced by odd values (an offset, a
+    shape, a dtype, a metadata entry, a whole tensor entry) and the length prefix recomputed, or
+    kept stale one time in eight."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(sorted(header))
+        value = header[key]
+        if isinstance(value, dict) and value and rng.random() < 0.8:
+            field = rng.choice(sorted(value))
+            if isinstance(value[field], list) and value[field] and rng.random() < 0.5:
+                value[field][rng.randrange(len(value[field]))] = rng.choice(_ODD_VALUES)
+            else:
+                value[field] = rng.choice(_ODD_VALUES)
+        else:
+            header[key] = rng.choice(_ODD_VALUES)
+    text = json.dumps(header).encode()
+    length = n if rng.random() < 0.125 else len(text)
+    return length.to_bytes(8, "little") + text + data[8 + n:]
+
+
+@pytest.fixture(scope="module")
+def fuzz_seed(converted):
+    """One quantised leaf's file of the int4 checkpoint (bytes) and its leaf-table entry."""
+    _, _, int4 = converted
+    entry = _quantised(read_config(int4))[1]
+    return (int4 / "ckpt-0" / f"{entry.filename}.safetensors").read_bytes(), entry
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2 ** 32 - 1))
+def test_fuzzed_files_are_refused_in_one_line_or_read_as_the_package_reads_them(
+        fuzz_seed, tmp_path, seed):
+    """Random damage to a real converted file, to its bytes (grok.tools.fuzz_checkpoint.mutate)
+    or to its header's fields: our reader either refuses it with a one-line CheckpointError
+    naming the file, or reads the arrays that the safetensors package reads from it."""
+    safetensors = pytest.importorskip("safetensors")
+    data, entry = fuzz_seed
+    rng = random.Random(seed)
+    damaged = mutate(data, rng) if rng.random() < 0.5 else _fuzzed_header(data, rng)
+    path = tmp_path / f"fuzz{seed}.safetensors"
+    path.write_bytes(damaged)
+    try:
+        ours = read_leaf(path, entry)
+    except CheckpointError as err:
+        assert "\n" not in str(err) and str(path) in str(err) and len(str(err)) < 1000, err
+        return
+    names = {f"{entry.name}/weight": ours.weight, f"{entry.name}/scales": ours.scales}
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        assert set(f.keys()) == set(names)
+        for name, array in names.items():
+            theirs = f.get_tensor(name)
+            assert theirs.dtype == array.dtype and np.array_equal(theirs, array), name
