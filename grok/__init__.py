@@ -20,6 +20,7 @@ _EXPORTS = {
     "QuantizedWeight8bit": "grok.quant", "dequantize": "grok.quant", "quantize": "grok.quant",
     "SamplingParams": "grok.serving.sampling",
     "Routing": "grok.model.routing",
+    "convert": "grok.checkpoint.convert",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,9 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from grok.config import DEMO, DEMO_DIR, model_dir
+from grok.config import DEMO, DEMO_DIR, MOE_IMPLS, model_dir
 from grok.errors import GrokError
-from grok.kernels.measured import MOE_IMPLS
 
 DEFAULT_CHECKPOINT = DEMO_DIR.parent
 GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "

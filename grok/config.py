@@ -13,6 +13,9 @@ from grok.files import DuplicateKey, NotRegularFile, TooLarge, read_limited, uni
 
 
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
+# The MoE evaluations an execution plan can take (grok.kernels.plan), named here so that the
+# command lines can offer them without importing jax.
+MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas", "tokamax")
 
 
 def prefill_chunk(prefill_tokens: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_the_python_api_block_runs_as_written(monkeypatch):
+def test_the_python_api_block_runs_as_written(monkeypatch, tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
     assert blocks, "README.md has no python block"
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # its converted checkpoint
     out = io.StringIO()
     for block in blocks:
         with contextlib.redirect_stdout(out):

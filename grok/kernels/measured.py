@@ -24,9 +24,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
-# The MoE evaluations a plan can take (grok.kernels.plan; here so that the command lines can
-# offer them without importing jax).
-MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas", "tokamax")
 # (token, expert) rows of a step up to which it counts as decoding (batch 32, top-2: 64 rows).
 DECODE_ASSIGNMENTS = 256
 

@@ -26,13 +26,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from grok.config import MOE_IMPLS
 from grok.errors import GrokError
 from grok.kernels import measured, moe_mlp, tokamax_moe
 from grok.kernels.pallas_int8 import kernel_applies
 from grok.parallel import mesh_kernels
 from grok.quant import INT4, INT8, LayerSlice, QuantizedWeight
 
-MOE_IMPLS = measured.MOE_IMPLS
 # Matmuls of at most this many rows (decoding) run through the kernel when allowed: they read
 # the weight once, in place. Larger ones are compute-bound, where XLA's GEMMs do better.
 KERNEL_ROWS = 64
