@@ -3,6 +3,7 @@ safetensors, int8 or int4), loading them (whole, and streamed onto a mesh throug
 and every kind of bad input named in one line with the destination never half-written."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -123,6 +124,26 @@ def test_verify_passes_and_names_a_damaged_file(converted, tmp_path, capsys):
     assert checkpoint_main(["verify", str(copy), "-q"]) == 1
     out = capsys.readouterr().out
     assert "FAIL tensor00005_000.safetensors" in out and "1 with problems" in out
+
+
+def test_the_manifest_lists_every_file_and_verify_checks_it(converted, tmp_path, capsys):
+    """DST/SHA256SUMS: each file of the conversion with its SHA-256 (hashed here independently),
+    and `verify --sha256` passes on it, then names the file a copy damaged."""
+    _, _, int4 = converted
+    lines = (int4 / "SHA256SUMS").read_text().splitlines()
+    listed = dict(reversed(line.split("  ", 1)) for line in lines)
+    files = {p.relative_to(int4).as_posix() for p in int4.rglob("*") if p.is_file()}
+    assert set(listed) == files - {"SHA256SUMS"} and "ckpt-0/tensor00000_000.safetensors" in listed
+    for name, digest in listed.items():
+        assert hashlib.sha256((int4 / name).read_bytes()).hexdigest() == digest, name
+    assert checkpoint_main(["verify", str(int4), "-q", "--sha256", str(int4 / "SHA256SUMS")]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(int4, copy)
+    victim = copy / "config.json"
+    victim.write_text(victim.read_text().replace('"weight_bits": 4', '"weight_bits":4'))
+    capsys.readouterr()
+    assert checkpoint_main(["verify", str(copy), "-q", "--sha256", str(copy / "SHA256SUMS")]) == 1
+    assert "config.json" in capsys.readouterr().out
 
 
 def test_the_safetensors_package_reads_our_files(converted):

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             out = convert(args.source, args.destination, args.bits, args.group_size,
                           exact=args.exact_group_size, config=config)
             group = f", group size {out.group_size}" if out.weight_bits == 4 else ""
-            print(f"wrote {args.destination}: int{out.weight_bits} safetensors{group}")
+            print(f"wrote {args.destination}: int{out.weight_bits} safetensors{group}; "
+                  f"its files' SHA-256 in {args.destination}/SHA256SUMS")
             return 0
         if args.command == "plan":
             if args.devices < 1 or args.memory <= 0 or args.batch < 1 \

@@ -5,7 +5,8 @@ does not depend on the source's format.
 
 Files are converted one at a time (host memory: one leaf, and one expert's float32 copy while
 requantising), into a temporary sibling of DST that is renamed to DST at the end: DST is never
-half-written, and an existing DST is never touched. DST/config.json records the format
+half-written, and an existing DST is never touched. DST/SHA256SUMS lists every file's SHA-256
+(`verify DST --sha256 DST/SHA256SUMS` checks a copy). DST/config.json records the format
 (`weight_bits`, `group_size`); each int4 file's metadata records its tensor's own group (the
 largest divisor of its input width not above the group size asked for), which the reader checks.
 `--bits 8` keeps the int8 numbers exactly (the same values and scales); `--bits 4` from int8 gives
@@ -14,6 +15,7 @@ the same weights whichever int8 format SRC is in. An int4 SRC is only copied, to
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 # 179 GB, 10 GB more than 64) and it still fits 2 x 141 GB and 4 x 80 GB with 8 x 8192 tokens.
 DEFAULT_GROUP_SIZE = 32
 COPIED = ("tokenizer.model", "sampling.json")   # beside ckpt-0, so the result loads as the source
+MANIFEST = "SHA256SUMS"   # every file's digest: `python -m grok.checkpoint verify DST --sha256 ...`
 
 
 def target_config(config: GrokConfig, bits: int, group_size: int | None = None,
@@ -106,6 +109,16 @@ def _convert_leaf(leaf: Any, src_entry: Entry, entry: Entry) -> Any:
                            np.stack([p.scales for p in pieces]), entry.fmt)
 
 
+def _write_manifest(root: Path, digests: dict[str, str]) -> None:
+    """root/SHA256SUMS in sha256sum's format: the tensor files' digests as written, and those of
+    config.json and the copied files (read back: they are small)."""
+    for name in (CONFIG_FILE, *COPIED):
+        if (root / name).is_file():
+            digests[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()
+    with open(root / MANIFEST, "w") as f:
+        f.writelines(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
+
+
 def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = None, *,
             exact: bool = False, config: GrokConfig | None = None,
             progress: bool = True) -> GrokConfig:
@@ -132,10 +145,13 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
     try:
         with Progress(len(src_entries), f"converting {ckpt} to int{bits}", enabled=progress,
                       logger=log) as bar:
+            digests = {}
             for src_entry, entry in zip(src_entries, dst_entries):
                 leaf = read_source_leaf(ckpt, src_entry)
-                file = tmp / CKPT_DIR / safetensors_io.filename(entry)
-                safetensors_io.write_leaf(file, entry, _convert_leaf(leaf, src_entry, entry))
+                name = safetensors_io.filename(entry)
+                file = tmp / CKPT_DIR / name
+                digests[f"{CKPT_DIR}/{name}"] = safetensors_io.write_leaf(
+                    file, entry, _convert_leaf(leaf, src_entry, entry))
                 del leaf
                 # read back the header as a load would: what was written is what loads
                 safetensors_io.leaf_parts(safetensors_io.read_st_header(file), entry)
@@ -149,6 +165,7 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
                 if (where / name).is_file():
                     shutil.copyfile(where / name, tmp / name)
                     break
+        _write_manifest(tmp, digests)
         tmp.rename(target)
     finally:
         if tmp.exists():

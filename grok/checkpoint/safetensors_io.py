@@ -14,6 +14,7 @@ ways).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -180,10 +181,10 @@ def read_leaf(path: str | os.PathLike, entry: Entry) -> Any:
     return QuantizedWeight(arrays["weight"], arrays["scales"], entry.fmt)
 
 
-def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> None:
-    """Write one leaf (checked against `entry` first) as a safetensors file. The header is
-    written with sorted keys and tensors in name order, so the same leaf always gives the same
-    bytes (a converted checkpoint's SHA-256 manifest is reproducible)."""
+def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> str:
+    """Write one leaf (checked against `entry` first) as a safetensors file; returns the SHA-256
+    (hex) of the bytes written. The header is written with sorted keys and tensors in name
+    order, so the same leaf always gives the same bytes (and digest)."""
     quantized = isinstance(leaf, QuantizedWeight)
     arrays = {"weight": leaf.weight, "scales": leaf.scales} if quantized else {"array": leaf}
     arrays = {part: np.ascontiguousarray(a) for part, a in arrays.items()}
@@ -203,8 +204,10 @@ def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> None:
         offset += a.nbytes
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)   # the format's alignment of the data: spaces
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for _, a in ordered:
-            f.write(a.reshape(-1).view(np.uint8))   # the array's own bytes, not a copy
+        for chunk in (len(text).to_bytes(8, "little"), text,
+                      *(a.reshape(-1).view(np.uint8) for _, a in ordered)):   # no copies
+            f.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
