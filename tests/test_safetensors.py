@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -433,3 +437,46 @@ def test_fuzzed_files_are_refused_in_one_line_or_read_as_the_package_reads_them(
         for name, array in names.items():
             theirs = f.get_tensor(name)
             assert theirs.dtype == array.dtype and np.array_equal(theirs, array), name
+
+
+# --- streamed onto 8 virtual devices (a subprocess: the device count is fixed at jax's import) --
+
+STREAM_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import numpy as np, jax
+    from grok.checkpoint import read_config
+    from grok.checkpoint.loader import load_params
+    from grok.leaves import abstract_params
+    from grok.parallel import rules
+    path = sys.argv[1]
+    config = read_config(path)
+    abstract = abstract_params(config)
+    one = jax.tree.leaves(load_params(path, config, rules.params_shardings(
+        abstract, rules.make_mesh((1, 1), jax.devices()[:1]), config), progress=False))
+    out = {}
+    for shape, layout in (((1, 8), "tensor"), ((2, 4), "tensor"), ((1, 4), "expert")):
+        mesh = rules.make_mesh(shape, jax.devices()[: shape[0] * shape[1]])
+        got = jax.tree.leaves(load_params(path, config, rules.params_shardings(
+            abstract, mesh, config, layout), progress=False))
+        split = sum(len({str(s.index) for s in a.addressable_shards}) > 1 for a in got)
+        same = all(a.dtype == b.dtype and a.shape == b.shape
+                   and np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(got, one))
+        out[f"{shape} {layout}"] = [len(got) == len(one) and same, split]
+    json.dump(out, open(sys.argv[2], "w"))
+""")
+
+
+def test_int4_streamed_onto_meshes_is_the_one_device_load_bit_for_bit(converted, tmp_path):
+    """The streaming loader reads each device's slice of the packed int4 rows and of their
+    scales straight from the files: on a (1, 8) and (2, 4) tensor mesh and a (1, 4) expert
+    mesh the arrays are the one-device load's, bit for bit, and most of them are split."""
+    _, _, int4 = converted
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(int4), str(out)],
+                          cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for mesh, (same, split) in json.loads(out.read_text()).items():
+        assert same and split >= 8, (mesh, same, split)
