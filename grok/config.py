@@ -13,6 +13,10 @@ from grok.files import DuplicateKey, NotRegularFile, TooLarge, read_limited, uni
 
 
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
+# From BENCHMARKS.md ("int4 weights: fidelity"): 32 had the lowest error of 32 / 64 / 128 on
+# the demo's held-out perplexity and on both fixtures; its scales cost 0.5 bit a weight (Grok-1
+# 179 GB, 10 GB more than 64) and it still fits 2 x 141 GB and 4 x 80 GB with 8 x 8192 tokens.
+DEFAULT_GROUP_SIZE = 32
 # The MoE evaluations an execution plan can take (grok.kernels.plan), named here so that the
 # command lines can offer them without importing jax.
 MOE_IMPLS = ("auto", "dense", "gather", "grouped", "pallas", "tokamax")

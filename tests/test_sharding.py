@@ -111,6 +111,16 @@ def test_plan_grok1():
     assert 38e9 < est.weights < 41e9
     with pytest.raises(sh.ShardingError, match="does not fit.*GB"):
         memory.check_fits(GROK1, (1, 8), int(20e9))
+    # where int8 does not fit and int4 would, the report (and grok.load's refusal) says so
+    fits, report = memory.plan_report(GROK1, 2, 141)
+    int4 = memory.estimate_memory(GROK1.replace(weight_bits=4, group_size=32), (1, 2))
+    assert not fits and report.splitlines()[-1].endswith(
+        "in int4 (python -m grok.checkpoint convert SRC DST --bits 4) it would fit on --mesh 1,2"
+        f" ({int4.total / memory.GB:.1f} GB per device)"), report
+    with pytest.raises(sh.ShardingError, match=r"in int4 .* --mesh 1,4"):
+        memory.check_fits(GROK1, (1, 4), int(80e9))
+    for config, devices in ((GROK1, 1), (GROK1.replace(weight_bits=4, group_size=32), 1)):
+        assert "int4" not in memory.plan_report(config, devices, 80)[1]   # not even int4 / is
     # the workspace covers the engine's batched prefill: 8 prompts of 512 take 8x one prompt's
     # activations (4096 tokens, the default budget); past the budget it stops growing
     one = memory.estimate_memory(GROK1, (1, 8), batch=1, length=512).workspace

@@ -31,7 +31,7 @@ from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, RELEASE, PathLike,
                                        checkpoint_dir, checkpoint_format, read_config,
                                        tensor_suffix)
 from grok.checkpoint.release import load_tensor
-from grok.config import GrokConfig
+from grok.config import DEFAULT_GROUP_SIZE, GrokConfig
 from grok.errors import CheckpointError, ConfigError
 from grok.leaves import Entry, checkpoint_entries
 from grok.progress import Progress
@@ -39,10 +39,6 @@ from grok.quant import QuantizedWeight, dequantize, quantize_int4
 
 log = logging.getLogger(__name__)
 
-# From BENCHMARKS.md ("int4 weights: fidelity"): 32 had the lowest error of 32 / 64 / 128 on
-# the demo's held-out perplexity and on both fixtures; its scales cost 0.5 bit a weight (Grok-1
-# 179 GB, 10 GB more than 64) and it still fits 2 x 141 GB and 4 x 80 GB with 8 x 8192 tokens.
-DEFAULT_GROUP_SIZE = 32
 COPIED = ("tokenizer.model", "sampling.json")   # beside ckpt-0, so the result loads as the source
 MANIFEST = "SHA256SUMS"   # every file's digest: `python -m grok.checkpoint verify DST --sha256 ...`
 

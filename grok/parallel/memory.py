@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from grok.config import PREFILL_TOKENS, GrokConfig, prefill_chunk
+from grok.config import DEFAULT_GROUP_SIZE, PREFILL_TOKENS, GrokConfig, prefill_chunk
 from grok.leaves import Entry, checkpoint_entries
 from grok.parallel.rules import (DATA, MODEL, ShardingError, check_layout, leaf_specs, local_shape,
                                  mesh_shape)
@@ -167,8 +167,25 @@ def plan_report(config: GrokConfig, devices: int, memory_gb: float, *, batch: in
                      if n > devices and any(e.fits for e in plan(
                          config, n, memory_gb, batch=batch, length=length, layout=layout))), None)
         hint = f"; {more} such devices would" if more else ""
+        hint += _int4_hint(config, devices, memory_gb, batch, length, layout)
         lines.append(f"does not fit on any mesh of {devices} device(s){hint}")
     return bool(fitting), "\n".join(lines)
+
+
+def _int4_hint(config: GrokConfig, devices: int, memory_gb: float, batch: int, length: int,
+               layout: str) -> str:
+    """Where int8 weights do not fit: the mesh int4 ones (the converter's default groups) would
+    fit on, as a clause of the report's last line ("" if none, or the weights are int4)."""
+    if config.weight_bits != 8:
+        return ""
+    int4 = config.replace(weight_bits=4, group_size=DEFAULT_GROUP_SIZE)
+    fitting = [e for e in plan(int4, devices, memory_gb, batch=batch, length=length,
+                               layout=layout) if e.fits]
+    if not fitting:
+        return ""
+    best = min(fitting, key=lambda e: e.total)
+    return (f"; in int4 (python -m grok.checkpoint convert SRC DST --bits 4) it would fit on "
+            f"--mesh {best.mesh[0]},{best.mesh[1]} ({best.total / GB:.1f} GB per device)")
 
 
 def max_batch(config: GrokConfig, mesh: Any, memory_gb: float, *, length: int | None = None,
