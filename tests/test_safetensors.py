@@ -313,6 +313,8 @@ def _set(field, key, value):
     (lambda p: _rewrite(p, _set("/scales", "shape", [1, 2])), "data_offsets"),
     (lambda p: _rewrite(p, lambda h: h["__metadata__"].update(group_size="16")),
      "__metadata__.group_size"),
+    (lambda p: _rewrite(p, lambda h: h["__metadata__"].update(leaf="transformer/other")),
+     "__metadata__.leaf is 'transformer/other'"),
 ])
 def test_a_damaged_file_is_one_line_naming_file_and_field(damaged, damage, words):
     copy, victim, entry = damaged

@@ -140,13 +140,18 @@ def read_st_header(path: str | os.PathLike) -> StHeader:
 
 def leaf_parts(header: StHeader, entry: Entry) -> dict[str, ArrayRef]:
     """{part: ArrayRef} of `entry`'s leaf in its file, checked against the leaf table: the
-    tensor names, the metadata's weight format and group size, dtypes and shapes."""
+    tensor names, the metadata's leaf name (if any), weight format and group size, dtypes and
+    shapes."""
     where = header.path
     names = tensor_names(entry)
     if set(header.tensors) != set(names.values()):
         got = ", ".join(sorted(one_line(repr(n), 80) for n in header.tensors)[:4]) or "none"
         raise CheckpointError(f"{where}: holds tensors {got}; leaf {entry.name} expects "
                               f"{', '.join(repr(n) for n in names.values())}")
+    leaf = header.metadata.get("leaf", entry.name)   # (optional: the tensor names say it too)
+    if leaf != entry.name:
+        raise CheckpointError(f"{where}: __metadata__.leaf is {one_line(repr(leaf), 80)} but the "
+                              f"leaf table puts leaf {entry.name} in this file")
     if entry.quantized:
         for field, want in (("weight_format", entry.fmt.name),
                             ("group_size", str(entry.group_size))):
