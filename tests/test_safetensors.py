@@ -141,6 +141,9 @@ def test_the_manifest_lists_every_file_and_verify_checks_it(converted, tmp_path,
     for name, digest in listed.items():
         assert hashlib.sha256((int4 / name).read_bytes()).hexdigest() == digest, name
     assert checkpoint_main(["verify", str(int4), "-q", "--sha256", str(int4 / "SHA256SUMS")]) == 0
+    capsys.readouterr()
+    assert checkpoint_main(["verify", str(int4), "-q"]) == 0   # without it: said how to use it
+    assert f"--sha256 {int4 / 'SHA256SUMS'} checks every byte" in capsys.readouterr().out
     copy = tmp_path / "copy"
     shutil.copytree(int4, copy)
     victim = copy / "config.json"

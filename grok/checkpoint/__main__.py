@@ -7,8 +7,8 @@ import argparse
 import sys
 from typing import Iterator
 
-from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, convert, target_config
-from grok.checkpoint.directory import read_config
+from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, MANIFEST, convert, target_config
+from grok.checkpoint.directory import checkpoint_dir, read_config
 from grok.checkpoint.digests import verify_digests
 from grok.checkpoint.verify import FileReport, verify
 from grok.config import GROK1, GrokConfig
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                       args.quiet, "")
         if digests is not None:
             bad += _report(digests, args.quiet, "sha256")
+        else:
+            manifest = checkpoint_dir(args.directory).parent / MANIFEST
+            if manifest.is_file():   # convert writes one: say how to check every byte with it
+                print(f"(not read: {manifest}; --sha256 {manifest} checks every byte against it)")
         return 1 if bad else 0
     except (GrokError, OSError) as err:   # checkpoint, config and mesh errors alike
         print(f"python -m grok.checkpoint: error: {one_line(err)}", file=sys.stderr)
