@@ -195,13 +195,13 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
 def nibbles(packed: Any, xp: Any = np) -> tuple[Any, Any]:
     """uint8 [..., In/2, Out] -> the int8 values of the even rows and of the odd rows, each
     [..., In/2, Out] (elementwise: no interleaving)."""
-    signed = packed.astype(xp.int8)
+    signed = packed.astype(xp.int8)   # (arithmetic shifts sign-extend)
     return xp.right_shift(xp.left_shift(signed, 4), 4), xp.right_shift(signed, 4)
 
 
 def unpack_int4(packed: Any, xp: Any = np) -> Any:
     """uint8 [..., In/2, Out] -> int8 [..., In, Out] (numpy, or jax.numpy with xp=jnp)."""
-    low, high = nibbles(packed, xp)   # (arithmetic shifts sign-extend)
+    low, high = nibbles(packed, xp)
     *lead, half, cols = packed.shape
     return xp.stack([low, high], axis=-2).reshape(*lead, 2 * half, cols)
 

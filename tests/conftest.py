@@ -36,6 +36,14 @@ FIXTURES = SHARED / "fixtures"
 TOKENIZER = SHARED / "grok1-tokenizer" / "tokenizer.model"
 
 
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """The environment of a subprocess that sees `devices` virtual CPU devices (XLA's device
+    count is fixed when jax is imported): the caller's XLA flags go along (e.g.
+    --xla_cpu_max_isa, to check the bounds on other ISAs)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+
+
 def tiny_config(**changes) -> GrokConfig:
     """A Grok-shaped config small enough to compile and run in a second on a CPU."""
     base = dict(vocab_size=64, emb_size=32, key_size=8, num_q_heads=4, num_kv_heads=2,

@@ -4,7 +4,6 @@ layouts, give the one-device results, through shard_map."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cpu_devices_env
 from precision import (assert_rows_within, flat_route_bound, greedy_gap, near_tie_rows,
                        trusted_steps)
 
@@ -122,11 +122,9 @@ TOKAMAX_SCRIPT = textwrap.dedent(r"""
 
 def _run(script, tmp_path_factory, *args):
     path = tmp_path_factory.mktemp("moe_mesh") / "out.json"
-    # The caller's XLA flags go along (e.g. --xla_cpu_max_isa, to check the bounds on other ISAs).
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
     done = subprocess.run([sys.executable, "-c", script, str(path), json.dumps(CONFIG),
-                           json.dumps(TOKENS), *map(json.dumps, args)], cwd=ROOT, env=env,
+                           json.dumps(TOKENS), *map(json.dumps, args)], cwd=ROOT,
+                          env=cpu_devices_env(8),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(path.read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import grok
-from conftest import fixture_dir
+from conftest import cpu_devices_env, fixture_dir
 from grok.checkpoint import read_checkpoint, read_config
 from grok.checkpoint.__main__ import main as checkpoint_main
 from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, convert
@@ -476,11 +475,9 @@ def test_int4_streamed_onto_meshes_is_the_one_device_load_bit_for_bit(converted,
     scales straight from the files: on a (1, 8) and (2, 4) tensor mesh and a (1, 4) expert
     mesh the arrays are the one-device load's, bit for bit, and most of them are split."""
     _, _, int4 = converted
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
     out = tmp_path / "out.json"
     done = subprocess.run([sys.executable, "-c", STREAM_SCRIPT, str(int4), str(out)],
-                          cwd=Path(__file__).resolve().parents[1], env=env,
+                          cwd=Path(__file__).resolve().parents[1], env=cpu_devices_env(8),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for mesh, (same, split) in json.loads(out.read_text()).items():

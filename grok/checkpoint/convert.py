@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from grok.checkpoint import safetensors_io
-from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, RELEASE, PathLike, check_files,
-                                       checkpoint_dir, checkpoint_format, read_config,
-                                       tensor_suffix)
+from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, PathLike, check_files,
+                                       checkpoint_dir, read_config, tensor_suffix)
 from grok.checkpoint.release import load_tensor
 from grok.config import DEFAULT_GROUP_SIZE, GrokConfig
 from grok.errors import CheckpointError, ConfigError
@@ -65,10 +64,11 @@ def target_config(config: GrokConfig, bits: int, group_size: int | None = None,
     return out
 
 
-def read_source_leaf(ckpt: Path, entry: Entry) -> Any:
-    """One leaf of the checkpoint directory `ckpt` (its ckpt-0/), whichever format its files are
-    in: a float32 array or a QuantizedWeight of `entry`'s format, checked against `entry`."""
-    if checkpoint_format(ckpt) == RELEASE:
+def read_source_leaf(ckpt: Path, entry: Entry, suffix: str) -> Any:
+    """One leaf of the checkpoint directory `ckpt` (its ckpt-0/) whose tensor files have
+    `suffix` (directory.tensor_suffix: "" for release pickles, else safetensors): a float32
+    array or a QuantizedWeight of `entry`'s format, checked against `entry`."""
+    if not suffix:
         return load_tensor(ckpt / entry.filename, entry)
     return safetensors_io.read_leaf(ckpt / safetensors_io.filename(entry), entry)
 
@@ -108,11 +108,10 @@ def _convert_leaf(leaf: Any, src_entry: Entry, entry: Entry) -> Any:
 def _write_manifest(root: Path, digests: dict[str, str]) -> None:
     """root/SHA256SUMS in sha256sum's format: the tensor files' digests as written, and those of
     config.json and the copied files (read back: they are small)."""
-    for name in (CONFIG_FILE, *COPIED):
-        if (root / name).is_file():
-            digests[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()
+    small = {name: hashlib.sha256((root / name).read_bytes()).hexdigest()
+             for name in (CONFIG_FILE, *COPIED) if (root / name).is_file()}
     with open(root / MANIFEST, "w") as f:
-        f.writelines(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
+        f.writelines(f"{digest}  {name}\n" for name, digest in sorted({**digests, **small}.items()))
 
 
 def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = None, *,
@@ -143,7 +142,7 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
                       logger=log) as bar:
             digests = {}
             for src_entry, entry in zip(src_entries, dst_entries):
-                leaf = read_source_leaf(ckpt, src_entry)
+                leaf = read_source_leaf(ckpt, src_entry, suffix)
                 name = safetensors_io.filename(entry)
                 file = tmp / CKPT_DIR / name
                 digests[f"{CKPT_DIR}/{name}"] = safetensors_io.write_leaf(

@@ -34,6 +34,7 @@ MAX_HEADER_BYTES = 1 << 20      # one leaf's header is a few hundred bytes
 MAX_DIMS = 8
 DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16),
           "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8)}
+CODES = {dtype: code for code, dtype in DTYPES.items()}   # numpy dtype -> the header's name
 FORMAT_TAG = "grok"             # __metadata__["format"] of the files convert writes
 
 
@@ -199,12 +200,11 @@ def write_leaf(path: str | os.PathLike, entry: Entry, leaf: Any) -> str:
     metadata = {"format": FORMAT_TAG, "leaf": entry.name}
     if entry.quantized:
         metadata.update(weight_format=entry.fmt.name, group_size=str(entry.group_size))
-    codes = {dtype: code for code, dtype in DTYPES.items()}
     names = tensor_names(entry)
     header: dict[str, Any] = {"__metadata__": metadata}
     ordered, offset = sorted((names[part], a) for part, a in arrays.items()), 0
     for name, a in ordered:
-        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape),
+        header[name] = {"dtype": CODES[a.dtype], "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()

@@ -113,26 +113,21 @@ def _per_device(plan: MeshKernel, local: Any, replicated: tuple[jax.Array, ...],
     `replicated` arrays go to every device whole; the result is replicated too."""
     stacked = layer is not None
     lead = (None,) if stacked else ()
-    weight_specs = [P(*lead, *spec) for pair in plan.specs for spec in pair]
-    fmts = [w.fmt for w in weights]
-    count = len(replicated)
+    weight_specs = [QuantizedWeight(P(*lead, *ws), P(*lead, *ss), w.fmt)
+                    for (ws, ss), w in zip(plan.specs, weights)]
 
-    def run(*args):
-        layer_index = args[count]
-        w1w, w1s, wvw, wvs, w2w, w2s = args[count + 1:]
+    def run(replicated, layer_index, w1, wv, w2):
         shard = jax.lax.axis_index(MODEL)
         if plan.slice_w2_scales:      # rows split finer than the scale blocks: take this one's
-            devices_per_block = plan.model // w2s.shape[-2]
-            w2s = jax.lax.dynamic_slice_in_dim(w2s, shard // devices_per_block, 1, axis=-2)
-        ws = [QuantizedWeight(w, s, f) for (w, s), f in
-              zip(((w1w, w1s), (wvw, wvs), (w2w, w2s)), fmts)]
-        y = local(shard, *args[:count], *ws, layer_index if stacked else None)
+            devices_per_block = plan.model // w2.scale_blocks
+            w2 = QuantizedWeight(w2.weight, jax.lax.dynamic_slice_in_dim(
+                w2.scales, shard // devices_per_block, 1, axis=-2), w2.fmt)
+        y = local(shard, *replicated, w1, wv, w2, layer_index if stacked else None)
         return jax.lax.psum(y, MODEL)
 
-    mapped = jax.shard_map(run, mesh=plan.mesh, in_specs=(*[P()] * (count + 1), *weight_specs),
+    mapped = jax.shard_map(run, mesh=plan.mesh, in_specs=(P(), P(), *weight_specs),
                            out_specs=P(), check_vma=False)
-    return mapped(*replicated, jnp.int32(0) if layer is None else layer,
-                  *[a for w in weights for a in (w.weight, w.scales)])
+    return mapped(replicated, jnp.int32(0) if layer is None else layer, *weights)
 
 
 def grouped_mlp(plan: MeshKernel, mlp: Any, xb: jax.Array, block_expert: jax.Array,
