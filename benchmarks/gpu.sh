@@ -9,20 +9,17 @@
 # then, if time is left, a per-kernel profile of the slice's steps and the engine on the mid
 # preset. At most 8 files land in $OUT (what the device tool brings back).
 #
-# The GPU machine has no network and a Python with JAX+CUDA but no dm-haiku: before carrying the
-# repository there, fetch the wheels here with
-#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux2014_x86_64 -d benchmarks/wheels dm-haiku==0.0.17 jmp==0.0.4
-# and, for the tokamax evaluations, tokamax and what it imports beyond JAX (about 8 MB;
-# benchmarks/gpu_env.sh installs them with --no-deps where the Python lacks tokamax):
-#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux2014_x86_64 -d benchmarks/wheels/tokamax tokamax==0.0.12 \
-#         qwix==0.1.8 flax==0.12.8 optax==0.2.8 chex einshape immutabledict jaxtyping \
-#         wadler-lindig typeguard==2.13.3 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types \
-#         typing-inspection typing-extensions absl-py msgpack rich markdown-it-py mdurl \
-#         pygments pyyaml treescope etils tqdm
-# (benchmarks/wheels/ is gitignored; carry it with the run). Without them the tokamax
-# evaluations are skipped with a printed line. Results go to $OUT (or ./bench-out).
+# The GPU machine has no network and a Python with a CUDA JAX (0.11.2 on the lent machines) but
+# no dm-haiku, tokamax or qwix: before carrying the repository there, run
+#     bash benchmarks/gpu_wheels.sh
+# here: it fetches the versions pip resolves today for Python 3.12 (what a GPU user's install
+# gets) into benchmarks/wheels (gitignored, about 6 MB; carry it with the run), and
+# benchmarks/gpu_env.sh installs them with --no-deps where the Python lacks them. jax 0.12's own
+# CUDA wheels (230 MB) are beyond what the device tool carries: the run measures the machine's
+# JAX, and prints every version it ran. Without the tokamax wheels its evaluations are skipped
+# with a printed line. Results go to $OUT (or ./bench-out); the last step writes
+# $OUT/measured.json, entries of "auto"'s table (grok/kernels/measured.json): merge them here
+# with `python benchmarks/measured_entries.py --merge OUT/measured.json`.
 #   usage: bash benchmarks/gpu.sh [SLICE_LAYERS (default 8)] [BUDGET_SECONDS (default 530)]
 # SMOKE=1 runs the sections on tiny shapes (about a minute on a CPU): a check of the script
 # itself (all but the engine run, which the tests cover; tests/test_bench.py runs it).
@@ -39,12 +36,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   INT4=tokamax      # (the run's length: tests/test_tokamax.py checks it against dense on CPU)
   LAYER=(--dims 64,128 --layers 2 --tokens 1 --repeats 1 --max-configs 1)
   PROFILE=(--preset tiny --prefill-len 16 --calls 1 --batches 1)
+  ENTRIES=(--include-cpu)   # (a CPU's numbers are no measurement: only the script is checked)
 else
   SLICE=(--grok1-slice "$LAYERS")
-  INT8=pallas,tokamax,grouped,dense   # named: "auto" is tokamax on JAX >= 0.11 with tokamax
+  INT8=pallas,tokamax,grouped,dense   # named: every candidate of "auto", side by side
   INT4=tokamax,grouped,dense  # (our Triton kernels take int8 only: int4 "pallas" is XLA grouped)
   LAYER=()
   PROFILE=(--grok1-slice "$LAYERS" --batches 1,32)
+  ENTRIES=()
 fi
 START=$SECONDS
 log() { echo "== $* ($((SECONDS - START)) s)" | tee -a "$OUT/summary.md"; }
@@ -55,7 +54,10 @@ source benchmarks/gpu_env.sh
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv,noheader || true
-  "$PY" -c "import jax, haiku; print('jax', jax.__version__, 'haiku', haiku.__version__, jax.devices())"
+  "$PY" -c "import importlib.metadata as md, jax
+have = lambda n: bool(list(md.distributions(name=n)))
+print(', '.join(f'{n} {md.version(n)}' for n in ('jax', 'jaxlib', 'dm-haiku', 'tokamax', 'qwix')
+                if have(n)), jax.devices())"
   # Whether this backend packs jnp.int4 two per byte (tokamax/qwix take int4 in that type): if
   # not, int4 weights stay packed as uint8 and are converted per step (grok.kernels.tokamax_moe).
   "$PY" -c "import jax.numpy as jnp; n = 1 << 24
@@ -80,7 +82,7 @@ timeout "$(left 180)" "$PY" -m grok.tools.bench "${SLICE[@]}" --bits 4 --moe-imp
 log "2d. exit status ${PIPESTATUS[0]}"
 log "2b. the same slice, auto, with the layer loop unrolled (a separate process)"
 timeout "$(left 150)" "$PY" -m grok.tools.bench "${SLICE[@]}" --moe-impl auto --unroll 0 \
-  --json "$OUT/grok1_slice_unrolled.json" 2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"
+  2>&1 | tee -a "$OUT/full.log" | tee -a "$OUT/summary.md"   # (no JSON: at most 8 files)
 log "2b. exit status ${PIPESTATUS[0]}"
 
 if [ "$rc" -gt 1 ] && [ "$(left 150)" -gt 100 ]; then   # section 2's process died: the XLA ones
@@ -100,4 +102,8 @@ if [ "$(left 120)" -gt 60 ] && [ "${SMOKE:-0}" != 1 ]; then   # (the tests run t
   timeout "$(left 120)" "$PY" -m grok.tools.bench --preset mid --moe-impl auto,dense --steps \
     2>&1 | tee -a "$OUT/full.log" | tail -30 | tee -a "$OUT/summary.md"   # (no JSON: 8 files)
 fi
+log "5. the slices' step times as entries of \"auto\"'s measured table ($OUT/measured.json)"
+"$PY" benchmarks/measured_entries.py "$OUT"/grok1_slice*.json --out "$OUT/measured.json" \
+  ${ENTRIES[@]+"${ENTRIES[@]}"} 2>&1 | tee -a "$OUT/summary.md"
+log "5. exit status ${PIPESTATUS[0]}"
 log "done; results in $OUT"

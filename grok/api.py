@@ -1,6 +1,7 @@
 """The public entry points: `grok.load(path)` and the model object it returns."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from grok import checkpoint
 from grok.checkpoint import loader
 from grok.config import PREFILL_TOKENS, GrokConfig, model_dir
 from grok.errors import CheckpointError, RequestError, TokenizerError, one_line
+from grok.kernels.plan import backend_report
 from grok.leaves import abstract_params, to_model_params
 from grok.model import routing as routing_mod
 from grok.model.routing import Routing
@@ -40,6 +42,8 @@ class Grok:
         self.sampling_defaults = sampling_defaults
         self.max_batch = max_batch
         self.runner = ModelRunner(params, config, moe_impl=moe_impl, mesh=mesh)
+        for line in self.runner.plan.describe():   # what runs and, for "auto", why (-v)
+            log.info("execution plan: %s", line)
         # One engine for the model's lifetime: its KV cache is made at the first request and
         # grown (powers of two, up to max_batch slots of the full context) only when one needs
         # more. `model.engine.start()` drives it from a thread of its own (for a server).
@@ -282,6 +286,7 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     Before reading any weights the per-device memory (weights, KV cache for `max_batch` full-length
     sequences, workspace) is estimated against `memory_gb` (default: what the device reports;
     CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit."""
+    _report_backend()
     path = model_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -305,6 +310,16 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     model = from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
     model.sampling_defaults = sampling
     return model
+
+
+@functools.cache
+def _report_backend() -> None:
+    """Log JAX's backend and devices (-v), and warn once a process where an accelerator is
+    present that this JAX does not use."""
+    line, warning = backend_report()
+    log.info("%s", line)
+    if warning:
+        log.warning("%s", warning)
 
 
 def _tokenizer(path: Path, tokenizer: str | os.PathLike | None,

@@ -53,13 +53,12 @@ def test_gpu_script_runs_every_section_on_tiny_shapes(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     statuses = [line for line in summary.splitlines() if "exit status" in line]
-    assert len(statuses) == 5 and all("exit status 0" in s for s in statuses), statuses
-    for section in ("1. ", "2. ", "2d. ", "2b. ", "3. ", "done"):
+    assert len(statuses) == 6 and all("exit status 0" in s for s in statuses), statuses
+    for section in ("1. ", "2. ", "2d. ", "2b. ", "3. ", "5. ", "done"):
         assert f"== {section}" in summary, section
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8 and {"moe_layer.json", "grok1_slice.json", "profile.md",
-                                "grok1_slice_int4.json", "grok1_slice_unrolled.json"} \
-        <= set(files), files
+                                "grok1_slice_int4.json", "measured.json"} <= set(files), files
     # the int8 slice checked against dense; the int4 one through tokamax where installed
     from grok.kernels.measured import tokamax_installed
     slices = {name: json.loads((tmp_path / name).read_text())
@@ -72,3 +71,9 @@ def test_gpu_script_runs_every_section_on_tiny_shapes(tmp_path):
     if not tokamax_installed():
         assert "moe_impl=tokamax skipped" in summary
     assert "layers unrolled" in summary and "| w1+wv |" in summary
+    # the versions it ran, and the slices as entries of "auto"'s table (int8 and int4 classes)
+    assert "jax " in summary and "jaxlib " in summary
+    from grok.kernels import measured
+    entries = measured.load_table(tmp_path / "measured.json")
+    assert {e.shape for e in entries} >= {"decode", "prefill"}
+    assert all(e.device == "cpu" and dict(e.ms) for e in entries)

@@ -246,8 +246,13 @@ def test_grok_bench_module_prints_engine_and_step_tables(tmp_path):
     assert float(engine[0]["prefill tok/s"]) > 0 and float(engine[0]["decode tok/s"]) > 0
     steps = table(done.stdout, "| phase |")
     assert [r["phase"] for r in steps] == ["prefill 16", "decode"]
-    assert all(float(r["median ms"]) > 0 and float(r["of roofline"]) > 0 for r in steps)
     result = json.loads(out.read_text())
+    # the JSON's unrounded values: the table's two decimals round a loaded machine's to 0.00;
+    # fraction is roofline/ms of the same float64 values in another order (approx's 1e-6 >> ulps)
+    assert all(r["ms"] > 0 and r["roofline_ms"] > 0 and 0 < r["fraction"] == pytest.approx(
+        r["roofline_ms"] / r["ms"]) for r in result["steps"]), result["steps"]
+    assert result["machine"]["auto"] == {shape: "grouped" for shape in (
+        "decode", "prefill", "decode int4", "prefill int4")}
     assert result["config"] == "tiny" and result["failed"] == []
     assert [r["batch"] for r in result["engine"]] == [1]
     assert {r["phase"] for r in result["steps"]} == {"prefill 16", "decode"}
@@ -295,3 +300,25 @@ def test_int4_matmul_arguments_are_checked(capsys):
     assert "--dims" in rejected(main, ["--dims", "64"], capsys)
     assert "--dims" in rejected(main, ["--dims", "60,128"], capsys)
     assert "--tokens" in rejected(main, ["--tokens", "0"], capsys)
+
+
+def test_measured_entries_rebuild_the_shipped_table_from_the_gpu_run(tmp_path):
+    """benchmarks/measured_entries.py turns gpu.sh's bench JSON into "auto"'s table entries: from
+    the H100 run's files it gives exactly the shipped grok/kernels/measured.json entries (its
+    "auto" rows counted as the kernel they ran, two processes' results united), and --merge
+    replaces the entry of the same card, JAX and shape class."""
+    from grok.kernels import measured
+    run_dir = BENCH / "results" / "h100-2026-11-26-final"
+    out = tmp_path / "entries.json"
+    done = script("measured_entries.py", str(run_dir / "grok1_slice.json"),
+                  str(run_dir / "grok1_slice_b.json"), "--out", str(out), "--date", "2026-11-26")
+    assert "H100 jax 0.11.2 decode" in done.stdout and "-> pallas" in done.stdout
+    made = json.loads(out.read_text())["entries"]
+    assert made == [measured.entry_to_json(e) for e in measured.MEASURED]
+    table = tmp_path / "table.json"
+    newer = dict(made[0], ms={"tokamax": 5.0, "pallas": 7.0})
+    table.write_text(json.dumps({"entries": made}))
+    (tmp_path / "new.json").write_text(json.dumps({"entries": [newer]}))
+    script("measured_entries.py", "--merge", str(tmp_path / "new.json"), "--table", str(table))
+    merged = measured.load_table(table)
+    assert len(merged) == 2 and dict(merged[-1].ms) == {"tokamax": 5.0, "pallas": 7.0}

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok.kernels.plan import ExecutionPlan, auto_kernels, block_rows_for, resolve_plan
+from grok.kernels.measured import Toolchain
+from grok.kernels.plan import ExecutionPlan, block_rows_for, resolve_plan
 from grok.model.moe import grouped, moe, num_blocks, route_blocks
 from grok.quant import QuantizedWeight8bit, dequantize, quantize, is_quantized
 
@@ -171,12 +172,13 @@ def test_auto_takes_the_kernels_only_on_a_gpu_with_int8_weights():
     floats = [jnp.asarray(dequantize(w)) for w in ws]
     assert resolve_plan("auto", backend="cpu").moe_path(2, *ws) == "grouped"
     assert resolve_plan("auto", backend="tpu").moe_path(2, *ws) == "grouped"
-    # on a GPU, the measured table's kernel for this JAX (Triton's, or tokamax's Mosaic on
-    # jax >= 0.11 where tokamax is installed: tests/test_tokamax.py checks the table itself)
-    gpu_kernel = dict(auto_kernels("gpu"))["decode"]
-    assert gpu_kernel in ("pallas", "tokamax")
-    assert resolve_plan("auto", backend="gpu").moe_path(2, *ws) == gpu_kernel
-    assert resolve_plan("auto", backend="gpu").moe_path(2, *floats) == "grouped"
+    # on an NVIDIA GPU, the measured winner: our kernels, with or without tokamax installed
+    # (tests/test_tokamax.py checks grok.kernels.measured.decide itself)
+    for tokamax in (False, True):
+        h100 = Toolchain("gpu", "NVIDIA H100 80GB HBM3", "0.12.0.1", tokamax, triton=True)
+        assert resolve_plan("auto", backend="gpu", toolchain=h100).moe_path(2, *ws) == "pallas"
+        assert resolve_plan("auto", backend="gpu", toolchain=h100).moe_path(2, *floats) \
+            == "grouped"
     assert resolve_plan("pallas", backend="cpu").moe_path(2, *floats) == "grouped"
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from grok.errors import GrokError
-from grok.kernels.plan import ExecutionPlan, block_rows_for, resolve_plan
+from grok.kernels.plan import ExecutionPlan, backend_report, block_rows_for, resolve_plan
 from grok.quant import LayerSlice, QuantizedWeight, quantize
 
 
@@ -64,3 +64,31 @@ def test_block_rows_follow_the_rows_per_expert():
     assert block_rows_for(2, 8) == 8 and block_rows_for(2, 8, "pallas") == 16   # decoding floor
     assert block_rows_for(4096, 8) == 128 and block_rows_for(4096, 8, "pallas") == 64   # caps
     assert block_rows_for(8 * 40, 8) == 64                   # 40 rows an expert -> 64
+
+
+def test_backend_report_names_devices_and_an_unused_accelerator(tmp_path):
+    """The line -v logs names JAX's backend and devices; a machine with an accelerator's device
+    file (faked here) whose JAX runs on the CPU gets a warning saying how to install the
+    accelerator's JAX; without one, none."""
+    line, warning = backend_report(device_files=())
+    assert "backend cpu" in line and "1 process(es)" in line and warning is None
+    fake = tmp_path / "nvidia0"
+    fake.touch()
+    _, warning = backend_report(device_files=((str(fake), "an NVIDIA GPU", "pip install X"),))
+    assert warning and "an NVIDIA GPU is present" in warning and "pip install X" in warning
+    assert str(fake) in warning and "\n" not in warning
+
+
+def test_load_logs_the_backend_and_why_auto_chose(caplog):
+    """grok.load logs (at INFO: run.py -v) JAX's backend and devices once a process, and the
+    execution plan with the reason for "auto"'s choice."""
+    import logging
+
+    import grok
+    from grok import api
+    api._report_backend.cache_clear()
+    with caplog.at_level(logging.INFO, logger="grok.api"):
+        grok.load("demo", progress=False)
+    text = caplog.text
+    assert "backend cpu:" in text and "execution plan: moe_impl grouped on cpu" in text
+    assert "execution plan: auto: CPU: XLA's grouped path" in text

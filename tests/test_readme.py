@@ -41,3 +41,17 @@ def test_every_flag_the_readme_names_is_a_flag_of_run_py():
     flags = _usage_flags()
     assert len(flags) > 15 and flags <= known, sorted(flags - known)
     assert isinstance(parse_args(["x"]), argparse.Namespace)
+
+
+def test_every_extra_the_readme_installs_is_in_pyproject():
+    """The install lines (CUDA 13, CUDA 12, TPU, kernels, serve, ...) name extras pyproject.toml
+    defines, and each accelerator extra pulls JAX's own package for it."""
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    named = {name for group in re.findall(r'pip install -e "\.\[([a-z0-9,]+)\]"', README)
+             for name in group.split(",")}
+    assert {"cuda13", "cuda12", "tpu", "kernels", "serve", "test"} <= named
+    assert named <= set(extras), named - set(extras)
+    for extra in ("cuda13", "cuda12", "tpu"):
+        assert any(dep.startswith(f"jax[{extra}]") for dep in extras[extra]), extra

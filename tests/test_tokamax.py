@@ -5,6 +5,7 @@ from the table of measured results, and a clear error without the package)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok.errors import GrokError
 from grok.kernels import measured, tokamax_moe
-from grok.kernels.plan import ExecutionPlan, auto_kernels, resolve_plan
+from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.model.moe import moe
 from grok.parallel.mesh_kernels import MeshKernel
 from grok.quant import (INT4, LayerSlice, QuantizedWeight, dequantize, qeinsum, quantize,
@@ -112,23 +113,54 @@ def test_tokamax_projections_read_the_layer_in_place():
     assert plan.linear_kernel(x, [LayerSlice(int4, jnp.int32(0))], jnp.float32) is None
 
 
-@needs_tokamax
-def test_a_kernel_that_refuses_falls_back_to_xla_with_a_warning():
-    """tokamax's Mosaic kernels raise NotImplementedError for what they do not take (here: any
-    shape, on a CPU): the call warns and runs tokamax's XLA implementation on the layer's slice,
-    giving what the XLA path gives on the stack in place (float32 order apart)."""
+def _refusal_case():
     rng = np.random.default_rng(3)
     q = quantize(rng.standard_normal((2, 4, 32, 16)).astype(np.float32), 2)
     w = QuantizedWeight(jnp.asarray(q.weight), jnp.asarray(q.scales))
     x = jnp.asarray(rng.standard_normal((3, 32)), jnp.bfloat16)
     counts, layer = jnp.array([1, 0, 2, 0]), jnp.int32(1)
-    with pytest.warns(UserWarning, match="its XLA path runs instead"):
-        got = tokamax_moe.ragged_dot(x, w, counts, layer, implementation=("mosaic",), widen=True)
     want = tokamax_moe.ragged_dot(x, w, counts, layer, implementation=("xla",), widen=True)
     experts = np.repeat(np.arange(4), np.asarray(counts))
     w_abs = np.abs(dequantize(w[1], np.float64))[experts]                 # [3, 32, 16]
     # two float32 sums of the same 32 exact products: each within gamma_32 of their |terms|
     bound = 2 * gamma(32) * np.einsum("nk,nko->no", np.abs(np.asarray(x, np.float64)), w_abs)
+    return x, w, counts, layer, want, bound
+
+
+@needs_tokamax
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_a_kernel_that_refuses_the_device_falls_back_to_xla_with_a_warning(backend):
+    """A forced moe_impl="tokamax" planned for a GPU (Mosaic GPU) or a TPU (Mosaic TPU) and run
+    where that kernel does not exist (this CPU): tokamax's device check, kept on, refuses; the
+    call warns once and runs tokamax's XLA implementation on the layer's slice, giving what the
+    XLA path gives on the stack in place (float32 order apart). No crash, whatever tokamax's
+    version says the refusal with."""
+    impls = resolve_plan("tokamax", backend=backend).tokamax_impls
+    assert impls == (f"mosaic_{backend}",)
+    x, w, counts, layer, want, bound = _refusal_case()
+    with pytest.warns(RuntimeWarning, match="its XLA path runs instead") as caught:
+        got = tokamax_moe.ragged_dot(x, w, counts, layer, implementation=impls, widen=True)
+    assert len([c for c in caught if "XLA path" in str(c.message)]) == 1
+    assert_within(got, want, bound, f"tokamax {impls} fallback vs xla")
+
+
+@needs_tokamax
+@pytest.mark.parametrize("error", [NotImplementedError, ValueError])
+def test_a_kernel_refusal_of_either_kind_falls_back(monkeypatch, error):
+    """tokamax 0.0.12 refuses with NotImplementedError; 0.0.17's TPU heuristics raise
+    ValueError ("Unsupported TPU device kind: NVIDIA H100 ..."): both warn and run XLA."""
+    tokamax = tokamax_moe.load()
+    real = tokamax.ragged_dot
+
+    def refusing(*args, implementation, **kwargs):
+        if implementation not in ("xla", ("xla",)):
+            raise error("Unsupported TPU device kind: NVIDIA H100 80GB HBM3")
+        return real(*args, implementation=implementation, **kwargs)
+    monkeypatch.setattr(tokamax, "ragged_dot", refusing)
+    x, w, counts, layer, want, bound = _refusal_case()
+    with pytest.warns(RuntimeWarning, match=f"{error.__name__}: Unsupported TPU device kind"):
+        got = tokamax_moe.ragged_dot(x, w, counts, layer, implementation=("mosaic_gpu",),
+                                     widen=True)
     assert_within(got, want, bound, "tokamax fallback vs xla")
 
 
@@ -163,7 +195,8 @@ def test_plan_resolves_tokamax_and_auto_keeps_cpu_on_xla():
         plan = resolve_plan("tokamax")
         assert (plan.moe, plan.projections, plan.tokamax_impls) == ("tokamax", True, ("xla",))
         assert plan.moe_path(2, *ws * 3) == "tokamax" and plan.moe_path(2, *int4 * 3) == "tokamax"
-        assert resolve_plan("tokamax", backend="gpu").tokamax_impls == ("mosaic",)
+        assert resolve_plan("tokamax", backend="gpu").tokamax_impls == ("mosaic_gpu",)
+        assert resolve_plan("tokamax", backend="tpu").tokamax_impls == ("mosaic_tpu",)
     cpu = resolve_plan("auto", backend="cpu")            # the CPU default does not change
     assert cpu.moe == "grouped" and cpu.moe_path(2, *ws * 3) == "grouped"
     # "auto" on a GPU: the table's kernel per shape class; tokamax needs quantised weights
@@ -181,38 +214,89 @@ def test_plan_resolves_tokamax_and_auto_keeps_cpu_on_xla():
     assert meshed.moe_path(2, *ws * 3) == "tokamax" and meshed.moe_path(2, *int4 * 3) == "tokamax"
 
 
-def test_auto_table_rules():
-    """grok.kernels.measured.choose: measured numbers decide; else tokamax on JAX >= 0.11 when
-    installed (Triton deprecated there); else our Triton kernels, or XLA without Triton."""
-    h100 = "NVIDIA H100 80GB HBM3"
-    assert measured.choose(h100, "0.11.2", "decode", tokamax=True) == "tokamax"
-    assert measured.choose(h100, "0.11.2", "decode", tokamax=False) == "pallas"
-    assert measured.choose(h100, "0.10.2", "prefill", tokamax=True) == "pallas"
-    assert measured.choose(h100, "0.12.0", "decode", False, triton=False) == "grouped"
-    # int4 without a measurement: XLA (tokamax would convert every expert of a layer per step)
-    assert measured.choose(h100, "0.11.2", "decode int4", tokamax=True) == "grouped"
-    assert dict(auto_kernels("gpu", h100, "0.11.2", tokamax=True)) == {
-        "decode": "tokamax", "prefill": "tokamax", "decode int4": "grouped",
-        "prefill int4": "grouped"}
-    assert set(dict(auto_kernels("cpu")).values()) == {"grouped"}
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _kernels(toolchain, table=None):
+    return {c.shape: c.kernel for c in measured.decide(toolchain, table)}
+
+
+@pytest.mark.parametrize("jax_version,triton", [("0.10.2", True), ("0.11.2", True),
+                                                ("0.12.0.1", True), ("0.13.0", False)])
+@pytest.mark.parametrize("tokamax", [False, True])
+def test_auto_takes_the_measured_winner_on_every_jax(jax_version, triton, tokamax):
+    """The shipped table (an H100, jax 0.11.2: our Triton kernels 2.4-2.9x faster than XLA;
+    tokamax never measured): on an H100, before and after JAX 0.11, with tokamax installed or
+    not, "auto" takes our kernels where this JAX has the Triton backend and XLA's grouped path
+    where it has not; never the unmeasured tokamax; int4 (unmeasured) takes XLA."""
+    choices = measured.decide(measured.Toolchain("gpu", H100, jax_version, tokamax, triton))
+    kernels = {c.shape: c.kernel for c in choices}
+    want = "pallas" if triton else "grouped"
+    assert kernels == {"decode": want, "prefill": want, "decode int4": "grouped",
+                       "prefill int4": "grouped"}
+    reasons = {c.shape: c.reason for c in choices}
+    assert "7.04" in reasons["decode"] and "2026-11-26" in reasons["decode"]
+    assert "tokamax not measured" in reasons["decode"]
+    if not triton:
+        assert "no Pallas Triton backend" in reasons["decode"]
+
+
+def test_auto_elsewhere_takes_xla_until_measured():
+    """CPU, TPU and a GPU that is not NVIDIA's: XLA's grouped path (nothing measured there),
+    whatever is installed; another NVIDIA card takes the H100's measured winner and says so."""
+    for tc in (measured.Toolchain("cpu", "cpu", "0.12.0.1", True, True),
+               measured.Toolchain("tpu", "TPU v5 lite", "0.12.0.1", True, False),
+               measured.Toolchain("gpu", "AMD Instinct MI300X", "0.12.0.1", True, True)):
+        assert set(_kernels(tc).values()) == {"grouped"}, tc
+    a100 = measured.decide(measured.Toolchain("gpu", "NVIDIA A100-SXM4-80GB", "0.12.0.1",
+                                              True, True))
+    assert a100[0].kernel == "pallas" and "measured on H100, not on this card" in a100[0].reason
+    assert measured.card_name(H100) == "H100"
+    assert measured.card_name("NVIDIA A100-SXM4-80GB") == "A100"
+
+
+def test_resolve_plan_on_jax_012_with_tokamax_picks_the_measured_winner():
+    """The issue's case: jax 0.12, tokamax installed, an H100: "auto" is our kernels (MoE and
+    decode projections), with the reason in the plan's description (logged at load)."""
+    tc = measured.Toolchain("gpu", H100, "0.12.0.1", tokamax=True, triton=True)
+    plan = resolve_plan("auto", backend="gpu", toolchain=tc)
+    assert dict(plan.auto_kernels)["decode"] == "pallas" and plan.projection_kernel == "pallas"
+    assert plan.projections
+    text = "\n".join(plan.describe())
+    assert "auto, decode: NVIDIA H100 80GB HBM3 (jax 0.12.0.1): pallas, 7.041 ms" in text
+    assert "mosaic" not in text
+
+
+def test_shape_classes_and_the_table_file():
     assert measured.shape_class(64) == "decode" and measured.shape_class(1024) == "prefill"
     assert measured.shape_class(64, bits=4) == "decode int4"
-    for entry in measured.MEASURED:   # every entry says where and when it was measured
+    for entry in measured.MEASURED:   # every entry says where, when and on what it was measured
         assert entry.card and entry.date and entry.jax and entry.shape in measured.SHAPE_CLASSES
+        assert measured.entry_from_json(measured.entry_to_json(entry)) == entry
 
 
-def test_a_measurement_with_tokamax_decides(monkeypatch):
-    faster = measured.Measured("H200", "0.11.1", "decode", "2027-01-01",
-                               (("tokamax", 5.0), ("pallas", 4.0), ("grouped", 9.0)))
-    monkeypatch.setattr(measured, "MEASURED", (faster,))
-    assert measured.choose("NVIDIA H200", "0.11.3", "decode", tokamax=True) == "pallas"
-    assert measured.choose("NVIDIA H200", "0.11.3", "prefill", tokamax=True) == "tokamax"
-    assert measured.choose("NVIDIA H100", "0.11.3", "decode", tokamax=True) == "tokamax"
-    int4 = measured.Measured("H200", "0.11.1", "decode int4", "2027-01-01",
+def test_a_measurement_with_tokamax_decides(tmp_path):
+    """A run that measured tokamax decides for its card, shape class and the JAX minor version
+    closest to it; tokamax only where installed, else that run's next fastest."""
+    old = measured.Measured("H200", "0.11.1", "decode", "2027-01-01",
+                            (("tokamax", 5.0), ("pallas", 4.0), ("grouped", 9.0)))
+    new = measured.Measured("H200", "0.12.0", "decode", "2027-02-01",
+                            (("tokamax", 3.0), ("pallas", 4.0), ("grouped", 9.0)))
+    int4 = measured.Measured("H200", "0.12.0", "decode int4", "2027-02-01",
                              (("tokamax", 3.0), ("grouped", 4.0)))
-    monkeypatch.setattr(measured, "MEASURED", (faster, int4))
-    assert measured.choose("NVIDIA H200", "0.11.3", "decode int4", tokamax=True) == "tokamax"
-    assert measured.choose("NVIDIA H200", "0.11.3", "decode int4", tokamax=False) == "grouped"
+    file = tmp_path / "measured.json"
+    file.write_text(json.dumps({"entries": [measured.entry_to_json(e)
+                                            for e in (old, new, int4)]}))
+    table = measured.load_table(file)
+    h200 = lambda version, tokamax: measured.Toolchain("gpu", "NVIDIA H200", version, tokamax,
+                                                       True)
+    assert _kernels(h200("0.11.3", True), table)["decode"] == "pallas"     # same minor: old
+    assert _kernels(h200("0.12.0.1", True), table)["decode"] == "tokamax"  # same minor: new
+    assert _kernels(h200("0.13.0", True), table)["decode"] == "tokamax"    # newest
+    assert _kernels(h200("0.12.0.1", False), table)["decode"] == "pallas"
+    assert _kernels(h200("0.12.0.1", True), table)["decode int4"] == "tokamax"
+    assert _kernels(h200("0.12.0.1", False), table)["decode int4"] == "grouped"
+    assert _kernels(h200("0.12.0.1", True), table)["prefill"] == "grouped"  # not measured
 
 
 def test_missing_tokamax_is_one_line_naming_the_package(monkeypatch):

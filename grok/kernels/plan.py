@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -51,9 +52,10 @@ class ExecutionPlan:
     # Quantised weights converted inside the dot and scaled per row block after it (None: on
     # accelerators; the CPU dequantises in float32 first, see grok.quant._dequantize_f32).
     scale_after_dot: bool | None = None
-    # "auto"'s kernel per shape class, from grok.kernels.measured (resolve_plan fills it in); a
-    # class left out takes "grouped".
+    # "auto"'s kernel per shape class, from grok.kernels.measured.decide (resolve_plan fills it
+    # in, with the reasons); a class left out takes "grouped".
     auto_kernels: tuple[tuple[str, str], ...] = (("decode", "pallas"), ("prefill", "pallas"))
+    auto_reasons: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.moe not in MOE_IMPLS:
@@ -69,9 +71,22 @@ class ExecutionPlan:
 
     @property
     def tokamax_impls(self) -> tuple[str, ...]:
-        """tokamax's implementations to use: its Mosaic kernels on accelerators (never its Triton
-        one: deprecated in JAX 0.11), its XLA reference on CPU."""
-        return ("xla",) if self.backend == "cpu" else ("mosaic",)
+        """tokamax's implementation for the platform, named (not "mosaic", which tokamax resolves
+        from the default device, a CPU's to its TPU kernel): Mosaic GPU or Mosaic TPU (never
+        its Triton one: deprecated in JAX 0.11), its XLA reference on CPU."""
+        return {"gpu": ("mosaic_gpu",), "tpu": ("mosaic_tpu",)}.get(self.backend, ("xla",))
+
+    def describe(self) -> list[str]:
+        """What this plan runs and, for "auto", why: a line each (grok.load logs them)."""
+        lines = [f"moe_impl {self.moe} on {self.backend}"
+                 + (f", per device ({self.mesh_kernel.layout} layout)" if self.mesh_kernel else "")
+                 + (", decode projections through the kernel" if self.projections else "")]
+        reasons = dict(self.auto_reasons)   # (only where "auto" was asked for)
+        if len(set(reasons.values())) == 1:
+            lines.append(f"auto: {next(iter(reasons.values()))}")
+        elif reasons:
+            lines += [f"auto, {shape}: {reason}" for shape, reason in reasons.items()]
+        return lines
 
     @property
     def projection_kernel(self) -> str:
@@ -187,20 +202,40 @@ def current_backend() -> str:
     return jax.default_backend()
 
 
-def auto_kernels(backend: str, card: str | None = None, jax_version: str | None = None,
-                 tokamax: bool | None = None) -> tuple[tuple[str, str], ...]:
-    """"auto"'s kernel per shape class on `backend`: on a GPU the table's choice
-    (grok.kernels.measured.choose) for the card (default: jax's first device's kind), JAX
-    version and whether tokamax is installed; elsewhere "grouped" (XLA)."""
-    if backend != "gpu":
-        return tuple((shape, "grouped") for shape in measured.SHAPE_CLASSES)
-    if card is None:
-        card = jax.devices()[0].device_kind if current_backend() == "gpu" else ""
-    version = jax_version or jax.__version__
-    have = _tokamax_loads() if tokamax is None else tokamax
-    triton = measured.has_triton()
-    return tuple((shape, measured.choose(card, version, shape, have, triton))
-                 for shape in measured.SHAPE_CLASSES)
+# Device files an accelerator's driver makes, and how to install a JAX that uses it.
+ACCELERATOR_FILES = (
+    ("/dev/nvidia0", "an NVIDIA GPU",
+     'pip install -e ".[cuda13]" (".[cuda12]" for a CUDA 12 driver)'),
+    ("/dev/accel0", "a TPU", 'pip install -e ".[tpu]"'),
+    ("/dev/kfd", "an AMD GPU", "JAX's ROCm plugin (pip install 'jax[rocm7-local]')"))
+
+
+def backend_report(device_files: Sequence[tuple[str, str, str]] = ACCELERATOR_FILES
+                   ) -> tuple[str, str | None]:
+    """A line naming JAX's backend and devices, and a warning where this machine has an
+    accelerator (its driver's device file exists) that this JAX does not use (a CPU-only
+    jaxlib on a GPU box runs everything on the CPU, 100x slower, saying nothing)."""
+    devices = jax.devices()
+    kinds = sorted({getattr(d, "device_kind", d.platform) for d in devices})
+    line = (f"jax {jax.__version__}, backend {current_backend()}: {len(devices)} device(s) "
+            f"({', '.join(kinds)}), {jax.process_count()} process(es)")
+    if current_backend() != "cpu":
+        return line, None
+    for path, what, install in device_files:
+        if os.path.exists(path):
+            return line, (f"{what} is present ({path}) but this JAX has no backend for it: "
+                          f"running on the CPU; {install} (README: Install)")
+    return line, None
+
+
+def toolchain_here(backend: str) -> measured.Toolchain:
+    """What "auto" decides for in this process: the backend, the first device's kind (on a
+    GPU), the JAX version, whether tokamax imports and whether JAX has the Pallas Triton
+    backend."""
+    card = jax.devices()[0].device_kind if backend == current_backend() != "cpu" else ""
+    gpu = backend == "gpu"   # (elsewhere nothing is measured: no slow tokamax import)
+    return measured.Toolchain(backend, card, jax.__version__, gpu and _tokamax_loads(),
+                              gpu and measured.has_triton())
 
 
 def _tokamax_loads() -> bool:
@@ -216,15 +251,19 @@ def _tokamax_loads() -> bool:
 
 
 def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None,
-                 backend: str | None = None, unroll: int | bool = 1) -> ExecutionPlan:
+                 backend: str | None = None, unroll: int | bool = 1,
+                 toolchain: measured.Toolchain | None = None) -> ExecutionPlan:
     """The plan for a model's `params` (sharded on `mesh`, if any) on `backend` (default: jax's).
     moe_impl="tokamax" needs the tokamax package (else a one-line GrokError naming it).
+    "auto" takes grok.kernels.measured.decide's kernels for `toolchain` (default: this
+    process's, on `backend`).
 
     On a multi-device mesh the MoE kernels run per device where the weights' layout lets each
     device compute from its own shard (mesh_kernels.kernel_plan); elsewhere "auto" means the XLA
     grouped path there, and the attention projections never take the kernel (GSPMD would gather
     their sharded weights for the custom call)."""
     backend = backend or current_backend()   # (ExecutionPlan refuses a bad moe_impl)
+    asked_auto = moe_impl == "auto"
     if moe_impl == "tokamax":
         tokamax_moe.load()
     multi = mesh is not None and mesh.devices.size > 1
@@ -233,10 +272,16 @@ def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None
         mesh_kernel = mesh_kernels.kernel_plan(params, mesh)
         if mesh_kernel is None and moe_impl == "auto":
             moe_impl = "grouped"
-    kernels = auto_kernels(backend)
+    choices = measured.decide(toolchain or toolchain_here(backend))
+    if asked_auto and moe_impl == "grouped":   # (the mesh left the kernels no layout)
+        choices = tuple(measured.Choice(c.shape, "grouped", "this mesh and layout give the "
+                                        "kernels no per-device shard: XLA's partitioned matmuls")
+                        for c in choices)
+    kernels = tuple((c.shape, c.kernel) for c in choices)
     projections = not multi and (moe_impl in ("pallas", "tokamax") or (
         moe_impl == "auto" and backend == "gpu" and dict(kernels)["decode"] != "grouped"))
     if moe_impl == "auto" and backend != "gpu":
         moe_impl = "grouped"
     return ExecutionPlan(backend, moe_impl, projections, mesh_kernel, unroll,
-                         auto_kernels=kernels)
+                         auto_kernels=kernels,
+                         auto_reasons=tuple((c.shape, c.reason) for c in choices if asked_auto))

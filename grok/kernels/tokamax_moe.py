@@ -19,6 +19,7 @@ of grok.model.moe; grok.kernels.plan decides when this runs. tokamax is imported
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Any, Sequence
 
@@ -45,6 +46,15 @@ def load() -> Any:
         # server's command line) on first use, failing on any flag it does not know: defaults.
         flags.FLAGS.mark_as_parsed()
     return tokamax
+
+
+@functools.cache
+def _device_check() -> dict[str, bool]:
+    """Keyword arguments keeping tokamax's device check on: from 0.0.17 it skips the check when
+    one implementation is named (for exporting from a CPU), and a kernel would then be built
+    for a device it does not support instead of refusing."""
+    params = inspect.signature(load().ragged_dot).parameters
+    return {"bypass_device_check": False} if "bypass_device_check" in params else {}
 
 
 def qarray(w: QuantizedWeight, widen: bool) -> Any:
@@ -98,9 +108,13 @@ def ragged_dot(x: jax.Array, w: Any, counts: jax.Array, layer: Any = None, *,
     x = x.astype(F32 if widen else BF16)
     call = functools.partial(tokamax.ragged_dot, preferred_element_type=F32)
     try:
-        return call(x, rhs, sizes, implementation=tuple(implementation))
-    except NotImplementedError as err:   # a shape or card the kernels do not take: XLA's
-        warnings.warn(f"tokamax {implementation}: {str(err)[:200]}; its XLA path runs instead")
+        return call(x, rhs, sizes, implementation=tuple(implementation), **_device_check())
+    except (NotImplementedError, ValueError) as err:
+        # A shape, card or device the kernel does not take (tokamax 0.0.12 says so with
+        # NotImplementedError, later ones also with ValueError from their heuristics): XLA's.
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"tokamax {'/'.join(implementation)} refused ({type(err).__name__}: "
+                      f"{first}); its XLA path runs instead", RuntimeWarning)
         if layer is not None:
             rhs, sizes = _grouped(w[layer], counts, None, widen, x.shape[0])
         return call(x, rhs, sizes, implementation="xla")

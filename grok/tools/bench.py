@@ -26,6 +26,7 @@ same run. Results print as markdown tables; `--json FILE` also writes them as JS
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import platform
@@ -43,8 +44,8 @@ from grok.checkpoint.convert import DEFAULT_GROUP_SIZE
 from grok.config import GROK1, GrokConfig
 from grok.serving.engine import Engine, ModelRunner, Request, bucket
 from grok.model import KVCache
-from grok.kernels.measured import tokamax_installed
-from grok.kernels.plan import MOE_IMPLS, auto_kernels, block_rows_for, resolve_plan
+from grok.kernels.measured import decide, tokamax_installed
+from grok.kernels.plan import MOE_IMPLS, block_rows_for, resolve_plan, toolchain_here
 from grok.leaves import Entry, checkpoint_entries, model_tree
 from grok.quant import QuantizedWeight
 
@@ -369,14 +370,25 @@ def peak_memory(after: str, weights_gb: float, cache_gb: float) -> dict[str, Any
 
 
 def machine() -> dict[str, Any]:
-    """This run's JAX, device and host, whether tokamax is installed, and the MoE kernel "auto"
-    takes per shape class on this backend (grok.kernels.measured's table)."""
+    """This run's JAX, device and host, the tokamax and qwix versions (None: not installed), and
+    the MoE kernel "auto" takes per shape class here, with why (grok.kernels.measured)."""
     dev = jax.devices()[0]
     backend = jax.default_backend()
+    choices = decide(toolchain_here(backend))
     return dict(jax=jax.__version__, backend=backend,
                 device=getattr(dev, "device_kind", str(dev)), python=platform.python_version(),
                 host=platform.machine(), cpus=__import__("os").cpu_count(),
-                tokamax=tokamax_installed(), auto=dict(auto_kernels(backend)))
+                tokamax=package_version("tokamax"), qwix=package_version("qwix"),
+                auto={c.shape: c.kernel for c in choices},
+                auto_reasons={c.shape: c.reason for c in choices})
+
+
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, or None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def dequantized_buffers(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
