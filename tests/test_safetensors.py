@@ -3,6 +3,7 @@ safetensors, int8 or int4), loading them (whole, and streamed onto a mesh throug
 and every kind of bad input named in one line with the destination never half-written."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -28,7 +29,7 @@ from grok.checkpoint.safetensors_io import read_leaf, read_st_header, write_leaf
 from grok.cli import main as cli_main
 from grok.config import DEMO_DIR
 from grok.errors import CheckpointError, ConfigError
-from grok.tools.fuzz_checkpoint import mutate
+from grok.tools.fuzz_checkpoint import check_safetensors, mutate
 from grok.leaves import abstract_params, checkpoint_entries
 from grok.parallel import rules
 from grok.quant import INT4, QuantizedWeight, dequantize, pack_int4, unpack_int4
@@ -392,17 +393,21 @@ def _fuzzed_header(data: bytes, rng: random.Random) -> bytes:
     kept stale one time in eight."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
+
+    def odd():   # a copy: an odd list put in twice must not end up inside itself
+        return copy.deepcopy(rng.choice(_ODD_VALUES))
+
     for _ in range(rng.randint(1, 3)):
         key = rng.choice(sorted(header))
         value = header[key]
         if isinstance(value, dict) and value and rng.random() < 0.8:
             field = rng.choice(sorted(value))
             if isinstance(value[field], list) and value[field] and rng.random() < 0.5:
-                value[field][rng.randrange(len(value[field]))] = rng.choice(_ODD_VALUES)
+                value[field][rng.randrange(len(value[field]))] = odd()
             else:
-                value[field] = rng.choice(_ODD_VALUES)
+                value[field] = odd()
         else:
-            header[key] = rng.choice(_ODD_VALUES)
+            header[key] = odd()
     text = json.dumps(header).encode()
     length = n if rng.random() < 0.125 else len(text)
     return length.to_bytes(8, "little") + text + data[8 + n:]
@@ -423,13 +428,15 @@ def test_fuzzed_files_are_refused_in_one_line_or_read_as_the_package_reads_them(
         fuzz_seed, tmp_path, seed):
     """Random damage to a real converted file, to its bytes (grok.tools.fuzz_checkpoint.mutate)
     or to its header's fields: our reader either refuses it with a one-line CheckpointError
-    naming the file, or reads the arrays that the safetensors package reads from it."""
+    naming the file, or reads the arrays that the safetensors package reads from it; and the
+    header parser passes the campaign's check (check_safetensors) on it."""
     safetensors = pytest.importorskip("safetensors")
     data, entry = fuzz_seed
     rng = random.Random(seed)
     damaged = mutate(data, rng) if rng.random() < 0.5 else _fuzzed_header(data, rng)
     path = tmp_path / f"fuzz{seed}.safetensors"
     path.write_bytes(damaged)
+    check_safetensors(damaged)   # the atheris campaign's check of the header parser: no Finding
     try:
         ours = read_leaf(path, entry)
     except CheckpointError as err:

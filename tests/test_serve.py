@@ -2,7 +2,9 @@
 httpx, serving the demo model from one in-process uvicorn server (one model load for the file)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import socket
 import threading
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from precision import assert_within, params_route_bound
+from rawhttp import closed_by_server, connect, exchange, read_answer, request
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -23,6 +26,7 @@ pytest.importorskip("prometheus_client")
 
 import grok                                            # noqa: E402
 from grok.serve import create_app                      # noqa: E402
+from grok.serve.connections import server_config       # noqa: E402
 
 KEY = "test-key"
 NAME = "demo"
@@ -31,15 +35,15 @@ GREEDY = dict(temperature=0, max_tokens=8)
 
 
 class Served:
-    """A uvicorn server running `app` on a free loopback port, in a thread."""
+    """A uvicorn server running `app` on a free loopback port, in a thread, configured as
+    `python -m grok.serve` configures it (its connection limits at their defaults)."""
 
     def __init__(self, app):
         self.app, self.state = app, app.state.grok
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(app, shutdown_timeout=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
         self.thread.start()
@@ -210,6 +214,10 @@ def _error(response, status: int, param: str | None) -> str:
     ({"prompt": [5] * 250, "max_tokens": 16}, "prompt"),
     ({}, "prompt"),
     ({"prompt": "x", "model": 3}, "model"),
+    ({"prompt": "x", "stop": "s" * 257}, "stop"),
+    ({"prompt": ["a"] * 65}, "prompt"),
+    ({"prompt": ["a"] * 40, "n": 2}, "n"),
+    ({"prompt": [None]}, "prompt"),
 ])
 def test_bad_requests_are_400_naming_the_field(http, body, param):
     _error(http.post("/v1/completions", json={"model": NAME, **body}), 400, param)
@@ -240,6 +248,16 @@ def test_bad_bodies_unsupported_fields_and_unknown_models(http, client):
 def test_api_key_is_required(served, client):
     response = httpx.get(f"{served.url}/v1/models")
     assert _error(response, 401, None) and response.json()["error"]["code"] == "invalid_api_key"
+    # Exactly one key: with two headers, which one decides is up to each proxy and server.
+    for keys in ((KEY, "nope"), ("nope", KEY), (KEY, KEY)):
+        twice = httpx.get(f"{served.url}/v1/models",
+                          headers=[("Authorization", f"Bearer {key}") for key in keys])
+        assert "2 Authorization headers" in _error(twice, 401, None)
+    loose = httpx.get(f"{served.url}/v1/models", headers={"Authorization": f"bearer   {KEY}"})
+    assert loose.status_code == 200                   # RFC 7235: the scheme is case-insensitive
+    # liveness probes need no key (as vLLM's); everything else does, /metrics included
+    assert httpx.get(f"{served.url}/health").json() == {"status": "ok", "model": NAME}
+    _error(httpx.get(f"{served.url}/metrics"), 401, None)
     wrong = httpx.post(f"{served.url}/v1/completions", headers={"Authorization": "Bearer nope"},
                        json={"model": NAME, "prompt": "x"})
     _error(wrong, 401, None)
@@ -363,7 +381,10 @@ def test_shutdown_finishes_requests_in_flight_and_stops_the_engine(model):
 
 def test_command_line_refuses_bad_flags(capsys):
     from grok.serve.__main__ import main
-    for argv in (["--port", "-1"], ["--max-waiting", "0"], ["--checkpoint", "/nonexistent"]):
+    for argv in (["--port", "-1"], ["--max-waiting", "0"], ["--checkpoint", "/nonexistent"],
+                 ["--max-connections", "0"],
+                 ["--read-timeout", "0"], ["--read-timeout", "nan"], ["--read-timeout", "x"],
+                 ["--max-prompt-chars", "0"], ["--max-stop-chars", "-1"]):
         try:
             status = main(argv)
         except SystemExit as exit_:
@@ -371,6 +392,16 @@ def test_command_line_refuses_bad_flags(capsys):
         assert status == 2, argv
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "error" in err, err
+
+
+def test_max_connections_must_fit_the_open_files_limit(monkeypatch, capsys):
+    import grok.serve.__main__ as command
+    monkeypatch.setattr(command, "open_files_limit", lambda: 1024)
+    assert command.parse_args(["--max-connections", "960"]).max_connections == 960
+    with pytest.raises(SystemExit) as exit_:
+        command.parse_args(["--max-connections", "961"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "ulimit -n" in err and len(err.strip().splitlines()) == 1
 
 
 def _readme_section() -> str:
@@ -405,6 +436,171 @@ def test_every_flag_the_readme_names_is_a_flag_of_the_server(capsys):
     known = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", _readme_section()))
     assert len(flags) >= 8 and flags <= known, sorted(flags - known)
+
+
+# --- hostile input --------------------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+@contextlib.contextmanager
+def _logged(*names: str):
+    """The log records these loggers (and their children) emit while inside."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+@pytest.fixture
+def tokenized(model, monkeypatch):
+    """The length of every text the server's tokenizer encodes during the test."""
+    lengths: list[int] = []
+    encode = model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode",
+                        lambda text: lengths.append(len(text)) or encode(text))
+    return lengths
+
+
+def test_a_flood_is_refused_before_any_work_while_health_answers(served, tokenized):
+    """Three 3-4 MB bodies at once (640,000 prompts; a 300,000-character prompt; a 3 MB stop
+    string) are refused by their sizes, nothing tokenized, while /health answers every probe
+    within a second (it froze for 3-8 s a body when prompts were tokenized on the event loop
+    before they were counted)."""
+    floods = [({"prompt": ["ab"] * 640_000}, "prompt", "640000 prompts"),
+              ({"prompt": "x" * 300_000}, "prompt", "300000 characters"),
+              ({"prompt": "x", "stop": "s" * 3_000_000}, "stop", "3000000 characters")]
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=served.url, timeout=30) as plain:
+            while not done.is_set():
+                start = time.monotonic()
+                status = plain.get("/health").status_code
+                latencies.append(time.monotonic() - start if status == 200 else float("inf"))
+                time.sleep(0.01)
+
+    def send(flood) -> httpx.Response:
+        return httpx.post(f"{served.url}/v1/completions", headers=AUTH, timeout=60,
+                          json={"model": NAME, "max_tokens": 1, **flood[0]})
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        time.sleep(0.1)
+        with ThreadPoolExecutor(len(floods)) as pool:
+            answers = list(pool.map(send, floods))
+        time.sleep(0.1)
+    finally:
+        done.set()
+        prober.join()
+    for answer, (_, param, words) in zip(answers, floods):
+        assert words in _error(answer, 400, param)
+    assert tokenized == []
+    print(f"/health under the flood: {len(latencies)} probes, the slowest "
+          f"{max(latencies) * 1000:.0f} ms")
+    assert len(latencies) >= 5 and max(latencies) < 1.0, latencies
+
+
+def test_text_limits_hold_at_their_bounds_before_tokenizing(http, tokenized):
+    limit = 1 << 18                   # the server's default --max-prompt-chars
+    over = http.post("/v1/completions", json={"model": NAME, "prompt": "x" * (limit + 1)})
+    assert f"{limit + 1} characters" in _error(over, 400, "prompt")
+    assert over.json()["error"]["code"] == "string_above_max_length" and tokenized == []
+    at = http.post("/v1/completions", json={"model": NAME, "prompt": "x" * limit})
+    assert at.json()["error"]["code"] == "context_length_exceeded" and tokenized == [limit]
+    stop = http.post("/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 1,
+                                              "stop": ["s" * 256, "t"]})
+    assert stop.status_code == 200, stop.text
+    assert "257 characters" in _error(http.post("/v1/completions", json={
+        "model": NAME, "prompt": "x", "stop": ["t", "s" * 257]}), 400, "stop")
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'"prompt": "a\\ud800b"', "prompt"),
+    (b'"prompt": ["ok", "\\udc00"]', "prompt"),
+    (b'"prompt": "x", "\\ud800": 1', "\\ud800"),
+    (b'"prompt": "x", "stop": ["\\udfff"]', "stop"),
+    (b'"prompt": "x", "user": "\\ud83d"', "user"),
+    (b'"prompt": "x", "stream": true, "stream_options": {"\\ud800": true}', "stream_options"),
+])
+def test_lone_surrogates_are_400_naming_the_field_and_the_connection_goes_on(served, body,
+                                                                             param):
+    with _logged("uvicorn", "grok") as records, connect(served.url) as sock:
+        answer = exchange(sock, request("POST", "/v1/completions",
+                                        b'{"model": "demo", ' + body + b"}", AUTH))
+        assert answer.status == 400, answer.body
+        error = answer.json()["error"]
+        assert error["param"] == param and "lone surrogate" in error["message"], error
+        # the same keep-alive connection serves the next request
+        assert exchange(sock, request("GET", "/v1/models", headers=AUTH)).status == 200
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+
+
+def test_an_escaped_surrogate_pair_is_text(http):
+    pair = http.post("/v1/completions", headers={"Content-Type": "application/json"},
+                     content=b'{"model": "demo", "prompt": "\\ud83d\\ude00 hi", "max_tokens": 1,'
+                             b' "echo": true}')
+    assert pair.status_code == 200 and pair.json()["choices"][0]["text"].startswith("\U0001F600")
+
+
+def test_clients_that_leave_mid_body_or_mid_stream_are_no_server_error(served, http, model):
+    """Each is an info line at most, and counted 499 (nginx's "client closed request")."""
+    before = _metrics(http)
+    grew = lambda samples, status: samples.get(
+        f'grok_requests_total{{endpoint="/v1/completions",status="{status}"}}', 0.0) \
+        - before.get(f'grok_requests_total{{endpoint="/v1/completions",status="{status}"}}', 0.0)
+    with _logged("uvicorn", "grok", "starlette", "fastapi") as records:
+        for _ in range(5):
+            with connect(served.url) as sock:
+                sock.sendall(request("POST", "/v1/completions", b'{"model": "demo", "pro',
+                                     AUTH, length=1000))
+        with httpx.stream("POST", f"{served.url}/v1/completions", headers=AUTH, timeout=60,
+                          json={"model": NAME, "prompt": PROMPT, "max_tokens": 200,
+                                "stream": True}) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 10
+        while grew(_metrics(http), 499) < 5:
+            assert time.monotonic() < deadline, "the half-sent bodies were not counted"
+            time.sleep(0.05)
+        assert _settled(model.engine, state=served.state)
+    assert grew(_metrics(http), 500) == 0
+    assert not [r for r in records if r.levelno >= logging.WARNING or r.exc_info], records
+
+
+def test_a_body_too_slow_to_arrive_is_408_and_its_connection_closed(served):
+    served.state.read_timeout = 0.5
+    try:
+        with connect(served.url) as sock:
+            sock.sendall(request("POST", "/v1/completions", b'{"model": ', AUTH, length=1000))
+            start = time.monotonic()
+            answer = read_answer(sock)
+            assert 0.4 <= time.monotonic() - start < 5
+            assert answer.status == 408 and answer.json()["error"]["code"] == "request_timeout"
+            time.sleep(0.1)
+            assert closed_by_server(sock)
+    finally:
+        served.state.read_timeout = 30.0
+
+
+def test_the_command_line_gives_its_limits_to_the_server_and_the_app(monkeypatch):
+    from grok.serve.__main__ import main
+    configs = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, **_: configs.append(server.config))
+    assert main(["--checkpoint", "demo", "--max-connections", "7", "--read-timeout", "2.5",
+                 "--max-prompt-chars", "99", "--max-stop-chars", "3"]) == 1   # never started
+    limits, state = configs[0].http.limits, configs[0].app.state.grok
+    assert (limits.max_connections, limits.read_timeout) == (7, 2.5)
+    assert (state.text_limits.prompt_chars, state.text_limits.stop_chars) == (99, 3)
+    assert state.read_timeout == 2.5
 
 
 # --- logprobs -------------------------------------------------------------------------------------

@@ -138,10 +138,19 @@ def test_sha256_manifest_passes_in_both_layouts(copy, capsys):
     assert code == 0, out + err
     assert f"{n} of {n} files ok" in out and f"sha256: {n} of {n} files ok" in out
     assert "matches" in out and "FAIL" not in out
-    # written from DIR (`sha256sum -b ckpt-0/tensor*`), checked with DIR/ckpt-0 as the directory
-    (copy / "from-dir").write_text(sha256_lines(copy / "ckpt-0", "ckpt-0/", mode="*"))
+    assert "not covered by SHA256SUMS, whose paths are relative to ckpt-0/: config.json " \
+        "beside it" in out
+    # written from DIR (`sha256sum -b ckpt-0/tensor* config.json`), checked with DIR/ckpt-0 as
+    # the directory: config.json is in its reach, so it must be listed
+    tensors = sha256_lines(copy / "ckpt-0", "ckpt-0/", mode="*")
+    (copy / "from-dir").write_text(tensors)
     code, out, _ = run_cli(capsys, copy / "ckpt-0", "--sha256", copy / "from-dir", "-q")
-    assert code == 0 and out.count("FAIL") == 0 and f"sha256: {n} of {n} files ok" in out
+    assert code == 1 and list(fails(out)) == ["config.json"]
+    config = hashlib.sha256((copy / "config.json").read_bytes()).hexdigest()
+    (copy / "from-dir").write_text(tensors + f"{config} *config.json\n")
+    code, out, _ = run_cli(capsys, copy / "ckpt-0", "--sha256", copy / "from-dir", "-q")
+    assert code == 0 and out.count("FAIL") == 0 and f"sha256: {n + 1} of {n + 1} files ok" in out
+    assert "not covered" not in out
 
 
 @pytest.mark.skipif(shutil.which("sha256sum") is None, reason="no sha256sum")
@@ -253,7 +262,7 @@ def test_full_finds_nan_and_inf_deep_in_a_float32_tensor(copy, capsys):
 def test_full_reads_bf16_scales_and_reports_progress_in_bytes(copy, caplog):
     import logging
     from grok.checkpoint.digests import verify_digests
-    from grok.checkpoint.verify import _float_bytes, verify as verify_files
+    from grok.checkpoint.verify import _full_bytes, verify as verify_files
     entry = [e for e in checkpoint_entries(CONFIG) if e.quantized][0]
     file = copy / "ckpt-0" / entry.filename
     leaf = load_tensor(file)
@@ -265,7 +274,7 @@ def test_full_reads_bf16_scales_and_reports_progress_in_bytes(copy, caplog):
         list(verify_digests(copy, copy / "SHA256SUMS", workers=2))
     assert [(r.file, r.message.split(",")[0]) for r in reports if not r.ok] == \
         [(entry.filename, "scales: 1 non-finite value(s) (1 NaN")]
-    mb = -(-sum(_float_bytes(e) for e in checkpoint_entries(CONFIG)) // 10**6)
+    mb = -(-sum(_full_bytes(e) for e in checkpoint_entries(CONFIG)) // 10**6)
     files_mb = -(-sum(f.stat().st_size for f in (copy / "ckpt-0").iterdir()) // 10**6)
     summaries = [r.getMessage() for r in caplog.records]
     assert any(f": {mb}/{mb} MB" in s for s in summaries), summaries

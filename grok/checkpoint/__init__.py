@@ -9,7 +9,12 @@ A checkpoint directory holds `ckpt-0/tensor{i:05d}_000`, one protocol-4 pickle p
 - unpickle.py   the allow-list (inert stand-ins for the few globals) and the one validator of the
                 release's two file shapes (C order, little-endian, data where the header says);
                 `parse_file`, shared by every reader
-- directory.py  the directory layout: `checkpoint_dir`, `check_files`, `read_config`
+- directory.py  the directory layout: `checkpoint_dir`, `check_files`, `read_config`,
+                `load_inputs` (every file a load may read)
+- values.py     what values may be: `scales_problem` (every load's check of the scales it reads),
+                `scan_part` (verify's reading of floats, scales and int4 values)
+- partial.py    the temporary directories writers rename into place, and the removal of those
+                a killed run left
 - release.py    whole files: `load_tensor`, `save_tensor`, `read_checkpoint`, `write_checkpoint`
 - header.py     `read_header`: a file's arrays located by offset without reading their data
 - safetensors_io.py  converted checkpoints (`ckpt-0/tensor{i:05d}_000.safetensors`, int8 or
@@ -21,7 +26,8 @@ A checkpoint directory holds `ckpt-0/tensor{i:05d}_000`, one protocol-4 pickle p
 - fileio.py     byte copies of array slices into host arrays (pread / memory map)
 - loader.py     `load_params`: streaming, sharded loading through a CheckpointReader
 - verify.py     `verify`: check a downloaded checkpoint without loading it
-- digests.py    `verify_digests`: every file's SHA-256 against a sha256sum manifest
+- digests.py    `verify_digests`: every file's SHA-256 against a sha256sum manifest, placed by
+                one rule (`manifest_base`)
 - __main__.py   `python -m grok.checkpoint verify|convert|plan`
 
 This package imports grok.config, grok.errors, grok.files, grok.leaves, grok.quant and

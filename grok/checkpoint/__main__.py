@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
 
 from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, MANIFEST, convert, target_config
-from grok.checkpoint.directory import checkpoint_dir, read_config
-from grok.checkpoint.digests import verify_digests
+from grok.checkpoint.directory import CKPT_DIR, checkpoint_dir, read_config
+from grok.checkpoint.grok2_release import is_release
+from grok.checkpoint.digests import check_digests, plan_digests
 from grok.checkpoint.verify import FileReport, verify
 from grok.config import GROK1, GrokConfig
 from grok.errors import GrokError, one_line
@@ -25,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     groups (exit 2 on any error, DST left absent).
     `plan --devices N --memory GB [--batch B --length T] [--bits 4 [--group-size G]]
     [--config FILE]`: will the
-    model (Grok-1 by default) fit, on which meshes, with how much KV cache (exit 1 if on none)."""
+    model (Grok-1 by default) fit, on which meshes, with how much KV cache (exit 1 if on none).
+    Ctrl-C ends any of them with one line and status 130, SIGTERM with status 143 (convert
+    removing its partial output first)."""
     parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
                                      description="Checkpoint checks and memory planning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="check every float value for NaN/Inf, not samples (reads all float data)")
     v.add_argument("--sha256", metavar="MANIFEST", default=None,
                    help="also check every file's SHA-256 against MANIFEST, sha256sum's format; "
-                   "paths relative to ckpt-0/ or to the directory holding it (reads every byte)")
+                   "its paths relative to the directory holding ckpt-0/ if any starts with "
+                   "ckpt-0/, else to ckpt-0/ (reads every byte)")
     v.add_argument("-q", "--quiet", action="store_true", help="report only the problems")
     c = sub.add_parser("convert", help="a checkpoint as safetensors, int8 or int4",
                        description="Write a release (int8 pickles) or converted (safetensors) "
@@ -69,45 +77,109 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=None,
                    help=f"with --bits 4: input rows per scale (default {DEFAULT_GROUP_SIZE})")
     args = parser.parse_args(argv)
+    restore = _terminate_by_exception()
     try:
-        if args.command == "convert":
-            config = GrokConfig.from_json(args.config) if args.config else None
-            out = convert(args.source, args.destination, args.bits, args.group_size,
-                          exact=args.exact_group_size, config=config)
-            group = f", group size {out.group_size}" if out.weight_bits == 4 else ""
-            print(f"wrote {args.destination}: int{out.weight_bits} safetensors{group}; "
-                  f"its files' SHA-256 in {args.destination}/SHA256SUMS")
-            return 0
-        if args.command == "plan":
-            if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
-                    or (args.length is not None and args.length < 1):
-                parser.error("--devices, --memory, --batch and --length must be positive")
-            config = GrokConfig.from_json(args.config) if args.config else GROK1
-            if args.group_size is not None and args.bits != 4:
-                parser.error("--group-size needs --bits 4")
-            if args.bits is not None and (args.bits != config.weight_bits or args.group_size):
-                config = target_config(config, args.bits, args.group_size)
-            fits, report = memory.plan_report(config, args.devices, args.memory,
-                                                batch=args.batch, length=args.length,
-                                                layout=args.layout)
-            print(report)
-            return 0 if fits else 1
-        config = GrokConfig.from_json(args.config) if args.config else read_config(args.directory)
-        # The manifest is read (and a bad one refused) before any file is.
-        digests = (verify_digests(args.directory, args.sha256, workers=args.workers)
-                   if args.sha256 else None)
-        bad = _report(verify(args.directory, config, workers=args.workers, full=args.full),
-                      args.quiet, "")
-        if digests is not None:
-            bad += _report(digests, args.quiet, "sha256")
-        else:
-            manifest = checkpoint_dir(args.directory).parent / MANIFEST
-            if manifest.is_file():   # convert writes one: say how to check every byte with it
-                print(f"(not read: {manifest}; --sha256 {manifest} checks every byte against it)")
-        return 1 if bad else 0
+        return _run(args, parser)
     except (GrokError, OSError) as err:   # checkpoint, config and mesh errors alike
         print(f"python -m grok.checkpoint: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # convert's partial output is gone by now (its finally ran)
+        print("python -m grok.checkpoint: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("python -m grok.checkpoint: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        restore()
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks (convert's removal of its
+    partial output) run, as they do for Ctrl-C's KeyboardInterrupt."""
+
+
+def _terminate_by_exception() -> Callable[[], object]:
+    """Make SIGTERM raise _Terminated (once: a second one during the cleanup is ignored);
+    returns the function that puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "convert":
+        # (the source's family reads its config: Grok-2's release keeps its token ids in its
+        # tokenizer file)
+        from grok import families   # (its tokenizers: not needed by the other commands)
+        config = GrokConfig.from_json(args.config) if args.config \
+            else families.read_source(args.source)[2]
+        out = convert(args.source, args.destination, args.bits, args.group_size,
+                      exact=args.exact_group_size, config=config)
+        group = f", group size {out.group_size}" if out.weight_bits == 4 else ""
+        print(f"wrote {args.destination}: int{out.weight_bits} safetensors{group}; "
+              f"its files' SHA-256 in {args.destination}/SHA256SUMS")
+        return 0
+    if args.command == "plan":
+        if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
+                or (args.length is not None and args.length < 1):
+            parser.error("--devices, --memory, --batch and --length must be positive")
+        from grok import families   # (a release's config.json too: Grok-2's keys)
+        config = families.config_file(args.config) if args.config else GROK1
+        if args.group_size is not None and args.bits != 4:
+            parser.error("--group-size needs --bits 4")
+        if args.bits is not None and (args.bits != config.weight_bits or args.group_size):
+            config = target_config(config, args.bits, args.group_size)
+        fits, report = memory.plan_report(config, args.devices, args.memory,
+                                          batch=args.batch, length=args.length,
+                                          layout=args.layout)
+        print(report)
+        return 0 if fits else 1
+    if is_release(args.directory):   # Grok-2's release files: headers and shapes
+        return _verify_release(args)
+    config = GrokConfig.from_json(args.config) if args.config else read_config(args.directory)
+    # The manifest is read (and a bad or ambiguous one refused) before any file is.
+    plan = plan_digests(args.directory, args.sha256) if args.sha256 else None
+    bad = _report(verify(args.directory, config, workers=args.workers, full=args.full),
+                  args.quiet, "")
+    if plan is not None:
+        bad += _report(check_digests(plan, workers=args.workers), args.quiet, "sha256")
+        if plan.uncovered:   # not a failure: a manifest relative to ckpt-0/ cannot name them
+            print(f"sha256: not covered by {plan.manifest}, whose paths are relative to "
+                  f"{CKPT_DIR}/: {', '.join(plan.uncovered)} beside it (a manifest whose paths "
+                  f"start with {CKPT_DIR}/ can list them)")
+    else:
+        manifest = checkpoint_dir(args.directory).parent / MANIFEST
+        if manifest.is_file():   # convert writes one: say how to check every byte with it
+            print(f"(not read: {manifest}; --sha256 {manifest} checks every byte against it)")
+    return 1 if bad else 0
+
+
+def _verify_release(args: argparse.Namespace) -> int:
+    """verify on a Grok-2 release directory: every header parsed strictly, every tensor the
+    config needs present with its shape; --full also reads every value (NaN or Inf fail)."""
+    from grok import families
+    from grok.checkpoint.grok2_release import open_release
+    if args.sha256:
+        print("--sha256 on a Grok-2 release: not yet (the release publishes no SHA256SUMS)")
+        return 2
+    _, _, config = families.read_source(args.directory)
+    release = open_release(args.directory, config)
+    files = release.check()
+    if args.full:
+        for entry, leaf in release.leaves():
+            bad = int(np.count_nonzero(~np.isfinite(np.asarray(leaf, np.float32))))
+            if bad:
+                print(f"FAIL {entry.name}: {bad} NaN or Inf values")
+                return 1
+    print(f"{files} files ok ({'every value read' if args.full else 'headers and shapes'}; "
+          f"Grok-2 release, {release.ranks} expert ranks)")
+    return 0
 
 
 def _report(reports: Iterator[FileReport], quiet: bool, check: str) -> int:

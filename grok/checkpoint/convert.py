@@ -4,8 +4,11 @@ pickles) or a checkpoint convert wrote; `read_source_leaf` reads either, so the 
 does not depend on the source's format.
 
 Files are converted one at a time (host memory: one leaf, and one expert's float32 copy while
-requantising), into a temporary sibling of DST that is renamed to DST at the end: DST is never
-half-written, and an existing DST is never touched. DST/SHA256SUMS lists every file's SHA-256
+requantising), into a temporary sibling of DST (`DST.partial-convert-pid<PID>-<random>`, removed
+on any error, Ctrl-C or SIGTERM; one a killed run left is removed by the next run to DST, see
+partial.py) that is renamed to DST at the end: DST is never half-written, an existing DST is
+never touched, and a DST inside SRC is refused. tokenizer.model and sampling.json are copied (a
+link's target, named in a warning). DST/SHA256SUMS lists every file's SHA-256
 (`verify DST --sha256 DST/SHA256SUMS` checks a copy). DST/config.json records the format
 (`weight_bits`, `group_size`); each int4 file's metadata records its tensor's own group (the
 largest divisor of its input width not above the group size asked for), which the reader checks.
@@ -20,25 +23,29 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from grok.checkpoint import safetensors_io
-from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, PathLike, check_files,
-                                       checkpoint_dir, read_config, tensor_suffix)
+from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, SAMPLING_FILE, TOKENIZER_FILE,
+                                       PathLike, check_files, checkpoint_dir, read_config,
+                                       tensor_suffix)
+from grok.checkpoint.grok2_release import is_release, open_release
+from grok.checkpoint.partial import disown, make_partial, remove_stale_partials
 from grok.checkpoint.release import load_tensor
 from grok.config import DEFAULT_GROUP_SIZE, GrokConfig
 from grok.errors import CheckpointError, ConfigError
+from grok.files import describe, open_regular
 from grok.leaves import Entry, checkpoint_entries
 from grok.progress import Progress
-from grok.quant import QuantizedWeight, dequantize, quantize_int4
+from grok.quant import QuantizedWeight, dequantize, quantize, quantize_int4
 
 log = logging.getLogger(__name__)
 
-COPIED = ("tokenizer.model", "sampling.json")   # beside ckpt-0, so the result loads as the source
+# Beside ckpt-0, so the result loads as the source: Grok-1's tokenizer, Grok-2's, the sampling.
+COPIED = (TOKENIZER_FILE, "tokenizer.tok.json", SAMPLING_FILE)
 MANIFEST = "SHA256SUMS"   # every file's digest: `python -m grok.checkpoint verify DST --sha256 ...`
 
 
@@ -92,15 +99,23 @@ def _check_requantise(src: PathLike, source: GrokConfig, out: GrokConfig) -> Non
 
 def _convert_leaf(leaf: Any, src_entry: Entry, entry: Entry) -> Any:
     """A source leaf (`src_entry`'s format) in `entry`'s: unchanged when the formats and groups
-    agree; else (int8 -> int4) requantised from the exact dequantised values, one leading index
-    (an expert) at a time to bound the float copy."""
-    if not entry.quantized or (src_entry.fmt is entry.fmt
-                               and src_entry.scale_blocks == entry.scale_blocks):
+    agree; a float leaf of a quantised entry (Grok-2's bfloat16 matrices) quantised; else (int8
+    -> int4) requantised from the exact dequantised values. One leading index (an expert) at a
+    time, to bound the float copy."""
+    if not entry.quantized:
+        return np.asarray(leaf, np.float32)   # (norms, router, embeddings: float32 files)
+    if src_entry.fmt is entry.fmt and src_entry.scale_blocks == entry.scale_blocks:
         return leaf
-    if leaf.weight.ndim == 2:
-        return quantize_int4(dequantize(leaf), entry.group_size)
-    pieces = [quantize_int4(dequantize(leaf[i]), entry.group_size)
-              for i in range(leaf.weight.shape[0])]
+
+    def one(w: Any) -> QuantizedWeight:
+        w = dequantize(w) if isinstance(w, QuantizedWeight) else np.asarray(w, np.float32)
+        return quantize_int4(w, entry.group_size) if entry.fmt.bits == 4 \
+            else quantize(w, entry.scale_blocks)
+    ndim = leaf.weight.ndim if isinstance(leaf, QuantizedWeight) else leaf.ndim
+    if ndim == 2:
+        return one(leaf)
+    pieces = [one(leaf[i]) for i in range(len(leaf.weight if isinstance(leaf, QuantizedWeight)
+                                              else leaf))]
     return QuantizedWeight(np.stack([p.weight for p in pieces]),
                            np.stack([p.scales for p in pieces]), entry.fmt)
 
@@ -121,10 +136,15 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
     config.json, else Grok-1, unless `config`) into a safetensors checkpoint at `dst`, which must
     not exist. Returns dst's config. `group_size` defaults to DEFAULT_GROUP_SIZE, or an int4
     source's own. Errors (a bad source file, a bad group size, an int4 source asked for other
-    groups or int8, an existing dst) are GrokErrors; nothing is left at `dst` after one."""
+    groups or int8, an existing dst, a dst inside src) are GrokErrors; nothing is left at `dst`
+    after one, nor beside it."""
+    release = is_release(src)   # Grok-2's release: its safetensors files, not a ckpt-0/
+    if release and config is None:
+        raise CheckpointError(f"{src}: a Grok-2 release; its config comes with its tokenizer's "
+                              "ids: convert it with grok.convert or python -m grok.checkpoint")
     source = config or read_config(src)
-    ckpt = checkpoint_dir(src)
-    suffix = tensor_suffix(ckpt, source)   # release files: int8 only
+    ckpt = Path(src) if release else checkpoint_dir(src)
+    suffix = "" if release else tensor_suffix(ckpt, source)   # release files: int8 only
     if source.weight_bits == bits == 4 and group_size is None:
         group_size = source.group_size     # int4 -> int4 asks for a copy unless told otherwise
     out = target_config(source, bits, group_size, exact)
@@ -132,17 +152,24 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
     target = Path(dst)
     if os.path.lexists(target):
         raise CheckpointError(f"{target}: already exists (convert writes a new directory)")
+    _check_outside(target, Path(src), ckpt)
     src_entries, dst_entries = checkpoint_entries(source), checkpoint_entries(out)
-    check_files(ckpt, src_entries, suffix)
+    if release:
+        grok2 = open_release(src, source)
+        read = lambda entry: grok2.leaf(entry)   # noqa: E731
+    else:
+        check_files(ckpt, src_entries, suffix)
+        read = lambda entry: read_source_leaf(ckpt, entry, suffix)   # noqa: E731
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
-    (tmp / CKPT_DIR).mkdir(parents=True)
+    remove_stale_partials(target)
+    tmp = make_partial(target, "convert")
     try:
+        (tmp / CKPT_DIR).mkdir()
         with Progress(len(src_entries), f"converting {ckpt} to int{bits}", enabled=progress,
                       logger=log) as bar:
             digests = {}
             for src_entry, entry in zip(src_entries, dst_entries):
-                leaf = read_source_leaf(ckpt, src_entry, suffix)
+                leaf = read(src_entry)
                 name = safetensors_io.filename(entry)
                 file = tmp / CKPT_DIR / name
                 digests[f"{CKPT_DIR}/{name}"] = safetensors_io.write_leaf(
@@ -155,14 +182,40 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
             json.dump({**out.to_dict(), "weight_bits": bits, "group_size": out.group_size},
                       f, indent=1)
             f.write("\n")
+        if release:
+            grok2.close()
         for name in COPIED:
-            for where in (Path(src), ckpt.parent):
-                if (where / name).is_file():
-                    shutil.copyfile(where / name, tmp / name)
-                    break
+            found = next((w / name for w in (Path(src), ckpt.parent)
+                          if os.path.lexists(w / name)), None)
+            if found is not None:
+                _copy_regular(found, tmp / name)
         _write_manifest(tmp, digests)
+        disown(tmp)
         tmp.rename(target)
-    finally:
+    finally:   # (also on Ctrl-C, and SIGTERM as the command line raises it)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_outside(target: Path, src: Path, ckpt: Path) -> None:
+    """Refuse (CheckpointError) a destination inside the source: it would add files to the
+    checkpoint being read (links followed, as the writes would follow them)."""
+    where = target.resolve()
+    for inside in (src.resolve(), ckpt.resolve()):
+        if where.is_relative_to(inside):
+            raise CheckpointError(f"{target}: inside the source checkpoint {src} (convert "
+                                  "writes a new directory; put it beside the source)")
+
+
+def _copy_regular(file: Path, out: Path) -> None:
+    """Copy `file` (a regular file, or a link to one: its target's bytes, said in a warning that
+    names the target) to `out`; anything else is a CheckpointError naming it."""
+    try:
+        with open_regular(file) as f, open(out, "wb") as g:
+            shutil.copyfileobj(f, g)
+    except OSError as err:
+        reason = getattr(err, "strerror", None) or err
+        raise CheckpointError(f"{describe(file)}: cannot copy ({reason})") from None
+    if os.path.islink(file):
+        log.warning("copied %s", describe(file))

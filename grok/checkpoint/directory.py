@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 CKPT_DIR = "ckpt-0"
 CONFIG_FILE = "config.json"
+SAMPLING_FILE = "sampling.json"      # recommended sampling settings (grok.load reads it)
+TOKENIZER_FILE = "tokenizer.model"
 PathLike = str | os.PathLike
 RELEASE, SAFETENSORS = "release", "safetensors"
 ST_SUFFIX = ".safetensors"
@@ -68,6 +70,17 @@ def check_files(ckpt: Path, entries: list[Entry], suffix: str = "") -> None:
     if extra:
         raise CheckpointError(f"{ckpt / extra[0]}: unexpected file ({len(extra)} tensor file(s) "
                               f"beyond the {len(entries)} the config expects; wrong config?)")
+
+
+def load_inputs(ckpt: Path) -> list[Path]:
+    """Every file a load of the checkpoint directory `ckpt` may read, wherever it is looked for:
+    its tensor files, and config.json, sampling.json and tokenizer.model in ckpt/ and (when it is
+    a ckpt-0 directory) beside it. Only those present (a dangling link counts: a load fails on
+    it). What a digest check must cover."""
+    bases = [ckpt] + ([ckpt.parent] if ckpt.name == CKPT_DIR else [])
+    files = [ckpt / n for n in sorted(os.listdir(ckpt)) if n.startswith("tensor")]
+    names = (CONFIG_FILE, SAMPLING_FILE, TOKENIZER_FILE)
+    return files + [b / n for b in bases for n in names if os.path.lexists(b / n)]
 
 
 def read_config(path: PathLike) -> GrokConfig:

@@ -8,12 +8,13 @@ import math
 import mmap
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
 from grok.checkpoint.arrays import ArrayRef
 from grok.errors import CheckpointError
+from grok.files import open_regular
 
 
 Index = tuple[slice, ...]
@@ -24,11 +25,22 @@ def slice_key(index: Index) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
 
 
+def _open(path: str) -> BinaryIO:
+    """A checkpoint file opened for reading; one that vanished or became a FIFO or device since
+    its header was read is a CheckpointError naming it."""
+    try:
+        return open_regular(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") \
+            from None
+
+
 class Mapped:
     """A read-only memory map of one file; arrays are views into it until `close`."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "rb")
+        self.path = path
+        self._file = _open(path)
         size = os.fstat(self._file.fileno()).st_size
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
@@ -36,6 +48,10 @@ class Mapped:
         if ref.raw.inline is not None:
             buf = np.frombuffer(ref.raw.inline, ref.dtype)
         else:
+            mapped = len(self._map) if self._map is not None else 0
+            if ref.raw.offset + ref.nbytes > mapped:   # it shrank after its header was read
+                raise CheckpointError(f"{self.path}: truncated while reading ({mapped} bytes, "
+                                      f"the header says {ref.raw.offset + ref.nbytes})")
             buf = np.frombuffer(self._map, ref.dtype, math.prod(ref.shape), ref.raw.offset)
         return buf.reshape(ref.shape)
 
@@ -57,7 +73,8 @@ class Source:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self._file = _open(path)
+        self.fd = self._file.fileno()
         self._mapped: Mapped | None = None
         self._lock = threading.Lock()
 
@@ -79,7 +96,7 @@ class Source:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            self._file.close()
             self.fd = -1
         if self._mapped is not None:
             self._mapped.close()

@@ -33,6 +33,7 @@ from grok.checkpoint.arrays import BF16, leaf_problem
 from grok.checkpoint.directory import PathLike
 from grok.checkpoint.reader import CheckpointReader, Part, as_reader
 from grok.checkpoint.targets import FileWork, Piece, Target, assemble, plan_targets
+from grok.checkpoint.values import scales_problem
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
 from grok.leaves import Entry
@@ -122,7 +123,8 @@ class _Stream:
         pieces = [p for target in feeds for p in self._pieces(entry, target, raws)]
         held = sum(p.host.size * parts[p.target.part].array.dtype.itemsize for p in pieces)
         self.pool.cap = max(self.pool.cap, self.max_inflight * held)
-        item = FileWork(entry, feeds, {}, pieces, [], held, raws)
+        item = FileWork(entry, feeds, {}, pieces, [], held, raws,
+                        {name: part.file for name, part in parts.items()})
         self.stats.acquire(held)
         self.window.append(item)   # from here on, an error closes it (see load_params)
         for p in pieces:
@@ -139,6 +141,11 @@ class _Stream:
         for future in item.futures:
             future.result()
         item.close()
+        for piece in item.pieces:   # this process's scales, before any reaches a device
+            problem = scales_problem(piece.host) if piece.target.part == "scales" else None
+            if problem:
+                raise CheckpointError(f"{item.files['scales']}: {problem} (leaf "
+                                      f"{item.entry.name})")
         layers = self.config.num_layers
         arrays, keep = [], False
         for target in item.feeds:
@@ -208,7 +215,9 @@ def load_params(source: CheckpointReader | PathLike, config: GrokConfig, shardin
     slices are read into a pool of reused host buffers, handed to the devices, and a layer's piece
     is written in place into its slot of the stacked leaf on device: at most `max_inflight`
     files' slices are in host memory at once. `stats` (a LoadStats) receives the bytes read and
-    the in-flight peaks. Errors are CheckpointErrors (ShardingError for a bad shardings tree)."""
+    the in-flight peaks. Errors are CheckpointErrors (ShardingError for a bad shardings tree),
+    scales that are not finite and > 0 among them (checked as they are read: a few MB of
+    Grok-1's files; the weights themselves are not scanned)."""
     embed_dtype = BF16 if embed_dtype is None else np.dtype(embed_dtype)
     stats = LoadStats() if stats is None else stats
     reader = as_reader(source, config)

@@ -22,7 +22,9 @@ from grok.checkpoint import safetensors_io
 from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, ST_SUFFIX, PathLike, check_files,
                                        checkpoint_dir, tensor_suffix)
 from grok.checkpoint.header import read_header
+from grok.checkpoint.partial import disown, make_partial, remove_stale_partials
 from grok.checkpoint.unpickle import read_array, reading
+from grok.checkpoint.values import scales_problem
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
 from grok.files import open_regular
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 def load_tensor(path: PathLike, entry: Entry | None = None) -> np.ndarray | QuantizedWeight8bit:
     """One checkpoint file: a float32 array or a QuantizedWeight8bit (int8 weight, bfloat16
     scales), read where `read_header` says its bytes are. With `entry`, the header is checked
-    against that leaf of the leaf table before anything is allocated. Any problem ->
-    CheckpointError naming the file."""
+    against that leaf of the leaf table before anything is allocated. Any problem (scales that
+    are not finite and > 0 included) -> CheckpointError naming the file."""
     where = os.fspath(path)
     header = read_header(where)
     problem = entry is not None and leaf_problem(header.parts, entry)
@@ -50,6 +52,9 @@ def load_tensor(path: PathLike, entry: Entry | None = None) -> np.ndarray | Quan
         parts = {name: read_array(f, ref) for name, ref in header.parts.items()}
     if "array" in parts:
         return parts["array"]
+    problem = scales_problem(parts["scales"])
+    if problem:
+        raise CheckpointError(f"{where}: {problem}" + (f" (leaf {entry.name})" if entry else ""))
     return QuantizedWeight8bit(parts["weight"], parts["scales"])
 
 
@@ -157,8 +162,8 @@ def write_checkpoint(path: PathLike, flat: Mapping[str, Any], config: GrokConfig
     format, plus `path/config.json` (unless the config is Grok-1 or write_config is False).
 
     Every leaf is validated before anything is written; files go to a temporary sibling directory
-    that is renamed into place at the end. An existing non-empty ckpt-0 is only replaced when
-    `overwrite` is True.
+    (`PATH.partial-write-pid<PID>-<random>`; see partial.py) that is renamed into place at the
+    end. An existing non-empty ckpt-0 is only replaced when `overwrite` is True.
     """
     prepared = _prepare(flat, config)
     target = Path(path)
@@ -169,9 +174,10 @@ def write_checkpoint(path: PathLike, flat: Mapping[str, Any], config: GrokConfig
         raise CheckpointError(f"{ckpt}: already exists and is not empty "
                               "(pass overwrite=True to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
-    (tmp / CKPT_DIR).mkdir(parents=True)
+    remove_stale_partials(target)
+    tmp = make_partial(target, "write")
     try:
+        (tmp / CKPT_DIR).mkdir()
         with Progress(len(prepared), f"writing {ckpt}", enabled=progress, logger=log) as bar:
             for entry, leaf in prepared:
                 file = tmp / CKPT_DIR / entry.filename
@@ -179,6 +185,7 @@ def write_checkpoint(path: PathLike, flat: Mapping[str, Any], config: GrokConfig
                 bar.update(1, file.stat().st_size)
         if write_config and not config.is_grok1:
             config.to_json(tmp / CONFIG_FILE)
+        disown(tmp)
         _commit(tmp, target, stale_config=write_config and config.is_grok1)
     finally:
         if tmp.exists():

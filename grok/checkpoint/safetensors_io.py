@@ -25,6 +25,7 @@ import numpy as np
 
 from grok.checkpoint.arrays import ArrayRef, RawRef, leaf_problem
 from grok.checkpoint.directory import ST_SUFFIX
+from grok.checkpoint.values import scales_problem
 from grok.errors import CheckpointError, one_line
 from grok.files import NotRegularFile, open_regular, unique_keys
 from grok.leaves import Entry
@@ -90,33 +91,51 @@ def _tensor(where: str, name: str, spec: Any, data_start: int, data_size: int) -
     return ArrayRef(tuple(shape), dtype, RawRef(data_start + offsets[0], nbytes))
 
 
+def _header_length(where: str, prefix: bytes, size: int) -> int:
+    """The header length a file of `size` bytes announces in its first 8 bytes, bounded."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{where}: truncated ({size} bytes, no header length)")
+    length = int.from_bytes(prefix[:8], "little")
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+        raise CheckpointError(f"{where}: header length {length} exceeds "
+                              f"{'the file' if length <= MAX_HEADER_BYTES else 'the limit'}"
+                              f" ({size} bytes; at most {MAX_HEADER_BYTES})")
+    return length
+
+
 def read_st_header(path: str | os.PathLike) -> StHeader:
-    """Parse and check a safetensors file's header (reading only the header). Any problem
-    (missing, truncated, a header length past the file, not JSON, an unknown dtype, offsets
-    outside the file, overlapping or leaving gaps) -> CheckpointError naming file and field."""
+    """Parse and check a safetensors file's header (reading only the header; see
+    `parse_st_header`). Any problem (missing, not a regular file, truncated, a header length
+    past the file, not JSON, an unknown dtype, offsets outside the file, overlapping or leaving
+    gaps) -> CheckpointError naming file and field."""
     where = os.fspath(path)
     try:
         with open_regular(where) as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{where}: truncated ({size} bytes, no header length)")
-            length = int.from_bytes(prefix, "little")
-            if length > MAX_HEADER_BYTES or 8 + length > size:
-                raise CheckpointError(f"{where}: header length {length} exceeds "
-                                      f"{'the file' if length <= MAX_HEADER_BYTES else 'the limit'}"
-                                      f" ({size} bytes; at most {MAX_HEADER_BYTES})")
-            raw = f.read(length)
+            head = prefix + f.read(_header_length(where, prefix, size))
     except FileNotFoundError:
         raise CheckpointError(f"{where}: missing") from None
     except (NotRegularFile, OSError) as err:
         raise CheckpointError(f"{where}: cannot read ({getattr(err, 'strerror', None) or err})") \
             from None
+    return parse_st_header(where, head, size)
+
+
+def parse_st_header(where: str, head: bytes, size: int) -> StHeader:
+    """The checked header of the safetensors file `where` of `size` bytes, from `head`, its
+    first bytes (at least the 8-byte length and the header it announces): a JSON object of
+    tensors (each exactly dtype, shape and data_offsets) and string metadata, whose tensors
+    account for every data byte, none overlapping. CheckpointError naming the field otherwise."""
+    length = _header_length(where, head, size)
+    raw = head[8:8 + length]
     if len(raw) != length:
         raise CheckpointError(f"{where}: truncated inside the header")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        # a lone surrogate (\ud800) is valid to Python's json only: no UTF-8 name has one
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{where}: header is not JSON ({one_line(err, 120)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: header is a {type(header).__name__}, not an object")
@@ -169,7 +188,8 @@ def leaf_parts(header: StHeader, entry: Entry) -> dict[str, ArrayRef]:
 
 
 def read_leaf(path: str | os.PathLike, entry: Entry) -> Any:
-    """The whole leaf of one file: a float32 array or a QuantizedWeight of `entry`'s format."""
+    """The whole leaf of one file: a float32 array or a QuantizedWeight of `entry`'s format
+    (whose scales must be finite and > 0)."""
     header = read_st_header(path)
     parts = leaf_parts(header, entry)
     arrays = {}
@@ -184,6 +204,9 @@ def read_leaf(path: str | os.PathLike, entry: Entry) -> Any:
             arrays[part] = array
     if "array" in arrays:
         return arrays["array"]
+    problem = scales_problem(arrays["scales"])
+    if problem:
+        raise CheckpointError(f"{header.path}: {problem} (leaf {entry.name})")
     return QuantizedWeight(arrays["weight"], arrays["scales"], entry.fmt)
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from grok.checkpoint import fileio, transfer
-from grok.checkpoint.arrays import F32
 from grok.config import GrokConfig
 from grok.errors import ShardingError
 from grok.leaves import Entry, checkpoint_entries, model_tree
@@ -69,7 +68,8 @@ def plan_targets(config: GrokConfig, shardings: Any, scan: bool, embed_dtype: np
         parts = ({"weight": (entry.weight_shape, np.dtype(entry.fmt.dtype)),
                   "scales": (entry.scales_shape, np.dtype(entry.fmt.scales_dtype))}
                  if entry.quantized else
-                 {"array": (entry.shape, embed_dtype if entry.param == "embeddings" else F32)})
+                 {"array": (entry.shape, embed_dtype if entry.param == "embeddings"
+                            else np.dtype(entry.float_dtype))})
         placed = shardings_of(shardings, entry, scan)
         feeds = []
         for part, (shape, dtype) in parts.items():
@@ -107,6 +107,7 @@ class FileWork:
     futures: list[Future]
     held: int                                   # bytes of slices, for LoadStats
     raws: list[np.ndarray] = dataclasses.field(default_factory=list)   # pool buffers taken
+    files: dict[str, str] = dataclasses.field(default_factory=dict)    # part -> file it is in
 
     def close(self) -> None:
         """Close the files (a view a worker still holds keeps its memory map alive)."""

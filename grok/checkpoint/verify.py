@@ -2,7 +2,8 @@
 
 `verify(path, config)`: every file present, its header parsed and validated as `load_tensor`
 would (the same allow-list and rules), shapes and dtypes as the config says, scales finite and
-positive, float data sampled (or, with `full=True`, read in full) for non-finite values.
+positive, float data and int4 weights sampled (or, with `full=True`, read in full) for values
+outside their format (values.py).
 
 (`digests.verify_digests(path, manifest)` checks every file's SHA-256 against a manifest.)
 
@@ -18,15 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-import numpy as np
-
 from grok.checkpoint.arrays import ArrayRef, expected_parts, leaf_problem
-from grok.checkpoint import safetensors_io
+from grok.checkpoint import safetensors_io, values
 from grok.checkpoint.directory import ST_SUFFIX, PathLike, checkpoint_dir, tensor_suffix
-from grok.checkpoint.fileio import Mapped
 from grok.checkpoint.header import read_header
 from grok.config import GrokConfig
 from grok.errors import CheckpointError
+from grok.files import open_regular
 from grok.leaves import Entry, checkpoint_entries
 from grok.progress import Progress
 
@@ -81,111 +80,30 @@ class ByteBar:
         self._progress.close()
 
 
-def _pread(fd: int, out: np.ndarray, offset: int, name: str) -> None:
-    """Fill the uint8 array `out` with the file's bytes from `offset` on (a copy: no view into a
-    memory map exists, so nothing can keep one open)."""
-    view = memoryview(out)
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise CheckpointError(f"{name}: truncated while reading")
-        done += n
+# --- verify: headers, shapes, sizes, scales, float and int4 values ----------------------------
 
-
-def _is_float(ref: ArrayRef) -> bool:
-    """Whether the part can hold non-finite values (float32 arrays, bf16 scales; not int8)."""
-    return ref.dtype.kind not in "iub"
-
-
-# --- verify: headers, shapes, sizes, scales, float values --------------------------------------
-
-def _values(mapped: Mapped, part: str, ref: ArrayRef, sample_bytes: int) -> np.ndarray:
-    """A float32 copy of the part's values: all of them for scales and small parts, else the
-    first, a middle and the last stretch. A copy, so no view into the map outlives this call
-    (an open view makes closing the map raise BufferError)."""
-    data = mapped.array(ref).reshape(-1)
-    if part == "scales" or ref.nbytes <= sample_bytes:
-        return data.astype(np.float32)
-    k = max(1, sample_bytes // (3 * ref.dtype.itemsize))
-    mid = data.size // 2
-    return np.concatenate([data[:k], data[mid:mid + k], data[-k:]]).astype(np.float32)
-
-
-def _sampled_problem(file: Path, parts: Mapping[str, ArrayRef], sample_bytes: int) -> str | None:
-    mapped = Mapped(str(file))
-    try:
-        for part, ref in parts.items():
-            if not _is_float(ref):
-                continue
-            values = _values(mapped, part, ref, sample_bytes)
-            bad = int(np.count_nonzero(~np.isfinite(values)))
-            if bad:
-                return f"{part}: {bad} non-finite value(s)"
-            if part == "scales" and (values <= 0).any():
-                return f"scales: {int((values <= 0).sum())} value(s) <= 0"
-        return None
-    finally:
-        mapped.close()
-
-
-def _scan(fd: int, ref: ArrayRef, name: str, chunk_bytes: int, advance: Callable[[int], None],
-          positive: bool) -> tuple[int, int, int, int]:
-    """Every value of one float part, read in chunks: (NaNs, Infs, values <= 0 where `positive`
-    they must not be, flat index of the first non-finite value or -1). The chunks are read by
-    pread into one buffer, not viewed in a memory map: memory stays at one chunk, no view can
-    keep a map open, and a file that shrinks meanwhile is a report, not a SIGBUS."""
-    itemsize = ref.dtype.itemsize
-    total = math.prod(ref.shape)
-    per_chunk = max(1, chunk_bytes // itemsize)
-    buf = np.empty(min(per_chunk, total) * itemsize, np.uint8)
-    nans = infs = nonpositive = 0
-    first = -1
-    for start in range(0, total, per_chunk):
-        count = min(per_chunk, total - start)
-        if ref.raw.inline is not None:
-            raw = np.frombuffer(ref.raw.inline, np.uint8, count * itemsize, start * itemsize)
-        else:
-            raw = buf[:count * itemsize]
-            _pread(fd, raw, ref.raw.offset + start * itemsize, name)
-        values = raw.view(ref.dtype).astype(np.float32, copy=False)
-        nan = np.isnan(values)
-        inf = np.isinf(values)
-        n_nan, n_inf = int(np.count_nonzero(nan)), int(np.count_nonzero(inf))
-        if (n_nan or n_inf) and first < 0:
-            first = start + int(np.argmax(nan | inf))
-        nans += n_nan
-        infs += n_inf
-        if positive:
-            nonpositive += int(np.count_nonzero(values <= 0))
-        advance(count * itemsize)
-    return nans, infs, nonpositive, first
-
-
-def _full_problem(file: Path, parts: Mapping[str, ArrayRef], chunk_bytes: int,
-                  advance: Callable[[int], None]) -> str | None:
+def _values_problem(file: Path, parts: Mapping[str, ArrayRef], entry: Entry,
+                    sample_bytes: int | None, chunk_bytes: int,
+                    advance: Callable[[int], None]) -> str | None:
+    """What is wrong with the values of the file's parts (values.scan_part): every value when
+    `sample_bytes` is None, else the scales in full and stretches of the rest."""
     problems = []
-    fd = os.open(file, os.O_RDONLY)
-    try:
+    with open_regular(file) as f:   # (not a map: a file that shrinks now is a report)
         for part, ref in parts.items():
-            if not _is_float(ref):
+            kind = values.check_kind(part, ref.dtype, entry)
+            if kind is None:
                 continue
-            nans, infs, nonpositive, first = _scan(fd, ref, str(file), chunk_bytes, advance,
-                                                  positive=part == "scales")
-            if nans or infs:
-                problems.append(f"{part}: {nans + infs} non-finite value(s) ({nans} NaN, "
-                                f"{infs} Inf), the first at flat index {first}")
-            if part == "scales" and nonpositive:
-                problems.append(f"scales: {nonpositive} value(s) <= 0")
-    finally:
-        os.close(fd)
+            spans = values.stretches(ref, None if kind == values.SCALES else sample_bytes)
+            problems += values.scan_part(f.fileno(), part, ref, kind, spans, chunk_bytes,
+                                         str(file), advance)
     return "; ".join(problems) or None
 
 
-def _float_bytes(entry: Entry) -> int:
-    """The bytes of the entry's parts that a full check reads (its float parts)."""
+def _full_bytes(entry: Entry) -> int:
+    """The bytes of the entry's parts that a full check reads (float parts, int4 weights)."""
     return sum(math.prod(shape) * dtype.itemsize
-               for shape, dtype in expected_parts(entry).values() if dtype.kind not in "iub")
+               for part, (shape, dtype) in expected_parts(entry).items()
+               if values.check_kind(part, dtype, entry) is not None)
 
 
 def stop_pool(pool: ThreadPoolExecutor, bar: ByteBar | None) -> None:
@@ -213,9 +131,9 @@ def _verify_file(file: Path, entry: Entry, sample_bytes: int, full: bool, chunk_
         else:
             header = read_header(file)
             parts, size = header.parts, header.end
-        problem = leaf_problem(parts, entry) or (
-            _full_problem(file, parts, chunk_bytes, advance) if full
-            else _sampled_problem(file, parts, sample_bytes))
+        problem = leaf_problem(parts, entry) or _values_problem(
+            file, parts, entry, None if full else sample_bytes, chunk_bytes,
+            advance if full else lambda nbytes: None)
         if problem:
             return FileReport(file.name, entry.name, False, problem)
         notes = [f"{p} {r.dtype}{list(r.shape)}" for p, r in parts.items()]
@@ -225,12 +143,12 @@ def _verify_file(file: Path, entry: Entry, sample_bytes: int, full: bool, chunk_
         prefix = f"{file}: "
         return FileReport(file.name, entry.name, False,
                           text[len(prefix):] if text.startswith(prefix) else text)
-    except OSError as err:   # the file changed under us (e.g. shrank between header and map)
+    except OSError as err:   # the file changed under us (swapped for a FIFO, removed)
         return FileReport(file.name, entry.name, False,
                           f"cannot read ({err.strerror or err})")
     finally:   # a file that failed early still moves the bar past its share
         if bar is not None:
-            bar.add(_float_bytes(entry) - scanned)
+            bar.add(_full_bytes(entry) - scanned)
 
 
 def verify(path: PathLike, config: GrokConfig, *, workers: int = 4,
@@ -238,11 +156,13 @@ def verify(path: PathLike, config: GrokConfig, *, workers: int = 4,
            chunk_bytes: int = CHUNK_BYTES) -> Iterator[FileReport]:
     """Check every file of the checkpoint at `path` against `config` without loading it: present,
     header parses under the allow-list, shapes and dtypes as the config says, file size equal to
-    the size the header implies, scales (read fully) finite and > 0, float samples finite.
+    the size the header implies, scales (read fully) finite and > 0, samples of the float data
+    finite and of int4 weights within [-7, 7].
 
-    `full=True` reads every value of every float part (float32 arrays, bf16 scales; int8
-    weights cannot be non-finite) in `chunk_bytes` steps, so memory stays bounded, and reports
-    each part's count of NaNs and Infs; `progress` draws a bar (in bytes) for that read.
+    `full=True` reads every value the format constrains (float32 arrays, bf16 scales, int4
+    weights; any int8 is an int8 weight's value) in `chunk_bytes` steps, so memory stays
+    bounded, and reports each part's count of NaNs and Infs, scales <= 0 and int4 values of -8;
+    `progress` draws a bar (in bytes) for that read.
     Yields one FileReport per expected file (in file order), then one per unexpected file."""
     ckpt = checkpoint_dir(path)
     entries = checkpoint_entries(config)
@@ -250,25 +170,20 @@ def verify(path: PathLike, config: GrokConfig, *, workers: int = 4,
     present = set(os.listdir(ckpt))
     bar = None
     if full:
-        total = sum(_float_bytes(e) for e in entries if e.filename + suffix in present)
+        total = sum(_full_bytes(e) for e in entries if e.filename + suffix in present)
         bar = ByteBar(total, f"checking values in {ckpt}", progress)
+    # Not a `with` block: leaving one waits for every running worker, and an interrupt must not.
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify")
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="verify") as pool:
-            try:
-                futures = []
-                for entry in entries:
-                    if entry.filename + suffix not in present:
-                        futures.append(None)
-                    else:
-                        futures.append(pool.submit(_verify_file, ckpt / (entry.filename + suffix),
-                                                   entry,
-                                                   sample_bytes, full, chunk_bytes, bar))
-                for entry, future in zip(entries, futures):
-                    yield (FileReport(entry.filename + suffix, entry.name, False, "missing")
-                           if future is None else future.result())
-            finally:   # on an early exit, queued files are dropped and running ones stop
-                stop_pool(pool, bar)
-    finally:
+        futures = [None if entry.filename + suffix not in present else
+                   pool.submit(_verify_file, ckpt / (entry.filename + suffix), entry,
+                               sample_bytes, full, chunk_bytes, bar)
+                   for entry in entries]
+        for entry, future in zip(entries, futures):
+            yield (FileReport(entry.filename + suffix, entry.name, False, "missing")
+                   if future is None else future.result())
+    finally:   # on an early exit, queued files are dropped and running ones stop
+        stop_pool(pool, bar)
         if bar is not None:
             bar.close()
     expected = {e.filename + suffix for e in entries}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from grok.config import DEMO, DEMO_DIR, PREFILL_TOKENS, model_dir
 from grok.errors import GrokError
 
 PROG = "python -m grok.serve"
+SPARE_FILES = 64                      # open files kept for the checkpoint, logs, the listener
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from grok.serve.app import DEFAULT_MAX_WAITING
+    from grok.serve.connections import DEFAULT_MAX_CONNECTIONS
+    from grok.serve.protocol import DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_STOP_CHARS
+    from grok.serve.state import DEFAULT_READ_TIMEOUT
     p = _Parser(prog=PROG, description="Serve a Grok checkpoint over HTTP with OpenAI's "
                 "completions API (POST /v1/completions; GET /v1/models, /health, /metrics).")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
@@ -52,6 +57,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they "
                         "are cancelled (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="C",
+                   help="connections open at once; one more is answered 503 and closed "
+                        "(default: %(default)s)")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="S",
+                   help="seconds a client has to send a whole request, from connecting or its "
+                        "previous answer; then the connection is closed (a slow body: 408) "
+                        "(default: %(default)s)")
+    p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+                   metavar="N", help="longest prompt in characters, refused (400) before it "
+                                     "is tokenized (default: %(default)s)")
+    p.add_argument("--max-stop-chars", type=int, default=DEFAULT_MAX_STOP_CHARS, metavar="N",
+                   help="longest stop string in characters (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="T",
                    help="prompt tokens prefilled per engine step; a longer prompt is prefilled "
                         "in chunks, between the other requests' decode steps "
@@ -62,6 +79,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     check_placement(p, args)
     for flag, value, least in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1),
                                ("--max-waiting", args.max_waiting, 1),
+                               ("--max-connections", args.max_connections, 1),
+                               ("--max-prompt-chars", args.max_prompt_chars, 1),
+                               ("--max-stop-chars", args.max_stop_chars, 1),
                                ("--prefill-tokens", args.prefill_tokens, 1)):
         if value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
@@ -69,7 +89,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--port must be <= 65535, got {args.port}")
     if not args.shutdown_timeout >= 0:
         p.error(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if not 0 < args.read_timeout < math.inf:
+        p.error(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
+    files = open_files_limit()
+    if files is not None and args.max_connections > files - SPARE_FILES:
+        p.error(f"--max-connections {args.max_connections} needs more files than this process "
+                f"may open ({files}, ulimit -n; {SPARE_FILES} kept for the rest)")
     return args
+
+
+def open_files_limit() -> int | None:
+    """How many files this process may open (the soft limit), or None when unlimited/unknown."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY or soft <= 0 else soft
 
 
 def checkpoint_dir(checkpoint: str | None) -> tuple[str, str]:
@@ -100,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         import grok
         from grok.serve.app import create_app
+        from grok.serve.connections import server_config
         from grok.serving import lockstep
         enable_compile_cache()
         mesh = distributed_mesh(args)
@@ -115,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.new_engine(args.prefill_tokens, steps=leader)
         api_key = args.api_key if args.api_key is not None else os.environ.get("GROK_API_KEY")
         app = create_app(model, model_name=args.model_name or name, api_key=api_key,
-                         max_waiting=args.max_waiting)
+                         max_waiting=args.max_waiting, max_prompt_chars=args.max_prompt_chars,
+                         max_stop_chars=args.max_stop_chars, read_timeout=args.read_timeout)
     except (GrokError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -135,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 self.force_exit = True      # a second Ctrl-C
             self.should_exit = True
 
-    config = uvicorn.Config(app, host=args.host, port=args.port,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5,
-                            log_level="info" if args.verbose else "warning")
+    config = server_config(app, host=args.host, port=args.port,
+                           max_connections=args.max_connections, read_timeout=args.read_timeout,
+                           shutdown_timeout=args.shutdown_timeout,
+                           log_level="info" if args.verbose else "warning")
     server = Server(config)
     print(f"{PROG}: serving {path} as {app.state.grok.model_name!r} on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -1,8 +1,8 @@
-"""The FastAPI application: OpenAI's /v1/completions (and /v1/models) over a model's one
-long-lived engine, plus /health and Prometheus /metrics.
+"""The FastAPI application: OpenAI's /v1/completions, /v1/chat/completions (and /v1/models)
+over a model's one long-lived engine, plus /health and Prometheus /metrics.
 
 The engine steps on its own thread (`Engine.start()`, at startup); generation.py bridges each
-completion's engine requests to asyncio and shapes the answers.
+completion's engine requests to asyncio and shapes the answers; chat.py reads and shapes chats.
 """
 from __future__ import annotations
 
@@ -16,26 +16,38 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from grok.serve.chat import ChatShape, checked_chat
 from grok.serve.metrics import CONTENT_TYPE
-from grok.serve.generation import (EventStreamResponse, Generation, chunks, closing_error,
-                                   complete, end_request, submit)
-from grok.serve.protocol import ApiError, check_model, completion_params, parse_json
-from grok.serve.state import ServerState
+from grok.serve.generation import (EventStreamResponse, Generation, Shape, chunks,
+                                   TextShape, closing_error, complete, end_request, submit)
+from grok.serve.protocol import (DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_STOP_CHARS, ApiError,
+                                 CompletionParams, TextLimits, check_model, completion_params,
+                                 parse_json)
+from grok.serve.state import DEFAULT_READ_TIMEOUT, ServerState
 
 log = logging.getLogger(__name__)
 MAX_BODY = 4 << 20                    # bytes of a request body
 DEFAULT_MAX_WAITING = 64
 RETRY_AFTER_S = 1
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+OPEN_PATHS = ("/health",)             # liveness probes carry no key (as vLLM's /health)
 
 
 def create_app(model: Any, *, model_name: str = "demo", api_key: str | None = None,
-               max_waiting: int = DEFAULT_MAX_WAITING) -> FastAPI:
+               max_waiting: int = DEFAULT_MAX_WAITING,
+               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+               max_stop_chars: int = DEFAULT_MAX_STOP_CHARS,
+               read_timeout: float = DEFAULT_READ_TIMEOUT) -> FastAPI:
     """An app serving `model` (a `grok.Grok` with a tokenizer) as `model_name`. With `api_key`
-    every request needs `Authorization: Bearer <api_key>`. A completion is refused with 429
-    while `max_waiting` or more engine requests wait for a slot."""
-    state = ServerState(model, model_name, api_key or None, max_waiting)
+    every request but GET /health needs `Authorization: Bearer <api_key>`. A completion is
+    refused with 429 while `max_waiting` or more engine requests wait for a slot; with 400 if a
+    prompt is longer than `max_prompt_chars` characters or a stop string than `max_stop_chars`
+    (before anything is tokenized); with 408 if its body takes more than `read_timeout` seconds
+    to arrive."""
+    state = ServerState(model, model_name, api_key or None, max_waiting,
+                        TextLimits(max_prompt_chars, max_stop_chars), read_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,40 +107,58 @@ def create_app(model: Any, *, model_name: str = "demo", api_key: str | None = No
         return _model_card(state)
 
     @app.post("/v1/chat/completions")
-    async def chat() -> None:
-        raise ApiError(400, "this is a base model; use /v1/completions", None, "unsupported")
+    async def chat_completions(request: Request) -> Response:
+        body = await _body(request, state.read_timeout)
+        # the template rendered and the prompt tokenized off the loop, as completions'
+        params = await asyncio.to_thread(checked_chat, state, body)
+        return await _answer(state, request, params, ChatShape)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        data = parse_json(await _body(request))
-        check_model(data, state.model_name)
-        if state.closing:
-            raise closing_error()
-        engine = state.engine
-        params = completion_params(data, state.model.tokenizer, state.model.config.vocab_size,
-                                   engine.max_context)
-        waiting = len(engine.waiting)
-        if waiting >= state.max_waiting:
-            raise ApiError(429, f"the server is busy: {waiting} requests are waiting for a "
-                                f"slot; retry later", None, "queue_full",
-                           kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
-        rids = submit(state, params)
-        try:
-            gen = Generation(state, rids, asyncio.get_running_loop())
-        except BaseException:
-            for rid in rids:
-                end_request(state, rid)
-            raise
-        if params.stream:
-            return EventStreamResponse(chunks(state, params, gen), gen.close,
-                                        media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"})
-        try:
-            return JSONResponse(await complete(state, params, gen, request))
-        finally:
-            gen.close()
+        body = await _body(request, state.read_timeout)
+        # Parsing, checking and tokenizing take up to a fraction of a second: never on the loop
+        # that answers every other client.
+        params = await asyncio.to_thread(_checked_completion, state, body)
+        return await _answer(state, request, params, TextShape)
 
     return app
+
+
+async def _answer(state: ServerState, request: Request, params: CompletionParams,
+                  shape: type[Shape]) -> Response:
+    """Run a checked request's completions on the engine and answer them, whole or streamed,
+    in the endpoint's `shape`; 429 while the engine's queue is full."""
+    waiting = len(state.engine.waiting)
+    if waiting >= state.max_waiting:
+        raise ApiError(429, f"the server is busy: {waiting} requests are waiting for a slot; "
+                            f"retry later", None, "queue_full", kind="rate_limit_error",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    rids = submit(state, params)
+    try:
+        gen = Generation(state, rids, asyncio.get_running_loop())
+        answer = shape(state, params, gen)
+    except BaseException:
+        for rid in rids:
+            end_request(state, rid)
+        raise
+    if params.stream:
+        return EventStreamResponse(chunks(state, params, gen, answer), gen.close,
+                                   media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache"})
+    try:
+        return JSONResponse(await complete(state, params, gen, request, answer))
+    finally:
+        gen.close()
+
+
+def _checked_completion(state: ServerState, body: bytes) -> CompletionParams:
+    """A /v1/completions body parsed and checked (its prompts tokenized); ApiError otherwise."""
+    data = parse_json(body)
+    check_model(data, state.model_name)
+    if state.closing:
+        raise closing_error()
+    return completion_params(data, state.model.tokenizer, state.model.config.vocab_size,
+                             state.engine.max_context, state.text_limits)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -137,8 +167,8 @@ def _model_card(state: ServerState) -> dict[str, Any]:
 
 
 class _Gate:
-    """ASGI middleware: the API key check (401), and every answer counted by endpoint and
-    status (a streaming answer when it ends)."""
+    """ASGI middleware: the API key check (401; /health needs none), and every answer counted
+    by endpoint and status (a streaming answer when it ends)."""
 
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
@@ -159,9 +189,10 @@ class _Gate:
         endpoint = path if path in ENDPOINTS else "/v1/models/{model}" \
             if path.startswith("/v1/models/") else "other"
         try:
-            if self.state.api_key is not None and not self._authorized(scope):
-                err = ApiError(401, "invalid or missing API key: send the header "
-                                    "'Authorization: Bearer <key>'", None, "invalid_api_key",
+            refusal = None if self.state.api_key is None or path in OPEN_PATHS \
+                else self._refusal(scope)
+            if refusal is not None:
+                err = ApiError(401, refusal, None, "invalid_api_key",
                                headers={"WWW-Authenticate": "Bearer"})
                 await JSONResponse(err.body(), 401, headers=err.headers)(scope, receive, counted)
                 return
@@ -169,18 +200,38 @@ class _Gate:
         finally:
             self.state.metrics.requests.labels(endpoint, str(status)).inc()
 
-    def _authorized(self, scope: dict) -> bool:
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, key = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(
-            key.strip(), self.state.api_key.encode("utf-8"))
+    def _refusal(self, scope: dict) -> str | None:
+        """Why the request's key is refused, or None when it is the server's."""
+        headers = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+        if len(headers) > 1:          # which would decide? Proxies and servers disagree
+            return f"{len(headers)} Authorization headers: send exactly one"
+        scheme, _, key = (headers[0] if headers else b"").strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(
+                key.strip(), self.state.api_key.encode("utf-8")):
+            return None
+        return "invalid or missing API key: send the header 'Authorization: Bearer <key>'"
 
 
-async def _body(request: Request) -> bytes:
+async def _body(request: Request, timeout: float) -> bytes:
+    """The request's body: 413 past MAX_BODY bytes, 408 (and the connection closed) when it
+    takes more than `timeout` seconds to arrive; 499 when the client goes away meanwhile."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > MAX_BODY:
         raise ApiError(413, f"the body is {size} bytes, more than {MAX_BODY}", None,
                        "request_too_large")
+    try:
+        return await asyncio.wait_for(_read_body(request), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request's body did not arrive within {timeout:g} s", None,
+                       "request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        # the client's doing, not the server's: no traceback, not a 500
+        log.info("%s %s: the client left before sending its whole body", request.method,
+                 request.url.path)
+        raise ApiError(499, "the client closed the connection", None, "client_closed") from None
+
+
+async def _read_body(request: Request) -> bytes:
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)

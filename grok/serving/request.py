@@ -3,7 +3,7 @@ at `Engine.submit` (so that no request can fail a batch once admitted)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -111,9 +111,9 @@ def token_ids(tokens: object, vocab_size: int, what: str = "prompt", *,
     if isinstance(tokens, np.ndarray) and tokens.dtype.kind in "iu":
         ids = tokens.tolist()
     else:
-        bad = next((t for t in tokens if not is_int(t)), None)
-        if bad is not None:
-            raise RequestError(f"{what} holds {describe(bad)}; token ids are ints")
+        where = _first_index(tokens, lambda t: not is_int(t))
+        if where is not None:         # by index: the bad value may itself be None
+            raise RequestError(f"{what} holds {describe(tokens[where])}; token ids are ints")
         ids = [int(t) for t in tokens]
     if not ids and not allow_empty:
         raise RequestError(f"{what} is empty: give at least one token")
@@ -122,6 +122,11 @@ def token_ids(tokens: object, vocab_size: int, what: str = "prompt", *,
         shown = f"id {bad}" if abs(bad) < 10 ** 40 else f"an id of {bad.bit_length()} bits"
         raise RequestError(f"{what}: {shown} is outside [0, {vocab_size}), the vocabulary")
     return ids
+
+
+def _first_index(items: Sequence, wrong: Callable[[object], bool]) -> int | None:
+    """The index of the first item `wrong` holds for, or None when there is none."""
+    return next((i for i, item in enumerate(items) if wrong(item)), None)
 
 
 def checked_request(request: object, vocab_size: int, context: int, has_tokenizer: bool
@@ -162,10 +167,10 @@ def checked_request(request: object, vocab_size: int, context: int, has_tokenize
     stops = request.stop_strings
     if isinstance(stops, (str, bytes, bytearray)) or not isinstance(stops, Sequence):
         raise RequestError(f"stop_strings must be a sequence of strings, got {describe(stops)}")
-    bad = next((s for s in stops if not isinstance(s, str)), None)
-    if bad is not None:
+    where = _first_index(stops, lambda s: not isinstance(s, str))
+    if where is not None:
         raise RequestError(f"stop_strings must be a sequence of strings; it holds "
-                           f"{describe(bad)}")
+                           f"{describe(stops[where])}")
     if stops and not has_tokenizer:
         raise RequestError("stop_strings need a tokenizer")
     logprobs = 0 if request.logprobs is None else request.logprobs
