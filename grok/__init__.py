@@ -1,4 +1,4 @@
-"""grok: JAX inference for Grok-1 and Grok-shaped Mixture-of-Experts checkpoints.
+"""grok: JAX inference for Grok-1, Grok-2 and Grok-shaped Mixture-of-Experts checkpoints.
 
 The public names below are imported on first use (PEP 562), so `import grok` and the command
 lines (`run.py`, `python -m grok.checkpoint`) start without importing jax until they need it,
@@ -20,7 +20,7 @@ _EXPORTS = {
     "QuantizedWeight8bit": "grok.quant", "dequantize": "grok.quant", "quantize": "grok.quant",
     "SamplingParams": "grok.serving.sampling",
     "Routing": "grok.model.routing",
-    "convert": "grok.checkpoint.convert",
+    "convert": "grok.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,25 +4,26 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import checkpoint
-from grok.checkpoint import loader
+from grok import families
+from grok.checkpoint import loader, placement
+from grok.checkpoint.convert import convert as convert_checkpoint
 from grok.config import PREFILL_TOKENS, GrokConfig, model_dir
 from grok.errors import CheckpointError, RequestError, TokenizerError, one_line
 from grok.kernels.plan import backend_report
-from grok.leaves import abstract_params, to_model_params
+from grok.leaves import abstract_params, checkpoint_entries, to_model_params
 from grok.model import routing as routing_mod
 from grok.model.routing import Routing
 from grok.parallel import memory
 from grok.parallel import rules as sharding
 from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
 from grok.serving.request import token_ids
+from grok.serving.chat import ChatTemplate
 from grok.serving.sampling import SamplingParams, describe, is_int, read_sampling_defaults
 from grok.serving.tokenizer import Tokenizer
 
@@ -34,8 +35,12 @@ class Grok:
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
                  moe_impl: str = "auto", max_batch: int = 8, mesh: Any = None,
-                 sampling_defaults: SamplingParams = SamplingParams()):
+                 sampling_defaults: SamplingParams = SamplingParams(), family: Any = None):
         self.config = config
+        # The model family (grok.families; None: built from leaves in memory), and the chat
+        # template `chat` renders conversations with (None: a base model).
+        self.family = family
+        self.chat_template: ChatTemplate | None = None
         self.tokenizer = tokenizer
         # The model directory's recommended settings (sampling.json): run.py applies them to the
         # flags not given; `generate` & co. keep their documented defaults.
@@ -171,6 +176,38 @@ class Grok:
             raise RequestError("this model has no tokenizer: complete needs one")
         return "".join(piece or "" for _, piece in self.stream(text, max_new_tokens, **kwargs))
 
+    # --- chat ------------------------------------------------------------------------------------
+    @property
+    def turn_end_ids(self) -> tuple[int, ...]:
+        """The tokens that end an assistant's turn: the tokenizer's (Grok-2: <|separator|> and
+        <|eos|>), else eos."""
+        stops = getattr(self.tokenizer, "stop_ids", None)
+        return tuple(stops) if stops else (self.config.eos_token,)
+
+    def chat_ids(self, messages: Any) -> list[int]:
+        """The prompt of a conversation: `messages` ([{"role": "system" | "user" | "assistant",
+        "content": text}], OpenAI's form) through the model's chat template, tokenized, ending
+        with the assistant's turn to speak. RequestError for bad messages or a model without a
+        chat template (a base model: grok.load(..., chat_template=FILE) gives it one)."""
+        if self.chat_template is None:
+            raise RequestError("this model has no chat template (a base model); load it with "
+                               "chat_template=FILE (a Jinja template) to chat with it")
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: chat needs one")
+        eos = self.tokenizer.piece(self.tokenizer.eos_id)
+        return self._encode(self.chat_template.render(messages, special_tokens={
+            "eos_token": eos}))
+
+    def chat(self, messages: Any, max_new_tokens: int = 256, *, stream: bool = False,
+             **kwargs: Any) -> str | Iterator[str]:
+        """The assistant's reply to `messages` (see chat_ids), ending at the end of its turn
+        (turn_end_ids), a stop, or `max_new_tokens`; keyword arguments as `stream`'s. With
+        `stream=True`, an iterator of the reply's text pieces as they are generated."""
+        stops = tuple(kwargs.pop("stop_ids", ())) + self.turn_end_ids
+        tokens = self.stream(self.chat_ids(messages), max_new_tokens, stop_ids=stops, **kwargs)
+        pieces = (text or "" for _, text in tokens)
+        return pieces if stream else "".join(pieces)
+
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -258,11 +295,16 @@ class _TokenStream:
 
 
 def device_params(flat: dict[str, Any], config: GrokConfig, scan: bool = True) -> dict[str, Any]:
-    """Checkpoint leaves (numpy) -> the model's tree on device; the embedding is held in bfloat16."""
-    tree = to_model_params(flat, config, scan=scan)
-    embed = tree["embed"]["language_model/in_out_embed"]
-    embed["embeddings"] = np.asarray(embed["embeddings"]).astype(jnp.bfloat16)
-    return jax.tree.map(jnp.asarray, tree)
+    """Checkpoint leaves (numpy) -> the model's tree on device; each float leaf in its entry's
+    dtype (the embedding tables and bf16 matrices in bfloat16, norms and router in float32)."""
+    return jax.tree.map(jnp.asarray, _as_stored(flat, config, scan))
+
+
+def _as_stored(flat: dict[str, Any], config: GrokConfig, scan: bool) -> dict[str, Any]:
+    """The model's tree of checkpoint leaves, each float leaf in its entry's dtype (numpy)."""
+    flat = {e.name: flat[e.name] if e.quantized else np.asarray(flat[e.name], e.float_dtype)
+            for e in checkpoint_entries(config)}
+    return to_model_params(flat, config, scan=scan)
 
 
 def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
@@ -273,7 +315,8 @@ def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | N
 
 def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
          scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, layout: str = "tensor",
-         memory_gb: float | None = None, progress: bool = True) -> Grok:
+         memory_gb: float | None = None, progress: bool = True,
+         chat_template: str | os.PathLike | None = None) -> Grok:
     """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
     and `tokenizer.model` and `sampling.json` (recommended sampling settings, kept as
     `model.sampling_defaults`); "demo" (the default) is the small model shipped in
@@ -285,12 +328,22 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     (grok.checkpoint.loader) by the partition rules of `layout` ("tensor" or "expert"; grok.parallel.rules).
     Before reading any weights the per-device memory (weights, KV cache for `max_batch` full-length
     sequences, workspace) is estimated against `memory_gb` (default: what the device reports;
-    CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit."""
+    CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit.
+
+    The directory's family (grok.families: Grok-1's ckpt-0/, or Grok-2's release files) is
+    detected and logged. `chat_template`: a Jinja chat template file for `model.chat` (a chat
+    model's family has its own; a base model has none unless given one)."""
     _report_backend()
     path = model_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    config = checkpoint.read_config(path)
+    family = families.detect(path)
+    tok = family.tokenizer(path, tokenizer)
+    config = family.read_config(path, tok)
+    log.info("%s: a %s checkpoint (%s weights)", path, family.name, config.weight_format)
+    _check_vocab(tok, config)
+    template = ChatTemplate.from_file(chat_template) if chat_template is not None \
+        else ChatTemplate.grok2() if family.chat else None
     sampling = read_sampling_defaults(path)
     if mesh is not None:
         mesh = sharding.make_mesh(mesh)
@@ -299,17 +352,39 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
         memory.check_fits(config, mesh, capacity, batch=max_batch, layout=layout)
         # The layout's rules place every leaf; the loader only follows the shardings given.
         shardings = sharding.params_shardings(abstract_params(config, scan), mesh, config, layout)
-        params = loader.load_params(path, config, shardings, scan=scan, progress=progress)
-        tok = _tokenizer(path, tokenizer, config)
+        if family.stream_leaves is None:   # files in the leaf table's layout: slices streamed
+            params = loader.load_params(path, config, shardings, scan=scan, progress=progress)
+        else:                              # assembled a leaf at a time, then its slices placed
+            params = placement.place_leaves(family.stream_leaves(path, config), config,
+                                            shardings, scan)
         log.info("loaded %s onto mesh %s: %s", path, dict(mesh.shape), config)
-        return Grok(params, config, tok, moe_impl, max_batch, mesh=mesh,
-                    sampling_defaults=sampling)
-    flat = checkpoint.read_checkpoint(path, config, progress=progress)
-    tok = _tokenizer(path, tokenizer, config)
+        model = Grok(params, config, tok, moe_impl, max_batch, mesh=mesh,
+                     sampling_defaults=sampling, family=family)
+        model.chat_template = template
+        return model
+    flat = family.read_weights(path, config, progress)
     log.info("loaded %s: %s", path, config)
     model = from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
     model.sampling_defaults = sampling
+    model.family, model.chat_template = family, template
     return model
+
+
+def _check_vocab(tok: Any, config: GrokConfig) -> None:
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise TokenizerError(f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the "
+                             f"model's vocabulary is {config.vocab_size}")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
+            group_size: int | None = None, *, exact: bool = False,
+            progress: bool = True) -> GrokConfig:
+    """Convert the checkpoint at `src` (Grok-1's release, Grok-2's release as published, or a
+    conversion) into int8 or int4 safetensors at `dst` (a new directory; see
+    grok.checkpoint.convert). Returns dst's config."""
+    _, _, config = families.read_source(src)
+    return convert_checkpoint(src, dst, bits, group_size, exact=exact, config=config,
+                              progress=progress)
 
 
 @functools.cache
@@ -322,11 +397,3 @@ def _report_backend() -> None:
         log.warning("%s", warning)
 
 
-def _tokenizer(path: Path, tokenizer: str | os.PathLike | None,
-               config: GrokConfig) -> Tokenizer | None:
-    tok_path = Path(tokenizer) if tokenizer is not None else path / "tokenizer.model"
-    tok = Tokenizer(tok_path) if tokenizer is not None or tok_path.is_file() else None
-    if tok is not None and tok.vocab_size > config.vocab_size:
-        raise TokenizerError(f"{tok_path}: tokenizer has {tok.vocab_size} pieces but the model's "
-                         f"vocabulary is {config.vocab_size}")
-    return tok

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from grok.config import DEMO, DEMO_DIR, MOE_IMPLS, model_dir
 from grok.errors import GrokError
@@ -88,6 +88,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interactive", action="store_true",
                    help="after any prompts given, read prompts from stdin, one per line, "
                         "until EOF")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation through the model's chat template: each prompt given, "
+                        "then each line of stdin until EOF, is your turn; the reply streams "
+                        "and the history is kept (Grok-2; a base model needs --chat-template)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="with --chat: a system message that opens the conversation")
+    p.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="a Jinja chat template (for a base model, or to replace the model's)")
     p.add_argument("--unrolled", action="store_true",
                    help="unroll the layers instead of scanning (slower compile)")
     add_placement_flags(p)
@@ -164,7 +172,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
             raise CliError(f"cannot read --prompts-file {args.prompts_file}: "
                            f"{getattr(err, 'strerror', None) or err}") from None
         prompts += [line for line in lines if line.strip()]
-    if not prompts and not args.interactive:
+    if not prompts and not args.interactive and not args.chat:
         raise CliError("no prompt given: pass one as an argument, use --prompts-file or "
                        "--interactive")
     return prompts
@@ -181,14 +189,20 @@ def _check_files(args: argparse.Namespace) -> None:
         ckpt = model_dir(args.checkpoint)
     except GrokError as err:
         raise CliError(str(err)) from None
-    if not (ckpt / "ckpt-0").is_dir():
+    # Grok-2's release: its safetensors files beside its tokenizer.tok.json (grok.families)
+    grok2 = any(ckpt.glob("pytorch_model-*-TP-common.safetensors")) \
+        or (ckpt / "tokenizer.tok.json").is_file()
+    if not (ckpt / "ckpt-0").is_dir() and not grok2:
         raise CliError(f"checkpoint not found: {ckpt / 'ckpt-0'} is missing; {GET_WEIGHTS}")
     args.checkpoint = ckpt
+    if args.chat_template is not None and not args.chat_template.is_file():
+        raise CliError(f"chat template not found: --chat-template {args.chat_template} is not "
+                       "a file")
     if args.tokenizer is not None:
         if not args.tokenizer.is_file():
             raise CliError(f"tokenizer not found: --tokenizer {args.tokenizer} is not a file")
         return
-    args.tokenizer = ckpt / "tokenizer.model"
+    args.tokenizer = ckpt / ("tokenizer.tok.json" if grok2 else "tokenizer.model")
     if not args.tokenizer.is_file():
         raise CliError(f"tokenizer not found: {args.tokenizer} is missing; {GET_WEIGHTS}, or "
                        "pass --tokenizer FILE")
@@ -297,6 +311,43 @@ def _interactive(printer: _Printer) -> None:
             print(f"run.py: error: {err}", file=sys.stderr, flush=True)
 
 
+def _chat(model: Any, args: argparse.Namespace, prompts: list[str]) -> None:
+    """A conversation: the prompts given, then stdin's lines, are the user's turns; each reply
+    streams as it is generated and joins the history. A turn the model refuses (too long for
+    the context, a bad message) is reported and left out; the conversation goes on."""
+    if model.chat_template is None:
+        raise CliError("this model has no chat template (a base model): pass --chat-template "
+                       "FILE, or use --interactive")
+    sampling = dataclasses.asdict(_sampling(args, model.sampling_defaults))
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    tty = sys.stdin.isatty()
+
+    def turns() -> Iterator[str]:
+        yield from prompts
+        while True:
+            if tty:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            if line.strip():
+                yield line.rstrip("\n")
+    for text in turns():
+        history.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for piece in model.chat(history, args.max_new_tokens, stream=True, seed=args.seed,
+                                    stop_strings=tuple(args.stop), **sampling):
+                print(piece, end="", flush=True)
+                reply.append(piece)
+        except GrokError as err:
+            history.pop()
+            print(f"run.py: error: {err}", file=sys.stderr, flush=True)
+            continue
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
 def enable_compile_cache() -> None:
     """Keep compiled steps on disk so that later runs skip XLA compiles: GROK_COMPILE_CACHE names
     the folder (default ~/.cache/grok/xla; "off" disables it)."""
@@ -358,7 +409,11 @@ def _main(argv: Sequence[str] | None) -> int:
             mesh = distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
-                              layout=args.layout, moe_impl=args.moe_impl)
+                              layout=args.layout, moe_impl=args.moe_impl,
+                              chat_template=args.chat_template)
+            if args.chat:
+                _chat(model, args, prompts)
+                return 0
             printer = _Printer(model, args, args.interactive or len(prompts) > 1)
             printer.complete(prompts)
             if args.interactive:

@@ -50,7 +50,10 @@ INT_BOUNDS = {
     # row blocks of a matrix's int8 scales; must divide the rows anyway (Grok-1: 8)
     "scale_blocks": 1024,
 }
-WEIGHT_BITS = (8, 4)      # int8 (the release's) or int4 (packed, per-group scales)
+WEIGHT_BITS = (8, 4, 16)  # int8 (Grok-1's release), int4 (packed, per-group scales), bfloat16
+WEIGHT_FORMATS = {8: "int8", 4: "int4", 16: "bf16"}
+# The features' widths and the temperature's length: 2**26 (Grok-2: 32768 and 1024)
+FEATURE_INT_MAX = 2 ** 26
 MAX_GROUP_SIZE = 2 ** 16  # rows per int4 scale; Grok-1's widest input is 32768
 # int(widening_factor * emb_size) <= 2**26: the expert width is computed exactly (Grok-1: 8.0)
 MAX_WIDENING_FACTOR = 1024.0
@@ -110,6 +113,23 @@ class GrokConfig:
     # largest divisor of its input width not above group_size; 0 with int8).
     weight_bits: int = 8
     group_size: int = 0
+    # Features beyond Grok-1 (each default is Grok-1's behaviour; Grok-2 sets them from its
+    # release config.json, grok.families.grok2): the experts' width when not derived from
+    # widening_factor (0: derived); a dense MLP of this width beside the experts, combined as
+    # (mlp + moe) / sqrt(2) (0: none); caps of the router's logits and of the final logits
+    # (0: none); the attention temperature log2(p) / log2(L) for query positions p > L (0: none);
+    # a separate output matrix (lm_head) instead of the tied embedding; exact (erf) GELU instead
+    # of the tanh approximation.
+    moe_ffn_size: int = 0
+    dense_ffn_size: int = 0
+    router_logit_cap: float = 0.0
+    final_logit_cap: float = 0.0
+    attn_temperature_len: int = 0
+    tied_embedding: bool = True
+    exact_gelu: bool = False
+    # Which family's tokenizer and chat format go with the weights (grok.families; the model
+    # itself never reads it): what a converted checkpoint's config.json says it came from.
+    family: str = "grok-1"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,9 +137,17 @@ class GrokConfig:
     # --- derived sizes -------------------------------------------------------------------------
     @property
     def ffn_size(self) -> int:
-        """Expert hidden width: int(wf * D) * 2 // 3, rounded up to a multiple of 8."""
+        """Expert hidden width: moe_ffn_size where set, else int(wf * D) * 2 // 3 rounded up to a
+        multiple of 8 (Grok-1's rule)."""
+        if self.moe_ffn_size:
+            return self.moe_ffn_size
         size = int(self.widening_factor * self.emb_size) * 2 // 3
         return size + (-size) % 8
+
+    @property
+    def weight_format(self) -> str:
+        """The matrices' storage by name: "int8", "int4" or "bf16"."""
+        return WEIGHT_FORMATS[self.weight_bits]
 
     @property
     def q_size(self) -> int:
@@ -154,6 +182,7 @@ class GrokConfig:
             if not _is_number(value) or not low <= value <= high:   # NaN fails the comparison
                 raise ConfigError(f"config field {name} must be a positive number in "
                                   f"[{low:g}, {high:g}], got {_show(value)}")
+        self._check_features()
         for name in ("pad_token", "eos_token"):
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value < self.vocab_size:
@@ -176,12 +205,35 @@ class GrokConfig:
         self._check_format()
         self._check_sizes()
 
+    def _check_features(self) -> None:
+        for name in ("moe_ffn_size", "dense_ffn_size", "attn_temperature_len"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value <= FEATURE_INT_MAX:
+                raise ConfigError(f"config field {name} must be an integer in "
+                                  f"[0, {FEATURE_INT_MAX}] (0: off), got {_show(value)}")
+        low, high = FLOAT_RANGE
+        for name in ("router_logit_cap", "final_logit_cap"):
+            value = getattr(self, name)
+            if not _is_number(value) or not (value == 0 or low <= value <= high):
+                raise ConfigError(f"config field {name} must be 0 (off) or a positive number in "
+                                  f"[{low:g}, {high:g}], got {_show(value)}")
+        for name in ("tied_embedding", "exact_gelu"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name} must be true or false, got "
+                                  f"{_show(getattr(self, name))}")
+        if not isinstance(self.family, str) or not self.family.replace("-", "").isalnum() \
+                or len(self.family) > 40:
+            raise ConfigError(f"config field family must be a family's name (e.g. 'grok-2'), "
+                              f"got {_show(self.family)}")
+        if self.attn_temperature_len == 1:   # log2(1) = 0 would divide by zero
+            raise ConfigError("config field attn_temperature_len must be 0 (off) or >= 2, got 1")
+
     def _check_format(self) -> None:
         if not _is_int(self.weight_bits) or self.weight_bits not in WEIGHT_BITS:
             raise ConfigError(f"config field weight_bits must be one of {WEIGHT_BITS}, got "
                               f"{_show(self.weight_bits)}")
         group = self.group_size
-        if self.weight_bits == 8:
+        if self.weight_bits in (8, 16):
             if group != 0 or not _is_int(group):
                 raise ConfigError(f"config field group_size must be 0 with weight_bits=8 (int8 "
                                   f"weights use scale_blocks), got {_show(group)}")
@@ -210,8 +262,10 @@ class GrokConfig:
             if elements >= MAX_TENSOR_ELEMENTS:
                 raise ConfigError(f"config too large: {what} would hold {elements:.3g} elements "
                                   f"(fewer than 2**40 = {MAX_TENSOR_ELEMENTS:.3g} allowed)")
-        per_layer = 3 * E * D * F + 2 * D * Q + 2 * D * KV + 4 * D + D * E
-        total = self.vocab_size * D + D + L * per_layer
+        dense = 3 * D * self.dense_ffn_size
+        per_layer = 3 * E * D * F + dense + 2 * D * Q + 2 * D * KV + 4 * D + D * E
+        heads = 1 if self.tied_embedding else 2   # the embedding, and a separate lm_head
+        total = heads * self.vocab_size * D + D + L * per_layer
         if total > MAX_PARAMETERS:
             raise ConfigError(f"config too large: {total:.3g} parameters "
                               f"(at most {MAX_PARAMETERS:.0e})")
@@ -287,7 +341,9 @@ class GrokConfig:
 
 
 _EXTRA_FIELDS = ("rms_norm_eps", "rope_base", "attn_logit_cap", "scale_blocks", "weight_bits",
-                 "group_size")
+                 "group_size", "moe_ffn_size", "dense_ffn_size", "router_logit_cap",
+                 "final_logit_cap", "attn_temperature_len", "tied_embedding", "exact_gelu",
+                 "family")
 
 
 def _is_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from grok.config import GrokConfig
@@ -31,6 +32,7 @@ from grok.quant import (FORMAT_BITS, QuantizedWeight, WeightFormat, group_size_f
 LAYER_MODULE = "decoder_layer"   # the haiku name of one layer inside the layer transform
 EMBED_MODULE = "language_model/in_out_embed"
 FINAL_NORM_MODULE = "language_model/rms_norm"
+LM_HEAD_MODULE = "language_model/lm_head"   # a separate output matrix (config.tied_embedding off)
 LAYERS_AXIS = "layers"           # the logical name of a stacked leaf's leading axis
 
 
@@ -48,10 +50,17 @@ class Entry:
     module: str = ""          # haiku module path inside its tree (embed tree or layer tree)
     param: str = ""           # haiku parameter name
     axes: tuple[str, ...] = ()  # the logical name of each axis of `shape`
+    bf16: bool = False        # a matrix held as bfloat16 (weight_bits=16: Grok-2's release)
 
     @property
     def quantized(self) -> bool:
         return self.fmt is not None
+
+    @property
+    def float_dtype(self) -> Any:
+        """A float leaf's dtype as the model holds it: bfloat16 for the embedding tables and
+        bf16 matrices, float32 for the rest (norms, the router)."""
+        return jnp.bfloat16 if self.bf16 or self.param == "embeddings" else jnp.float32
 
     @property
     def filename(self) -> str:
@@ -102,7 +111,11 @@ def _layer_leaves(c: GrokConfig) -> list[tuple[str, tuple[int, ...], int, tuple[
         ("rms_norm_2/scale", (d,), 0, ("norm",)),
         ("rms_norm_3/scale", (d,), 0, ("norm",)),
         ("router/w", (d, e), 0, ("router_in", "router_experts")),
-    ]
+    ] + ([
+        ("dense_mlp/linear/w", (d, c.dense_ffn_size), 1, ("embed", "dense_ffn")),
+        ("dense_mlp/linear_1/w", (c.dense_ffn_size, d), s, ("dense_ffn", "embed")),
+        ("dense_mlp/linear_v/w", (d, c.dense_ffn_size), 1, ("embed", "dense_ffn")),
+    ] if c.dense_ffn_size else [])
 
 
 def checkpoint_entries(config: GrokConfig) -> list[Entry]:
@@ -113,15 +126,19 @@ def checkpoint_entries(config: GrokConfig) -> list[Entry]:
         (f"{FINAL_NORM_MODULE}/scale", (config.emb_size,), 0, None, FINAL_NORM_MODULE, "scale",
          ("norm",)),
     ]
+    if not config.tied_embedding:   # a separate output matrix, [vocab, embed] like the table
+        named.append((f"{LM_HEAD_MODULE}/embeddings", (config.vocab_size, config.emb_size), 0,
+                      None, LM_HEAD_MODULE, "embeddings", ("vocab", "embed")))
     for layer in range(config.num_layers):
         for sub, shape, blocks, axes in _layer_leaves(config):
             module, param = sub.rsplit("/", 1)
             named.append((f"transformer/decoder_layer_{layer}/{sub}", shape, blocks, layer,
                           f"{LAYER_MODULE}/{module}", param, axes))
     named.sort(key=lambda item: item[0])
-    fmt = FORMAT_BITS[config.weight_bits]
-    return [Entry(i, name, shape, fmt if blocks else None, _blocks(config, shape, blocks), layer,
-                  module, param, axes)
+    fmt = FORMAT_BITS.get(config.weight_bits)   # (None: bfloat16 matrices, unquantised)
+    return [Entry(i, name, shape, fmt if blocks else None,
+                  _blocks(config, shape, blocks) if fmt else 0, layer, module, param, axes,
+                  bf16=bool(blocks) and fmt is None)
             for i, (name, shape, blocks, layer, module, param, axes) in enumerate(named)]
 
 
@@ -202,7 +219,7 @@ def abstract_flat(config: GrokConfig, embed_dtype: Any = jnp.bfloat16) -> dict[s
             return QuantizedWeight(jax.ShapeDtypeStruct(entry.weight_shape, entry.fmt.dtype),
                                    jax.ShapeDtypeStruct(entry.scales_shape, jnp.bfloat16),
                                    entry.fmt)
-        dtype = embed_dtype if entry.param == "embeddings" else jnp.float32
+        dtype = embed_dtype if entry.param == "embeddings" else entry.float_dtype
         return jax.ShapeDtypeStruct(entry.shape, dtype)
     return map_entries(config, make)
 
@@ -215,8 +232,7 @@ def abstract_params(config: GrokConfig, scan: bool = True) -> dict[str, Any]:
             return QuantizedWeight(
                 jax.ShapeDtypeStruct((*lead, *entry.weight_shape), entry.fmt.dtype),
                 jax.ShapeDtypeStruct((*lead, *entry.scales_shape), jnp.bfloat16), entry.fmt)
-        dtype = jnp.bfloat16 if entry.param == "embeddings" else jnp.float32
-        return jax.ShapeDtypeStruct((*lead, *entry.shape), dtype)
+        return jax.ShapeDtypeStruct((*lead, *entry.shape), entry.float_dtype)
     return model_tree(config, make, scan)
 
 
@@ -232,7 +248,7 @@ def random_flat(config: GrokConfig, seed: int = 0, weight_scale: float = 1.0) ->
             return (1.0 + 0.1 * rng.standard_normal(entry.shape)).astype(np.float32)
         w = (weight_scale / np.sqrt(entry.fan_in)) * rng.standard_normal(entry.shape, np.float32)
         if not entry.quantized:
-            return w.astype(np.float32)
+            return w.astype(ml_dtypes.bfloat16 if entry.bf16 else np.float32)
         if entry.fmt.bits == 4:
             return quantize_int4(w, entry.group_size)
         return quantize(w, entry.scale_blocks)

@@ -449,7 +449,8 @@ def test_progress_bar_on_tty():
 # --- the package's structure ---------------------------------------------------------------------
 PACKAGE = ROOT / "grok" / "checkpoint"
 MAY_IMPORT = {"grok.config", "grok.errors", "grok.files", "grok.leaves", "grok.quant", "grok.progress"}
-CLI_MAY_IMPORT = {"grok.parallel", "grok.parallel.memory", "grok.parallel.rules"}   # for `plan`
+# for `plan`, and the families' config and tokenizer readers (`convert`, `plan --config`)
+CLI_MAY_IMPORT = {"grok.parallel", "grok.parallel.memory", "grok.parallel.rules", "grok.families"}
 
 
 def _grok_imports(tree):

@@ -22,9 +22,11 @@ ALLOWED: dict[str, set[str]] = {
     "kernels": {"config", "errors", "leaves", "quant", "parallel"},
     "model": {"config", "errors", "leaves", "quant", "kernels"},
     "checkpoint": {"config", "errors", "files", "leaves", "quant", "progress"},
-    "serving": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel"},
+    "serving": {"config", "errors", "files", "leaves", "quant", "kernels", "model", "parallel"},
+    # Model families: a release directory -> config, leaves, tokenizer, chat template.
+    "families": {"config", "errors", "files", "leaves", "quant", "checkpoint", "serving"},
     "api": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel", "checkpoint",
-            "serving", "progress"},
+            "serving", "progress", "families"},
     "cli": {"config", "errors", "api", "parallel", "serving", "checkpoint"},
     # The HTTP server: what the command line may use, and the command line's helpers.
     "serve": {"config", "errors", "api", "parallel", "serving", "checkpoint", "cli"},
@@ -32,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
               "checkpoint", "serving", "api", "progress"},
 }
 # Command-line entry points may reach further than their package (they are not imported by it).
-EXCEPTIONS = {"grok.checkpoint.__main__": {"parallel"}}
+EXCEPTIONS = {"grok.checkpoint.__main__": {"parallel", "families"}}
 # The model never depends on the memory planner, loading or serving.
 FORBIDDEN_FOR_MODEL = ("grok.parallel.memory", "grok.checkpoint", "grok.serving", "grok.api",
                        "grok.cli")

@@ -13,7 +13,8 @@ import numpy as np
 
 from grok.checkpoint.convert import DEFAULT_GROUP_SIZE, MANIFEST, convert, target_config
 from grok.checkpoint.directory import CKPT_DIR, checkpoint_dir, read_config
-from grok.checkpoint.grok2_release import is_release
+from grok.families import config_file, read_source
+from grok.checkpoint.grok2_release import is_release, open_release
 from grok.checkpoint.digests import check_digests, plan_digests
 from grok.checkpoint.verify import FileReport, verify
 from grok.config import GROK1, GrokConfig
@@ -116,9 +117,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "convert":
         # (the source's family reads its config: Grok-2's release keeps its token ids in its
         # tokenizer file)
-        from grok import families   # (its tokenizers: not needed by the other commands)
         config = GrokConfig.from_json(args.config) if args.config \
-            else families.read_source(args.source)[2]
+            else read_source(args.source)[2]
         out = convert(args.source, args.destination, args.bits, args.group_size,
                       exact=args.exact_group_size, config=config)
         group = f", group size {out.group_size}" if out.weight_bits == 4 else ""
@@ -129,8 +129,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
                 or (args.length is not None and args.length < 1):
             parser.error("--devices, --memory, --batch and --length must be positive")
-        from grok import families   # (a release's config.json too: Grok-2's keys)
-        config = families.config_file(args.config) if args.config else GROK1
+        config = config_file(args.config) if args.config else GROK1
         if args.group_size is not None and args.bits != 4:
             parser.error("--group-size needs --bits 4")
         if args.bits is not None and (args.bits != config.weight_bits or args.group_size):
@@ -163,12 +162,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _verify_release(args: argparse.Namespace) -> int:
     """verify on a Grok-2 release directory: every header parsed strictly, every tensor the
     config needs present with its shape; --full also reads every value (NaN or Inf fail)."""
-    from grok import families
-    from grok.checkpoint.grok2_release import open_release
     if args.sha256:
         print("--sha256 on a Grok-2 release: not yet (the release publishes no SHA256SUMS)")
         return 2
-    _, _, config = families.read_source(args.directory)
+    _, _, config = read_source(args.directory)
     release = open_release(args.directory, config)
     files = release.check()
     if args.full:

@@ -152,11 +152,11 @@ class ExecutionPlan:
         return self._mlp(xb, block_expert, block_rows, w1, wv, w2, layer)
 
     def ragged_mlp(self, xs: jax.Array, counts: jax.Array, w1: Any, wv: Any, w2: Any,
-                   layer: Any = None) -> jax.Array:
+                   layer: Any = None, exact_gelu: bool = False) -> jax.Array:
         """The MoE's rows xs [A, D], sorted by expert (counts [E]), through tokamax's ragged dot
         (grok.kernels.tokamax_moe) -> float32 [A, D]: per device under shard_map on a mesh."""
         mlp = functools.partial(tokamax_moe.gated_mlp, implementation=self.tokamax_impls,
-                                widen=self.widen_dots)
+                                widen=self.widen_dots, exact_gelu=exact_gelu)
         if self.mesh_kernel is not None:
             return mesh_kernels.ragged_mlp(self.mesh_kernel, mlp, xs, counts, w1, wv, w2, layer)
         return mlp(xs, counts, w1, wv, w2, layer)

@@ -121,12 +121,13 @@ def ragged_dot(x: jax.Array, w: Any, counts: jax.Array, layer: Any = None, *,
 
 
 def gated_mlp(xs: jax.Array, counts: jax.Array, w1: Any, wv: Any, w2: Any, layer: Any = None,
-              *, implementation: Sequence[str], widen: bool) -> jax.Array:
+              *, implementation: Sequence[str], widen: bool, exact_gelu: bool = False
+              ) -> jax.Array:
     """gelu(x w1) * (x wv) w2 for rows xs [A, D] sorted by expert (counts [E]) -> float32
     [A, D]; the hidden layer is rounded to bfloat16 between the matmuls, as in the reference."""
     dot = functools.partial(ragged_dot, counts=counts, layer=layer,
                             implementation=implementation, widen=widen)
-    hidden = jax.nn.gelu(dot(xs, w1)) * dot(xs, wv)
+    hidden = jax.nn.gelu(dot(xs, w1), approximate=not exact_gelu) * dot(xs, wv)
     return dot(hidden.astype(BF16), w2)
 
 

@@ -6,6 +6,7 @@ per kv head, k head dim.
 from __future__ import annotations
 
 import functools
+import math
 
 import haiku as hk
 import jax
@@ -34,6 +35,17 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     rotated = jnp.flip(u, axis=3) * sign
     out = u * jnp.cos(theta) + rotated * jnp.sin(theta)
     return out.reshape(b, t, h, k).astype(x.dtype)
+
+
+def attention_temperature(positions: jax.Array, length: int) -> jax.Array | None:
+    """Grok-2's attention temperature for queries at absolute positions [B, T]: log2(p) /
+    log2(length) past `length`, else 1, shaped [B, 1, 1, T, 1] against scores [B, H, G, T, S];
+    None where the config has none (length 0)."""
+    if not length:
+        return None
+    p = positions.astype(jnp.float32)
+    factor = jnp.where(p > length, jnp.log2(jnp.maximum(p, 1.0)) / math.log2(length), 1.0)
+    return factor[:, None, None, :, None]
 
 
 class Attention(hk.Module):
@@ -77,10 +89,13 @@ class Attention(hk.Module):
                              "bhgts,bhsk->bthgk"))
         # One softmax over all parts without concatenating them (each part's scores stay where
         # its matmul wrote them): exp(x - max) / sum, as jax.nn.softmax, with shared max and sum.
+        temperature = attention_temperature(positions, c.attn_temperature_len)
         capped = []
         for scores, mask, _, _ in parts:
             scores = scores * c.attn_output_multiplier
             scores = c.attn_logit_cap * jnp.tanh(scores / c.attn_logit_cap)
+            if temperature is not None:   # (after the cap, as SGLang runs Grok-2)
+                scores = scores * temperature
             capped.append(jnp.where(mask[:, None, None], scores, NEG_INF))
         top = jax.lax.stop_gradient(
             functools.reduce(jnp.maximum, [x.max(axis=-1, keepdims=True) for x in capped]))

@@ -46,7 +46,7 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     old_valid = cache.valid[rows] if gather else cache.valid
     start = start.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    new_valid = tokens > config.pad_token
+    new_valid = tokens != config.pad_token   # (Grok-1 pads with 0, Grok-2 with <|pad|>)
 
     embed = hk.without_apply_rng(hk.transform(lambda x: embed_tokens(config, x)))
     layer = hk.without_apply_rng(hk.transform(

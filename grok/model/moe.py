@@ -28,6 +28,9 @@ product over every group, and on GPU it was measured reading every expert even f
 """
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -56,6 +59,9 @@ class Router(hk.Module):
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=jnp.zeros)
         logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), w.astype(jnp.float32))
+        cap = self.config.router_logit_cap
+        if cap:   # Grok-2: tanh-capped logits, then the softmax over all experts
+            logits = cap * jnp.tanh(logits / cap)
         probs = jax.nn.softmax(logits, axis=-1)
         gates, experts = jax.lax.top_k(probs, self.config.num_selected_experts)
         return probs, gates, experts
@@ -92,33 +98,36 @@ class MoE(hk.Module):
             layer = w1.layer
             w1, wv, w2 = w1.stack, wv.stack, w2.stack
         return moe(x.reshape(b * t, d), gates.reshape(b * t, -1), experts.reshape(b * t, -1),
-                   w1, wv, w2, self.plan, layer=layer).reshape(b, t, d)
+                   w1, wv, w2, self.plan, layer=layer, exact_gelu=c.exact_gelu).reshape(b, t, d)
 
 
 def moe(x: jax.Array, gates: jax.Array, experts: jax.Array, w1, wv, w2, plan: ExecutionPlan,
-        layer: jax.Array | int | None = None) -> jax.Array:
+        layer: jax.Array | int | None = None, exact_gelu: bool = False) -> jax.Array:
     """The MoE block on flat tokens: x [N, D] bfloat16, gates [N, k] float32, experts [N, k] int,
     stacked expert weights w1, wv [E, D, F] and w2 [E, F, D] (QuantizedWeights or float)
     -> float32 [N, D]. With `layer`, the weights are [L, E, In, Out] and layer `layer`'s experts
-    are used, read in place. The evaluation is `plan.moe_path`'s."""
+    are used, read in place. The evaluation is `plan.moe_path`'s; `exact_gelu`: erf GELU (our
+    Pallas kernels compute the tanh form: grouped XLA runs instead)."""
     n, k = experts.shape
     impl = plan.moe_path(n * k, w1, wv, w2)
+    gelu = functools.partial(jax.nn.gelu, approximate=not exact_gelu)
     if impl == "dense":
         if layer is not None:   # the reference evaluation takes the layer's slice
             w1, wv, w2 = w1[layer], wv[layer], w2[layer]
-        return _dense(x, gates, experts, w1, wv, w2, plan)
+        return _dense(x, gates, experts, w1, wv, w2, plan, gelu)
     if impl == "gather":
-        return _gather(x, gates, experts, w1, wv, w2, plan, layer)
+        return _gather(x, gates, experts, w1, wv, w2, plan, layer, gelu)
     if impl == "tokamax":
-        return _ragged(x, gates, experts, w1, wv, w2, plan, layer)
-    bm = block_rows_for(n * k, w1.shape[-3], impl)
-    return grouped(x, gates, experts, w1, wv, w2, bm, plan, layer, kernels=impl == "pallas")
+        return _ragged(x, gates, experts, w1, wv, w2, plan, layer, exact_gelu)
+    kernels = impl == "pallas" and not exact_gelu
+    bm = block_rows_for(n * k, w1.shape[-3], "pallas" if kernels else "grouped")
+    return grouped(x, gates, experts, w1, wv, w2, bm, plan, layer, kernels=kernels, gelu=gelu)
 
 
 # Elementwise work runs in float32 between the bfloat16 matmul inputs (fewer roundings).
-def _dense(x, gates, experts, w1, wv, w2, plan):
+def _dense(x, gates, experts, w1, wv, w2, plan, gelu=jax.nn.gelu):
     f32 = jnp.float32
-    hidden = jax.nn.gelu(qeinsum("ni,eio->neo", x, w1, plan)) \
+    hidden = gelu(qeinsum("ni,eio->neo", x, w1, plan)) \
         * qeinsum("ni,eio->neo", x, wv, plan)                                  # [N, E, F]
     y = qeinsum("nei,eio->neo", hidden.astype(BF16), w2, plan)                # [N, E, D]
     gate_matrix = jnp.zeros(y.shape[:2], f32).at[
@@ -131,22 +140,22 @@ def _take(w, experts: jax.Array, layer=None):
     return w[experts] if layer is None else w[layer, experts]
 
 
-def _gather(x, gates, experts, w1, wv, w2, plan, layer=None):
+def _gather(x, gates, experts, w1, wv, w2, plan, layer=None, gelu=jax.nn.gelu):
     chosen = jnp.broadcast_to(x[:, None, :], (*experts.shape, x.shape[-1]))    # [N, k, D]
     per_token = lambda a, w: qeinsum("nki,nkio->nko", a, _take(w, experts, layer), plan)
-    hidden = jax.nn.gelu(per_token(chosen, w1)) * per_token(chosen, wv)         # [N, k, F]
+    hidden = gelu(per_token(chosen, w1)) * per_token(chosen, wv)                # [N, k, F]
     y = per_token(hidden.astype(BF16), w2)                                      # [N, k, D]
     return dot("nk,nkd->nd", gates, y, plan)
 
 
-def _ragged(x, gates, experts, w1, wv, w2, plan, layer=None):
+def _ragged(x, gates, experts, w1, wv, w2, plan, layer=None, exact_gelu=False):
     """The rows sorted by expert (route_blocks with one-row blocks gives each its sorted
     position) through the plan's ragged-dot kernel, then back in (token, choice) order."""
     n, k = experts.shape
     slot, _, _ = route_blocks(experts, w1.shape[-3], 1)
     counts = jnp.zeros((w1.shape[-3],), jnp.int32).at[experts.reshape(-1)].add(1)
     source = jnp.zeros((n * k,), jnp.int32).at[slot].set(jnp.arange(n * k, dtype=jnp.int32) // k)
-    y = plan.ragged_mlp(x[source], counts, w1, wv, w2, layer)                  # [N*k, D]
+    y = plan.ragged_mlp(x[source], counts, w1, wv, w2, layer, exact_gelu)      # [N*k, D]
     return dot("nk,nkd->nd", gates, y[slot].reshape(n, k, -1), plan)
 
 
@@ -186,9 +195,9 @@ def route_blocks(experts: jax.Array, num_experts: int, bm: int):
 
 
 def grouped(x, gates, experts, w1, wv, w2, bm: int, plan: ExecutionPlan, layer=None,
-            kernels: bool = False) -> jax.Array:
+            kernels: bool = False, gelu: Any = jax.nn.gelu) -> jax.Array:
     """The grouped evaluation with blocks of `bm` rows (public for tuning and tests): XLA, or
-    the Pallas kernels with `kernels`."""
+    the Pallas kernels (tanh GELU) with `kernels`."""
     n, k = experts.shape
     slot, block_expert, block_rows = route_blocks(experts, w1.shape[-3], bm)
     groups = block_expert.shape[0]
@@ -199,12 +208,12 @@ def grouped(x, gates, experts, w1, wv, w2, bm: int, plan: ExecutionPlan, layer=N
     if kernels:
         y = plan.expert_kernels(xb, block_expert, block_rows, w1, wv, w2, layer)
     else:
-        y = _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer)   # [G, bm, D]
+        y = _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer, gelu)  # [G, bm, D]
     y = y.reshape(groups * bm, -1)[slot].reshape(n, k, -1)                 # [N, k, D]
     return dot("nk,nkd->nd", gates, y, plan)
 
 
-def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer=None):
+def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer=None, gelu=jax.nn.gelu):
     """Each non-empty block through its expert's MLP, one block per scan step (XLA copies each
     block's expert weight [In, Out] out of the stack before its dot)."""
     f32 = jnp.float32
@@ -212,7 +221,7 @@ def _xla_mlp(xb, block_expert, block_rows, w1, wv, w2, plan, layer=None):
     linear = lambda a, w: qeinsum("...i,io->...o", a, w, plan)
 
     def mlp(xg, e):
-        hidden = jax.nn.gelu(linear(xg, at(w1, e))) * linear(xg, at(wv, e))
+        hidden = gelu(linear(xg, at(w1, e))) * linear(xg, at(wv, e))
         return linear(hidden.astype(BF16), at(w2, e))
 
     def skip(xg, e):

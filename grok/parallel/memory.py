@@ -60,8 +60,8 @@ def _part_elements(entry: Entry, part: int, spec: Sequence[Any],
     shape = entry.scales_shape if part else entry.shape
     if entry.quantized:    # the storage format's bits (a packed format: bits / 8 per weight)
         bits = 8 * np.dtype(entry.fmt.scales_dtype).itemsize if part else entry.fmt.bits
-    else:                  # float32; the embedding is held in bfloat16
-        bits = 16 if entry.param == "embeddings" else 32
+    else:                  # float32; the embedding tables and bf16 matrices in bfloat16
+        bits = 8 * np.dtype(entry.float_dtype).itemsize
     return math.prod(local_shape(shape, spec, sizes)), bits
 
 
@@ -174,18 +174,20 @@ def plan_report(config: GrokConfig, devices: int, memory_gb: float, *, batch: in
 
 def _int4_hint(config: GrokConfig, devices: int, memory_gb: float, batch: int, length: int,
                layout: str) -> str:
-    """Where int8 weights do not fit: the mesh int4 ones (the converter's default groups) would
-    fit on, as a clause of the report's last line ("" if none, or the weights are int4)."""
-    if config.weight_bits != 8:
-        return ""
-    int4 = config.replace(weight_bits=4, group_size=DEFAULT_GROUP_SIZE)
-    fitting = [e for e in plan(int4, devices, memory_gb, batch=batch, length=length,
-                               layout=layout) if e.fits]
-    if not fitting:
-        return ""
-    best = min(fitting, key=lambda e: e.total)
-    return (f"; in int4 (python -m grok.checkpoint convert SRC DST --bits 4) it would fit on "
-            f"--mesh {best.mesh[0]},{best.mesh[1]} ({best.total / GB:.1f} GB per device)")
+    """Where the weights do not fit: the first smaller format they would fit in (bf16 -> int8
+    -> int4 with the converter's default groups) and on which mesh, as a clause of the report's
+    last line ("" if none, or the weights are int4 already)."""
+    smaller = {16: [(8, 0), (4, DEFAULT_GROUP_SIZE)], 8: [(4, DEFAULT_GROUP_SIZE)]}
+    for bits, group in smaller.get(config.weight_bits, []):
+        fitting = [e for e in plan(config.replace(weight_bits=bits, group_size=group), devices,
+                                   memory_gb, batch=batch, length=length, layout=layout)
+                   if e.fits]
+        if fitting:
+            best = min(fitting, key=lambda e: e.total)
+            return (f"; in int{bits} (python -m grok.checkpoint convert SRC DST --bits {bits}) "
+                    f"it would fit on --mesh {best.mesh[0]},{best.mesh[1]} "
+                    f"({best.total / GB:.1f} GB per device)")
+    return ""
 
 
 def max_batch(config: GrokConfig, mesh: Any, memory_gb: float, *, length: int | None = None,

@@ -59,6 +59,9 @@ class ShardingRules:
 _SHARED = {
     LAYERS_AXIS: None, "vocab": MODEL, "embed": DATA, "q_heads": MODEL, "kv_heads": MODEL,
     "norm": None, "router_in": None, "router_experts": None,
+    # the dense MLP beside the experts (Grok-2): split like the tensor layout's experts in
+    # both layouts (it is no expert: every device works on every token)
+    "dense_ffn": MODEL,
     # activations and the KV cache
     "batch": DATA, "seq": None, "cache_slots": None, "head_dim": None,
     "logits_batch": None, "logits_vocab": None,   # replicated: every process can read them

@@ -1,7 +1,8 @@
-"""`python -m grok.serve`: an OpenAI-compatible HTTP server (/v1/completions) on a model's
-long-lived engine. Errors before serving (a bad flag, a missing checkpoint) are one line on
-stderr, exit status 2; SIGTERM or Ctrl-C shuts down cleanly (requests in flight get
---shutdown-timeout seconds to finish, then are cancelled; the engine's thread is stopped).
+"""`python -m grok.serve`: an OpenAI-compatible HTTP server (/v1/completions,
+/v1/chat/completions) on a model's long-lived engine. Errors before serving (a bad flag, a
+missing checkpoint or chat template) are one line on stderr, exit status 2; SIGTERM or Ctrl-C
+shuts down cleanly (requests in flight get --shutdown-timeout seconds to finish, then are
+cancelled; the engine's thread is stopped).
 
 Several hosts (the multi-host flags, as run.py's): every process runs this same command; process
 0 serves HTTP and schedules, the others run each device call it announces
@@ -14,7 +15,8 @@ import math
 import os
 import signal
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from grok.cli import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags, check_placement,
                       distributed_mesh, enable_compile_cache)
@@ -36,10 +38,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from grok.serve.protocol import DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_STOP_CHARS
     from grok.serve.state import DEFAULT_READ_TIMEOUT
     p = _Parser(prog=PROG, description="Serve a Grok checkpoint over HTTP with OpenAI's "
-                "completions API (POST /v1/completions; GET /v1/models, /health, /metrics).")
+                "completions and chat completions APIs (POST /v1/completions, "
+                "/v1/chat/completions; GET /v1/models, /health, /metrics).")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help=f"directory holding ckpt-0/ and tokenizer.model, or '{DEMO}' (default: "
-                        f"{DEFAULT_CHECKPOINT}, or the demo model when that holds no ckpt-0/)")
+                   help=f"a Grok-1 directory (ckpt-0/ and tokenizer.model), a Grok-2 release "
+                        f"directory, or '{DEMO}' (default: {DEFAULT_CHECKPOINT}, or the demo "
+                        f"model when that holds no ckpt-0/)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -53,7 +57,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "GROK_API_KEY environment variable; unset: no key)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the name clients pass as `model` (default: 'demo' for the demo model, "
-                        "else 'grok-1')")
+                        "else the model family's: 'grok-1', 'grok-2')")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the model "
+                        "family's; a base model such as Grok-1 has none, and answers chats 400)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they "
                         "are cancelled (default: %(default)s)")
@@ -108,8 +115,9 @@ def open_files_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY or soft <= 0 else soft
 
 
-def checkpoint_dir(checkpoint: str | None) -> tuple[str, str]:
-    """The model directory to serve and its default model name; GrokError when there is none."""
+def checkpoint_dir(checkpoint: str | None) -> str:
+    """The model directory to serve; GrokError when there is none (which family's release a
+    directory holds, grok.load decides)."""
     if checkpoint is None:
         if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_DIR / "ckpt-0").is_dir():
             print(f"{PROG}: no Grok-1 checkpoint in {DEFAULT_CHECKPOINT} (see "
@@ -118,12 +126,21 @@ def checkpoint_dir(checkpoint: str | None) -> tuple[str, str]:
         else:
             checkpoint = str(DEFAULT_CHECKPOINT)
     path = model_dir(checkpoint)
-    if not (path / "ckpt-0").is_dir():
-        raise GrokError(f"checkpoint not found: {path / 'ckpt-0'} is missing; {GET_WEIGHTS}")
-    if not (path / "tokenizer.model").is_file():
+    if not path.is_dir():
+        raise GrokError(f"checkpoint not found: {path} is not a directory; {GET_WEIGHTS}")
+    if (path / "ckpt-0").is_dir() and not (path / "tokenizer.model").is_file():
         raise GrokError(f"tokenizer not found: {path / 'tokenizer.model'} is missing; "
                         f"{GET_WEIGHTS}")
-    return str(path), DEMO if path == DEMO_DIR else "grok-1"
+    return str(path)
+
+
+def default_model_name(path: str, model: Any) -> str:
+    """What /v1/models calls the model unless --model-name says: 'demo' for the demo model,
+    else its family's name ('grok-1', 'grok-2')."""
+    if Path(path) == DEMO_DIR:
+        return DEMO
+    family = getattr(model, "family", None)
+    return family.model_name if family is not None else "grok-1"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     try:
-        path, name = checkpoint_dir(args.checkpoint)
+        path = checkpoint_dir(args.checkpoint)
         import uvicorn
 
         import grok
@@ -141,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_compile_cache()
         mesh = distributed_mesh(args)
         model = grok.load(path, mesh, max_batch=args.max_batch, layout=args.layout,
-                          moe_impl=args.moe_impl)
+                          moe_impl=args.moe_impl, chat_template=args.chat_template)
+        if model.tokenizer is None:
+            raise GrokError(f"{path} holds no tokenizer: the server reads and writes text")
         import jax
         if jax.process_count() > 1 and jax.process_index() > 0:
             calls = lockstep.follow(model.runner)
@@ -151,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         leader = lockstep.Leader(model.runner) if jax.process_count() > 1 else None
         model.new_engine(args.prefill_tokens, steps=leader)
         api_key = args.api_key if args.api_key is not None else os.environ.get("GROK_API_KEY")
-        app = create_app(model, model_name=args.model_name or name, api_key=api_key,
+        name = args.model_name or default_model_name(path, model)
+        app = create_app(model, model_name=name, api_key=api_key,
                          max_waiting=args.max_waiting, max_prompt_chars=args.max_prompt_chars,
                          max_stop_chars=args.max_stop_chars, read_timeout=args.read_timeout)
     except (GrokError, OSError) as err:

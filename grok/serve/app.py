@@ -35,7 +35,7 @@ ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/c
 OPEN_PATHS = ("/health",)             # liveness probes carry no key (as vLLM's /health)
 
 
-def create_app(model: Any, *, model_name: str = "demo", api_key: str | None = None,
+def create_app(model: Any, *, model_name: str | None = None, api_key: str | None = None,
                max_waiting: int = DEFAULT_MAX_WAITING,
                max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
                max_stop_chars: int = DEFAULT_MAX_STOP_CHARS,
@@ -46,6 +46,8 @@ def create_app(model: Any, *, model_name: str = "demo", api_key: str | None = No
     prompt is longer than `max_prompt_chars` characters or a stop string than `max_stop_chars`
     (before anything is tokenized); with 408 if its body takes more than `read_timeout` seconds
     to arrive."""
+    if model_name is None:   # the family's name (grok-2, grok-1); a model built in memory: demo
+        model_name = getattr(getattr(model, "family", None), "model_name", None) or "demo"
     state = ServerState(model, model_name, api_key or None, max_waiting,
                         TextLimits(max_prompt_chars, max_stop_chars), read_timeout)
 

@@ -1,8 +1,8 @@
-"""One completion's engine requests: submitted (one per prompt and choice), their blocking event
-streams bridged to asyncio (a reader thread per engine request feeding one queue through
-`loop.call_soon_threadsafe`), and turned into OpenAI's answer: a whole completion, or server-sent
-events. A request ends, whatever way it ends, with `engine.cancel` and `engine.release`, so its
-slot frees within one step and the engine keeps nothing of it."""
+"""One completion's engine requests: submitted (one per prompt and choice), their events bridged
+to asyncio (the engine's listener feeding one queue through `loop.call_soon_threadsafe`), and
+turned into OpenAI's answer by the endpoint's `Shape`: a whole completion, or server-sent events.
+A request ends, whatever way it ends, with `engine.cancel` and `engine.release`, so its slot
+frees within one step and the engine keeps nothing of it."""
 from __future__ import annotations
 
 import asyncio
@@ -39,11 +39,13 @@ def submit(state: ServerState, params: CompletionParams) -> list[int]:
     try:
         sampling = dataclasses.replace(state.model.sampling_defaults, **params.sampling)
         scored = params.logprobs is not None
+        # The engine gives a token's log-probability only with its top k >= 1 (k 0 is off):
+        # asked for no alternatives, the answer leaves them out (Choice, ChatShape).
+        k = max(params.logprobs, 1) if scored else 0
         # max_tokens 0 (echo with logprobs): one token is generated and not shown
         requests = [EngineRequest(p.ids, max(params.max_tokens, 1), sampling,
-                                  (params.seed + j) % SEED_LIMIT, (), params.stops,
-                                  logprobs=params.logprobs or 0,
-                                  prompt_logprobs=scored and params.echo)
+                                  (params.seed + j) % SEED_LIMIT, params.stop_ids, params.stops,
+                                  logprobs=k, prompt_logprobs=scored and params.echo)
                     for p in params.prompts for j in range(params.n)]
         rids = state.engine.submit_all(requests)
     except RequestError as err:
@@ -142,7 +144,9 @@ class Choice:
         if shown:
             offset = len(self.text) + len(text)     # where this token's text begins
             text += event.text or ""
-            top = None if event.top_logprobs is None else [event.top_logprobs]
+            k = self.params.logprobs       # 0: each token's own entry, as a prompt token's
+            top = None if event.top_logprobs is None else \
+                [event.top_logprobs[:k] if k else ((event.token, event.logprob),)]
             self._extend(scores, [event.token], [event.logprob], top or [None], [offset])
         elif event.text and self.params.max_tokens > 0:
             text += event.text        # held-back text released by the last event
@@ -167,7 +171,7 @@ class Choice:
         if len(scores) != n:
             return [None] * n, [None] * n
         tops = list(result.prompt_top_logprobs)
-        if len(tops) != n:
+        if len(tops) != n or not self.params.logprobs:
             tops = [None] + [[(t, v)] for t, v in zip(self.prompt.ids[1:], scores[1:])]
         return scores, tops
 
@@ -191,12 +195,6 @@ class Choice:
             scores["top_logprobs"].append(
                 None if top is None else {tokenizer.piece(t): s for t, s in top})
             scores["text_offset"].append(offset)
-
-
-def choices_of(state: ServerState, params: CompletionParams, gen: Generation) -> list[Choice]:
-    """A Choice per engine request (choice i is prompt i // n)."""
-    return [Choice(state, params, rid, params.prompts[i // params.n])
-            for i, rid in enumerate(gen.rids)]
 
 
 def usage(params: CompletionParams, gen: Generation) -> dict[str, int]:
@@ -225,10 +223,58 @@ def ended_by(state: ServerState, event: Event) -> ApiError | None:
     return None
 
 
+class Shape:
+    """How an endpoint turns its engine requests' events into OpenAI's answer: the whole
+    completion's choices, or a stream's chunks (TextShape: /v1/completions'; grok.serve.chat's
+    ChatShape: /v1/chat/completions')."""
+
+    id_prefix = "cmpl"
+    object = "text_completion"             # of a whole answer
+    chunk_object = "text_completion"       # of a stream's chunks
+
+    def __init__(self, state: ServerState, params: CompletionParams, gen: Generation):
+        self.state, self.params = state, params
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The choice entries a stream begins with, before any event (none by default)."""
+        return []
+
+    def take(self, index: int, event: Event) -> list[dict[str, Any]]:
+        """Add one event of choice `index`; the choice entries it adds to a stream (a chunk
+        each)."""
+        raise NotImplementedError
+
+    def choices(self) -> list[dict[str, Any]]:
+        """The whole answer's choices, once every event is taken."""
+        raise NotImplementedError
+
+
+class TextShape(Shape):
+    """/v1/completions' text completions: choice i continues prompt i // n, its text (the
+    prompt first with echo) and logprobs in OpenAI's legacy lists."""
+
+    def __init__(self, state: ServerState, params: CompletionParams, gen: Generation):
+        super().__init__(state, params, gen)
+        self.answers = [Choice(state, params, rid, params.prompts[i // params.n])
+                        for i, rid in enumerate(gen.rids)]
+
+    def take(self, index: int, event: Event) -> list[dict[str, Any]]:
+        choice = self.answers[index]
+        text, scores = choice.take(event)
+        if text or event.done or (scores and scores["tokens"]):
+            return [{"index": index, "text": text, "logprobs": scores,
+                     "finish_reason": choice.reason}]
+        return []
+
+    def choices(self) -> list[dict[str, Any]]:
+        return [{"index": i, "text": a.text, "logprobs": a.logprobs, "finish_reason": a.reason}
+                for i, a in enumerate(self.answers)]
+
+
 async def complete(state: ServerState, params: CompletionParams, gen: Generation,
-                    request: Request) -> dict[str, Any]:
-    """The whole completion; stops early (and cancels) if the client goes away."""
-    answers = choices_of(state, params, gen)
+                   request: Request, shape: Shape) -> dict[str, Any]:
+    """The whole completion, shaped by `shape`; stops early (and cancels) if the client goes
+    away."""
     checked = time.monotonic()
     while gen.open:
         if time.monotonic() - checked >= DISCONNECT_POLL_S:
@@ -242,22 +288,21 @@ async def complete(state: ServerState, params: CompletionParams, gen: Generation
         error = ended_by(state, event)
         if error is not None:
             raise error
-        answers[index].take(event)
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-            "created": int(time.time()), "model": state.model_name,
-            "choices": [{"index": i, "text": a.text, "logprobs": a.logprobs,
-                         "finish_reason": a.reason} for i, a in enumerate(answers)],
+        shape.take(index, event)
+    return {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,
+            "created": int(time.time()), "model": state.model_name, "choices": shape.choices(),
             "usage": usage(params, gen)}
 
 
-async def chunks(state: ServerState, params: CompletionParams, gen: Generation
-                  ) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per piece of text, the last of each choice with its
-    finish_reason, then (with stream_options.include_usage) the usage, then `[DONE]`."""
-    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+async def chunks(state: ServerState, params: CompletionParams, gen: Generation, shape: Shape
+                 ) -> AsyncIterator[bytes]:
+    """Server-sent events: a chunk per choice entry `shape` makes (a piece of text; the last
+    of each choice with its finish_reason), then (with stream_options.include_usage) the usage,
+    then `[DONE]`; an error that ends a request is an error event, then `[DONE]`."""
+    base = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.chunk_object,
             "created": int(time.time()), "model": state.model_name}
-
-    answers = choices_of(state, params, gen)
+    for entry in shape.opening():
+        yield sse(dict(base, choices=[entry]))
     while gen.open:
         index, event = await gen.next()
         error = ended_by(state, event)
@@ -265,10 +310,8 @@ async def chunks(state: ServerState, params: CompletionParams, gen: Generation
             yield sse(error.body())
             yield b"data: [DONE]\n\n"
             return
-        text, scores = answers[index].take(event)
-        if text or event.done or (scores and scores["tokens"]):
-            yield sse(dict(base, choices=[{"index": index, "text": text, "logprobs": scores,
-                                           "finish_reason": answers[index].reason}]))
+        for entry in shape.take(index, event):
+            yield sse(dict(base, choices=[entry]))
     if params.include_usage:
         yield sse(dict(base, choices=[], usage=usage(params, gen)))
     yield b"data: [DONE]\n\n"

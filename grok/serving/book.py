@@ -53,7 +53,11 @@ class Book:
         if seen is not None:
             seen[token] = seen.get(token, 0) + 1
         detok = self._detok.get(rid)
-        text = detok.add(token) if detok is not None else None
+        # A token that ends the request (eos, a stop id) stays out of the text, as OpenAI and
+        # SGLang leave it: Grok-2's would show as "<|eos|>" or "<|separator|>".
+        ends = token == self.eos_token or token in req.stop_ids
+        text = detok.add(token) if detok is not None and not ends else \
+            ("" if detok is not None else None)
         reason = ("eos" if token == self.eos_token
                   else "stop" if token in req.stop_ids or (detok is not None and detok.stopped)
                   else "length" if len(res.tokens) >= req.max_new_tokens else None)
