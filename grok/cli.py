@@ -12,18 +12,16 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from grok.config import DEMO, DEMO_DIR, MOE_IMPLS, model_dir
+from grok.config import DEMO, DEMO_DIR, model_dir
 from grok.errors import GrokError
+from grok.launch import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags,
+                         check_placement, distributed_mesh, enable_compile_cache,
+                         exit_on_interrupt)
 
-DEFAULT_CHECKPOINT = DEMO_DIR.parent
-GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
-               "tokenizer.model) into that directory")
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
 
@@ -105,43 +103,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def add_placement_flags(p: argparse.ArgumentParser) -> None:
-    """The mesh, multi-host and MoE-evaluation flags (run.py and `python -m grok.serve`);
-    `check_placement` checks them."""
-    p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
-                   help="shard over a (data, model) device mesh, e.g. 1,8; weights stream from "
-                        "the files onto the devices that own them (default: one device, or "
-                        "PROCESSES,LOCAL_DEVICES in a multi-host run)")
-    p.add_argument("--layout", choices=("tensor", "expert"), default="tensor",
-                   help="partition rules on a mesh: tensor-parallel, or experts over the model "
-                        "axis (default: %(default)s)")
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="multi-host: address of process 0 (or JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=None, metavar="N",
-                   help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, default=None, metavar="I",
-                   help="multi-host: this process's index (or JAX_PROCESS_ID)")
-    p.add_argument("--moe-impl", choices=MOE_IMPLS, default="auto",
-                   help="the MoE's evaluation: auto (the measured best for this backend, card "
-                        "and weight format), XLA's dense / gather / grouped, our Triton kernels "
-                        "(pallas: GPU, int8; interpreted elsewhere, slow), or tokamax's ragged "
-                        "dot (pip install 'grok[kernels]') (default: %(default)s)")
-
-
-def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Range-check the placement flags; parse --mesh (p.error on a bad value)."""
-    for flag, value, least in (("--num-processes", args.num_processes, 1),
-                               ("--process-id", args.process_id, 0)):
-        if value is not None and value < least:
-            p.error(f"{flag} must be >= {least}, got {value}")
-    if args.mesh is not None:
-        from grok.parallel.rules import ShardingError, parse_mesh
-        try:
-            args.mesh = parse_mesh(args.mesh)
-        except ShardingError as err:
-            p.error(f"--mesh: {err}")
-
-
 def _check_ranges(p: _Parser, args: argparse.Namespace) -> None:
     checks = [
         ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, ">= 1"),
@@ -206,20 +167,6 @@ def _check_files(args: argparse.Namespace) -> None:
     if not args.tokenizer.is_file():
         raise CliError(f"tokenizer not found: {args.tokenizer} is missing; {GET_WEIGHTS}, or "
                        "pass --tokenizer FILE")
-
-
-def distributed_mesh(args: argparse.Namespace):
-    """Join a multi-host run when asked (flags or JAX_* variables); the mesh to load onto.
-    Every process runs the same program; only process 0 prints."""
-    import jax
-
-    from grok.parallel import distributed
-    if distributed.initialize(args.coordinator, args.num_processes, args.process_id):
-        if not distributed.is_leader():
-            sys.stdout = open(os.devnull, "w")
-        if args.mesh is None:
-            return (jax.process_count(), jax.local_device_count())
-    return args.mesh
 
 
 def _sampling(args: argparse.Namespace, defaults: Any) -> Any:
@@ -346,43 +293,6 @@ def _chat(model: Any, args: argparse.Namespace, prompts: list[str]) -> None:
             continue
         print(flush=True)
         history.append({"role": "assistant", "content": "".join(reply)})
-
-
-def enable_compile_cache() -> None:
-    """Keep compiled steps on disk so that later runs skip XLA compiles: GROK_COMPILE_CACHE names
-    the folder (default ~/.cache/grok/xla; "off" disables it)."""
-    import jax
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grok" / "xla"
-    path = os.environ.get("GROK_COMPILE_CACHE", str(default))
-    if path.strip().lower() in ("", "0", "off", "none"):
-        return
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        logging.getLogger(__name__).warning("compile cache %s not writable; not caching", path)
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def exit_on_interrupt() -> None:
-    """Make Ctrl-C end the process at once with status 130 and no traceback. Python delivers
-    KeyboardInterrupt only between bytecodes of the main thread, so during a long compile or
-    device call it would wait (or be lost inside a callback); the C-level handler's wake-up byte
-    reaches a watcher thread at once instead."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-    signal.set_wakeup_fd(write_fd)
-
-    def watch() -> None:
-        while True:
-            if signal.SIGINT in os.read(read_fd, 64):
-                os._exit(130)
-
-    threading.Thread(target=watch, name="grok-sigint", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

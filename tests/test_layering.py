@@ -27,9 +27,11 @@ ALLOWED: dict[str, set[str]] = {
     "families": {"config", "errors", "files", "leaves", "quant", "checkpoint", "serving"},
     "api": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel", "checkpoint",
             "serving", "progress", "families"},
-    "cli": {"config", "errors", "api", "parallel", "serving", "checkpoint"},
-    # The HTTP server: what the command line may use, and the command line's helpers.
-    "serve": {"config", "errors", "api", "parallel", "serving", "checkpoint", "cli"},
+    # What both command lines need to start (flags, mesh, compile cache, Ctrl-C).
+    "launch": {"config", "errors", "parallel"},
+    "cli": {"config", "errors", "api", "parallel", "serving", "checkpoint", "launch"},
+    # The HTTP server: what the command line may use, never the command line itself.
+    "serve": {"config", "errors", "api", "parallel", "serving", "checkpoint", "launch"},
     "tools": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel",
               "checkpoint", "serving", "api", "progress"},
 }

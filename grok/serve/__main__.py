@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from grok.cli import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags, check_placement,
-                      distributed_mesh, enable_compile_cache)
+from grok.launch import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags, check_placement,
+                         distributed_mesh, enable_compile_cache)
 from grok.config import DEMO, DEMO_DIR, PREFILL_TOKENS, model_dir
 from grok.errors import GrokError
 
