@@ -5,7 +5,6 @@ in the chat format, errors naming the field; and the demo model, a base model, g
 with --chat-template. One load of each model for the file."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 
@@ -22,7 +21,7 @@ pytest.importorskip("prometheus_client")
 import grok                                            # noqa: E402
 from grok.serve.__main__ import main                   # noqa: E402
 from grok.serve.chat import piece_bytes                # noqa: E402
-from test_serve import Served, _settled                # noqa: E402
+from test_serve import Served, _logged, _settled       # noqa: E402
 
 NAME = "grok-2"                       # the family's name: the server's default
 CONVERSATION = [
@@ -95,23 +94,6 @@ def _error(response, status: int, param: str | None, code: str | None = None) ->
     assert code is None or error["code"] == code, error
     assert "\n" not in error["message"]
     return error["message"]
-
-
-@contextlib.contextmanager
-def _warnings_logged():
-    """The WARNING-or-worse records (or any traceback) the server logs while inside."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = lambda r: records.append(r) if r.levelno >= logging.WARNING or r.exc_info \
-        else None
-    loggers = [logging.getLogger(n) for n in ("grok", "uvicorn", "fastapi", "starlette")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 def test_the_command_line_names_the_model_by_its_family(client, http, model):
@@ -278,9 +260,9 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}
     ({"seed": -1}, "seed", None),
 ])
 def test_bad_requests_are_400_naming_the_field(http, change, param, code):
-    with _warnings_logged() as records:
+    with _logged("grok", "uvicorn", "fastapi", "starlette") as records:
         _error(http.post("/v1/chat/completions", json={**CHAT, **change}), 400, param, code)
-    assert records == []
+    assert [r for r in records if r.levelno >= logging.WARNING or r.exc_info] == []
 
 
 def test_unknown_models_bodies_and_the_client_library_errors(http, client):

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from grok.errors import RequestError, TokenizerError, one_line
 from grok.files import DuplicateKey, NotRegularFile, TooLarge, describe, read_limited, unique_keys
+from grok.serving.tokenizer import check_text
 
 # "V1" word split: GPT-4's pre-tokenizer pattern with every digit its own piece (as SGLang's and
 # vLLM's Grok-2 tokenizers define it).
@@ -241,13 +242,7 @@ class TiktokenTokenizer:
         <|eos|>, <|controlN|> and <|reserved_N|> become their special ids (so a user's text
         can hold them), other specials' texts are plain text. RequestError for anything but a
         string of valid Unicode (no lone surrogate)."""
-        if not isinstance(text, str):
-            raise RequestError(f"only text can be tokenized, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise RequestError(f"the text cannot be tokenized: {err.reason} at index "
-                               f"{err.start} ({err.object[err.start:err.end]!a})") from None
+        text = check_text(text)
         try:
             return self._encoding.encode(text, allowed_special=self._allowed,
                                          disallowed_special=())

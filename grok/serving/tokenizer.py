@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from grok.errors import RequestError, TokenizerError
+
+
+def check_text(text: Any) -> str:
+    """`text` if it is a string of valid Unicode (no lone surrogate) a tokenizer can take, else
+    a one-line RequestError saying where it is not."""
+    if not isinstance(text, str):
+        raise RequestError(f"only text can be tokenized, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"the text cannot be tokenized: {err.reason} at index "
+                           f"{err.start} ({err.object[err.start:err.end]!a})") from None
+    return text
 
 
 class Tokenizer:
@@ -38,14 +51,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text`; RequestError for anything but a string SentencePiece can take
         (valid Unicode: no lone surrogate)."""
-        if not isinstance(text, str):
-            raise RequestError(f"only text can be tokenized, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise RequestError(f"the text cannot be tokenized: {err.reason} at index "
-                               f"{err.start} ({err.object[err.start:err.end]!a})") from None
-        return list(self._sp.EncodeAsIds(text))
+        return list(self._sp.EncodeAsIds(check_text(text)))
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; an id outside the tokenizer's pieces (a model's vocabulary may be
