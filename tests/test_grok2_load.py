@@ -407,3 +407,38 @@ def test_plan_reads_the_release_config(tmp_path, devices, memory, bits, fits):
     if not fits and bits is None:
         assert "in int4 (python -m grok.checkpoint convert SRC DST --bits 4) it would fit" \
             in done.stdout
+
+
+def test_lazy_leaves_read_only_what_a_slice_needs(release):
+    """The mesh path's leaves (LazyLeaf): any slice equals the same slice of the assembled leaf,
+    and a device whose slice of an expert matrix is one rank's part (the model axis as the
+    ranks) reads only that rank's file."""
+    from grok.checkpoint.grok2_release import open_release
+    path, _ = release
+    rel = open_release(path, grok2.read_config(path))
+    rng = np.random.default_rng(0)
+    for entry in grok.leaves.checkpoint_entries(rel.config):
+        whole, lazy = rel.leaf(entry), rel.lazy_leaf(entry)
+        assert lazy.shape == whole.shape and lazy.dtype == whole.dtype
+        assert np.array_equal(lazy[tuple(slice(None) for _ in whole.shape)], whole)
+        cut = []
+        for n in whole.shape:
+            lo = int(rng.integers(0, n))
+            cut.append(slice(lo, int(rng.integers(lo + 1, n + 1))))
+        assert np.array_equal(lazy[tuple(cut)], whole[tuple(cut)]), entry.name
+
+    class Recording:
+        def __init__(self, view, rank, seen):
+            self.view, self.rank, self.seen, self.shape = view, rank, seen, view.shape
+
+        def __getitem__(self, index):
+            self.seen.add(self.rank)
+            return self.view[index]
+    entry = next(e for e in grok.leaves.checkpoint_entries(rel.config)
+                 if e.name.endswith("layer_0/moe/linear/w"))
+    lazy, seen = rel.lazy_leaf(entry), set()
+    lazy.views = [[Recording(v, r, seen) for r, v in enumerate(ranks)] for ranks in lazy.views]
+    experts, d, f = entry.shape
+    part = lazy[(slice(0, experts), slice(0, d), slice(f // 2, f))]   # the second rank's rows
+    assert seen == {1} and np.array_equal(part, rel.leaf(entry)[:, :, f // 2:])
+    rel.close()

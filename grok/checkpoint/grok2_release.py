@@ -200,6 +200,35 @@ class Grok2Release:
         finally:
             self.close()
 
+    def lazy_leaves(self) -> Iterator[tuple[Entry, "LazyLeaf"]]:
+        """Every leaf as a LazyLeaf, in file order: an indexed slice reads only its rows (each
+        device's slices, for grok.checkpoint.placement; with the model axis as the ranks, a
+        device's expert slices come from its own rank's files)."""
+        try:
+            for entry in checkpoint_entries(self.config):
+                yield entry, self.lazy_leaf(entry)
+        finally:
+            self.close()
+
+    def lazy_leaf(self, entry: Entry) -> "LazyLeaf":
+        """Leaf `entry` as views of the files' memory maps, read when indexed."""
+        src = source_of(entry)
+        name = src.tensor.format(layer=entry.layer, expert="{expert}")
+        if src.how == "as is":
+            return LazyLeaf(entry, [[self._array(name, "common", entry.shape)]], None)
+        if src.how == "transpose":
+            view = self._array(name, "common", entry.shape[::-1]).T
+            return LazyLeaf(entry, [[view]], None)
+        experts, inp, out = entry.shape
+        piece = [out, inp]
+        if piece[src.split] % self.ranks:
+            raise CheckpointError(f"{self.path}: {self.ranks} ranks do not divide {entry.name}'s "
+                                  f"{['rows', 'columns'][src.split]} ({piece[src.split]})")
+        piece[src.split] //= self.ranks
+        views = [[self._array(name.format(expert=e), f"{r:03d}", tuple(piece)).T
+                  for r in range(self.ranks)] for e in range(experts)]
+        return LazyLeaf(entry, views, 1 - src.split)   # (the split axis, in [in, out] terms)
+
     def unused(self) -> list[str]:
         """Release tensors no leaf reads (a release of another shape would leave some)."""
         used = set()
@@ -224,3 +253,34 @@ def open_release(path: str | os.PathLike, config: GrokConfig) -> Grok2Release:
         raise CheckpointError(f"{path}: {len(extra)} release tensor(s) the config has no leaf "
                               f"for, e.g. {extra[0]} (config.json and the files disagree)")
     return release
+
+
+class LazyLeaf:
+    """One leaf in the table's layout over views of the release files (nothing read yet):
+    `leaf[index]` (a tuple of step-1 slices) reads only the rows that slice needs and returns
+    them as a new array in the leaf's dtype. Experts are a list of rank pieces per expert,
+    joined along `axis` of each expert's [in, out] matrix."""
+
+    def __init__(self, entry: Entry, views: list[list[np.ndarray]], axis: int | None):
+        self.entry, self.views, self.axis = entry, views, axis
+        self.shape, self.dtype = tuple(entry.shape), np.dtype(entry.float_dtype)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        if self.axis is None:
+            return np.array(self.views[0][0][index], dtype=self.dtype)
+        experts, *inner = (range(*s.indices(n)) for s, n in zip(index, self.shape))
+        out = np.empty((len(experts), *(len(r) for r in inner)), self.dtype)
+        for i, e in enumerate(experts):
+            want = inner[self.axis]
+            start = 0
+            for piece in self.views[e]:   # the ranks' pieces along the split axis, in order
+                size = piece.shape[self.axis]
+                lo, hi = max(want.start, start), min(want.stop, start + size)
+                if lo < hi:
+                    take = [slice(r.start, r.stop) for r in inner]
+                    take[self.axis] = slice(lo - start, hi - start)
+                    put = [slice(None)] * 2
+                    put[self.axis] = slice(lo - want.start, hi - want.start)
+                    out[(i, *put)] = piece[tuple(take)]
+                start += size
+        return out

@@ -1,9 +1,10 @@
-"""Whole host leaves -> sharded device arrays, one leaf at a time: for checkpoints whose files
-are not in the leaf table's layout (Grok-2's release: transposed, experts split by rank), so a
-leaf must be assembled on the host before its slices can be taken. Each process copies only the
-slices its own devices hold; a stacked [L, ...] leaf is filled layer by layer in place on the
-devices, so host memory holds one leaf at a time (Grok-2's largest: 2.1 GB). Given the
-shardings, it never imports grok.parallel (as grok.checkpoint.loader)."""
+"""Host leaves -> sharded device arrays, one leaf at a time: for checkpoints whose files are not
+in the leaf table's layout (Grok-2's release: transposed, experts split by rank). A leaf is an
+array or anything indexed like one (grok.checkpoint.grok2_release.LazyLeaf: views of the files
+that read only what a slice needs); each process takes only the slices its own devices hold; a
+stacked [L, ...] leaf is filled layer by layer in place on the devices, so host memory holds at
+most one leaf's slices at a time (Grok-2's largest leaf: 2.1 GB). Given the shardings, it never
+imports grok.parallel (as grok.checkpoint.loader)."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -28,9 +29,9 @@ def place_leaves(leaves: Iterable[tuple[Entry, Any]], config: GrokConfig, shardi
     for entry, leaf in leaves:
         parts = leaf_parts(leaf)
         for target in feeds.pop(entry.name):
-            host = np.asarray(parts[target.part], target.dtype)
+            host = parts[target.part]   # (an array, or a view that reads what is indexed)
             sharding = target.piece_sharding if target.stacked else target.sharding
-            local = {key: np.ascontiguousarray(host[index])
+            local = {key: np.ascontiguousarray(np.asarray(host[index], target.dtype))
                      for key, index in transfer.local_indices(sharding, host.shape).items()}
             array, _ = transfer.device_array(host.shape, sharding, local)
             if not target.stacked:

@@ -53,11 +53,12 @@ def _read_grok1(path: Path, config: GrokConfig, progress: bool) -> dict[str, Any
 
 
 def _read_grok2(path: Path, config: GrokConfig, progress: bool) -> dict[str, Any]:
-    return dict((entry.name, leaf) for entry, leaf in _grok2_leaves(path, config))
+    return {entry.name: leaf for entry, leaf in
+            grok2_release.open_release(path, config).leaves()}
 
 
 def _grok2_leaves(path: Path, config: GrokConfig) -> Iterable[tuple[Any, Any]]:
-    return grok2_release.open_release(path, config).leaves()
+    return grok2_release.open_release(path, config).lazy_leaves()
 
 
 def _is_grok1(path: Path) -> bool:
