@@ -316,7 +316,8 @@ def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | N
 def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
          scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, layout: str = "tensor",
          memory_gb: float | None = None, progress: bool = True,
-         chat_template: str | os.PathLike | None = None) -> Grok:
+         chat_template: str | os.PathLike | None = None, max_context: int | None = None
+         ) -> Grok:
     """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
     and `tokenizer.model` and `sampling.json` (recommended sampling settings, kept as
     `model.sampling_defaults`); "demo" (the default) is the small model shipped in
@@ -332,7 +333,10 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
 
     The directory's family (grok.families: Grok-1's ckpt-0/, or Grok-2's release files) is
     detected and logged. `chat_template`: a Jinja chat template file for `model.chat` (a chat
-    model's family has its own; a base model has none unless given one)."""
+    model's family has its own; a base model has none unless given one). `max_context`: the
+    longest sequence (prompt and reply) to serve, if less than the model's (Grok-2's 131,072
+    tokens make a full-length KV cache 32 GiB a sequence): what the memory check and the
+    engine's cache are sized by."""
     _report_backend()
     path = model_dir(path)
     if not path.is_dir():
@@ -340,6 +344,11 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     family = families.detect(path)
     tok = family.tokenizer(path, tokenizer)
     config = family.read_config(path, tok)
+    if max_context is not None:
+        if not is_int(max_context) or not 1 <= max_context <= config.sequence_len:
+            raise RequestError(f"max_context must be an integer in [1, {config.sequence_len}] "
+                               f"(the model's context), got {max_context!r}")
+        config = config.replace(sequence_len=max_context)
     log.info("%s: a %s checkpoint (%s weights)", path, family.name, config.weight_format)
     _check_vocab(tok, config)
     template = ChatTemplate.from_file(chat_template) if chat_template is not None \

@@ -19,8 +19,8 @@ from typing import Any, Iterator, Sequence
 from grok.config import DEMO, DEMO_DIR, model_dir
 from grok.errors import GrokError
 from grok.launch import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags,
-                         check_placement, distributed_mesh, enable_compile_cache,
-                         exit_on_interrupt)
+                         check_placement, default_checkpoint, distributed_mesh,
+                         enable_compile_cache, exit_on_interrupt, holds_model, tokenizer_file)
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
@@ -42,11 +42,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("prompt", nargs="*",
                    help="prompts, one per argument; several are decoded together")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="directory holding ckpt-0/ and optionally config.json, tokenizer.model "
-                        f"and sampling.json, or '{DEMO}' for the demo model (default: "
-                        f"{DEFAULT_CHECKPOINT}, or the demo model when that holds no ckpt-0/)")
+                   help="a Grok-1 directory (ckpt-0/ and optionally config.json, "
+                        "tokenizer.model, sampling.json), a Grok-2 release as downloaded (its "
+                        f"safetensors files and tokenizer.tok.json), a conversion, or '{DEMO}' "
+                        f"for the demo model (default: {DEFAULT_CHECKPOINT}, or the demo model "
+                        "when that holds no checkpoint)")
     p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
-                   help="SentencePiece tokenizer.model (default: DIR/tokenizer.model)")
+                   help="the tokenizer file (default: DIR/tokenizer.tok.json for Grok-2, else "
+                        "DIR/tokenizer.model)")
     p.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
                    help="file with one prompt per line (blank lines skipped), after the "
                         "prompts given as arguments")
@@ -141,19 +144,17 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _check_files(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
-        args.checkpoint = DEFAULT_CHECKPOINT
-        if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_DIR / "ckpt-0").is_dir():
-            print(f"run.py: no Grok-1 checkpoint in {DEFAULT_CHECKPOINT} (see checkpoints/README.md); "
+        args.checkpoint = default_checkpoint()
+        if args.checkpoint is None and (DEMO_DIR / "ckpt-0").is_dir():
+            print(f"run.py: no checkpoint in {DEFAULT_CHECKPOINT} (see checkpoints/README.md); "
                   f"using the demo model {DEMO_DIR}", file=sys.stderr)
             args.checkpoint = DEMO_DIR
+        args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     try:
         ckpt = model_dir(args.checkpoint)
     except GrokError as err:
         raise CliError(str(err)) from None
-    # Grok-2's release: its safetensors files beside its tokenizer.tok.json (grok.families)
-    grok2 = any(ckpt.glob("pytorch_model-*-TP-common.safetensors")) \
-        or (ckpt / "tokenizer.tok.json").is_file()
-    if not (ckpt / "ckpt-0").is_dir() and not grok2:
+    if not holds_model(ckpt):
         raise CliError(f"checkpoint not found: {ckpt / 'ckpt-0'} is missing; {GET_WEIGHTS}")
     args.checkpoint = ckpt
     if args.chat_template is not None and not args.chat_template.is_file():
@@ -163,7 +164,7 @@ def _check_files(args: argparse.Namespace) -> None:
         if not args.tokenizer.is_file():
             raise CliError(f"tokenizer not found: --tokenizer {args.tokenizer} is not a file")
         return
-    args.tokenizer = ckpt / ("tokenizer.tok.json" if grok2 else "tokenizer.model")
+    args.tokenizer = tokenizer_file(ckpt)
     if not args.tokenizer.is_file():
         raise CliError(f"tokenizer not found: {args.tokenizer} is missing; {GET_WEIGHTS}, or "
                        "pass --tokenizer FILE")
@@ -320,7 +321,7 @@ def _main(argv: Sequence[str] | None) -> int:
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
                               layout=args.layout, moe_impl=args.moe_impl,
-                              chat_template=args.chat_template)
+                              chat_template=args.chat_template, max_context=args.max_context)
             if args.chat:
                 _chat(model, args, prompts)
                 return 0

@@ -241,9 +241,10 @@ class GrokConfig:
         if not _is_int(group) or not 1 <= group <= MAX_GROUP_SIZE:
             raise ConfigError(f"config field group_size must be a positive integer <= "
                               f"{MAX_GROUP_SIZE} with weight_bits=4, got {_show(group)}")
-        if self.emb_size % 2 or self.ffn_size % 2:   # int4 packs pairs of input rows
-            raise ConfigError(f"weight_bits=4 needs even emb_size and expert width, got "
-                              f"{self.emb_size} and {self.ffn_size}")
+        if self.emb_size % 2 or self.ffn_size % 2 or self.dense_ffn_size % 2:
+            # (int4 packs pairs of input rows)
+            raise ConfigError(f"weight_bits=4 needs even emb_size, expert and dense widths, "
+                              f"got {self.emb_size}, {self.ffn_size} and {self.dense_ffn_size}")
 
     def _check_sizes(self) -> None:
         """Bound each checkpoint tensor (one file: one layer's weights), one sequence's KV cache

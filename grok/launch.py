@@ -14,9 +14,11 @@ from pathlib import Path
 from grok.config import DEMO_DIR, MOE_IMPLS
 
 DEFAULT_CHECKPOINT = DEMO_DIR.parent
+RELEASE_FILES = "pytorch_model-*-TP-common.safetensors"   # Grok-2's release (grok.families)
+TOKENIZER_FILES = ("tokenizer.tok.json", "tokenizer.model")   # Grok-2's (first), Grok-1's
 GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ and "
                "tokenizer.model) or Grok-2's (its safetensors files and tokenizer.tok.json) "
-               "into that directory")
+               "into checkpoints/ or a directory given with --checkpoint")
 
 
 def add_placement_flags(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,10 @@ def add_placement_flags(p: argparse.ArgumentParser) -> None:
                    help="multi-host: number of processes (or JAX_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, default=None, metavar="I",
                    help="multi-host: this process's index (or JAX_PROCESS_ID)")
+    p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                   help="the longest sequence (prompt and output) to run, if less than the "
+                        "model's context: sizes the KV cache and the memory check (Grok-2's "
+                        "131,072 tokens take 32 GiB of cache a sequence)")
     p.add_argument("--moe-impl", choices=MOE_IMPLS, default="auto",
                    help="the MoE's evaluation: auto (the measured best for this backend, card "
                         "and weight format), XLA's dense / gather / grouped, our Triton kernels "
@@ -45,7 +51,8 @@ def add_placement_flags(p: argparse.ArgumentParser) -> None:
 def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Range-check the placement flags; parse --mesh (p.error on a bad value)."""
     for flag, value, least in (("--num-processes", args.num_processes, 1),
-                               ("--process-id", args.process_id, 0)):
+                               ("--process-id", args.process_id, 0),
+                               ("--max-context", args.max_context, 1)):
         if value is not None and value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.mesh is not None:
@@ -105,3 +112,21 @@ def exit_on_interrupt() -> None:
                 os._exit(130)
 
     threading.Thread(target=watch, name="grok-sigint", daemon=True).start()
+
+
+def holds_model(path: Path) -> bool:
+    """Whether `path` holds a checkpoint (a ckpt-0/ or Grok-2's release files); cheap: no
+    header or config read, so a command line can fail fast before importing jax."""
+    return (path / "ckpt-0").is_dir() or any(path.glob(RELEASE_FILES))
+
+
+def default_checkpoint() -> Path | None:
+    """checkpoints/ when it holds a model, else None (the command lines then take the demo)."""
+    return DEFAULT_CHECKPOINT if holds_model(DEFAULT_CHECKPOINT) else None
+
+
+def tokenizer_file(path: Path) -> Path:
+    """The model directory's tokenizer file: Grok-2's tokenizer.tok.json where it is there or
+    the directory holds Grok-2's release, else Grok-1's tokenizer.model (it may not exist)."""
+    grok2 = path / TOKENIZER_FILES[0]
+    return grok2 if grok2.is_file() or any(path.glob(RELEASE_FILES)) else path / TOKENIZER_FILES[1]

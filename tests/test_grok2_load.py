@@ -442,3 +442,42 @@ def test_lazy_leaves_read_only_what_a_slice_needs(release):
     part = lazy[(slice(0, experts), slice(0, d), slice(f // 2, f))]   # the second rank's rows
     assert seen == {1} and np.array_equal(part, rel.leaf(entry)[:, :, f // 2:])
     rel.close()
+
+
+def test_partial_downloads_and_sources_are_refused_in_one_line(release, tmp_path):
+    """A release with no expert files (a partial download), and one without its tokenizer
+    (whose ids a conversion would have to guess), are one-line errors; a release's parent
+    directory lends convert nothing (a sampling.json there belongs to another model)."""
+    path, _ = release
+    common = tmp_path / "common"
+    common.mkdir()
+    for f in path.iterdir():
+        if "TP-0" not in f.name:
+            (common / f.name).symlink_to(f)
+    with pytest.raises(CheckpointError, match="ranks none; expected TP-000") as err:
+        grok.load(common, progress=False)
+    assert "\n" not in str(err.value)
+    bare = tmp_path / "models" / "bare"
+    bare.mkdir(parents=True)
+    for f in path.iterdir():
+        if f.name != "tokenizer.tok.json":
+            (bare / f.name).symlink_to(f)
+    with pytest.raises(CheckpointError, match="tokenizer.tok.json: missing"):
+        grok.convert(bare, tmp_path / "out", bits=8, progress=False)
+    (bare / "tokenizer.tok.json").symlink_to(path / "tokenizer.tok.json")
+    (bare.parent / "sampling.json").write_text('{"temperature": 0.9}')
+    grok.convert(bare, tmp_path / "out", bits=8, progress=False)
+    assert not (tmp_path / "out" / "sampling.json").exists()
+
+
+def test_max_context_sizes_the_model_and_odd_widths_refuse_int4(release):
+    """grok.load(max_context=N) runs the model with an N-token context (the memory check and
+    the cache sized by it); past the model's own it is refused in one line. int4 packs pairs of
+    rows: an odd dense MLP width is refused by the config, not by a traceback in convert."""
+    path, _ = release
+    model = grok.load(path, progress=False, max_context=32)
+    assert model.config.sequence_len == 32 and model.engine.max_context <= 32
+    with pytest.raises(grok.RequestError, match=r"max_context must be an integer in \[1, 128\]"):
+        grok.load(path, progress=False, max_context=129)
+    with pytest.raises(ConfigError, match="dense widths"):
+        model.config.replace(dense_ffn_size=97, weight_bits=4, group_size=32)

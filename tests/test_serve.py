@@ -667,3 +667,14 @@ def test_echo_with_logprobs_scores_the_prompt_even_with_max_tokens_0(client, mod
     offsets = lp.text_offset
     assert offsets[0] == 0 and offsets == sorted(offsets)
     assert offsets[len(ids)] == len(PROMPT)
+
+
+def test_default_limits_follow_the_machine_and_the_model(monkeypatch):
+    """Without --max-connections the default shrinks to what ulimit -n leaves (a macOS shell's
+    256 files: no error for running with no flags); without --max-prompt-chars the app allows
+    32 characters a token of the model's context (Grok-2's 131,072 tokens: 4 Mi characters)."""
+    import grok.serve.__main__ as command
+    from grok.serve.protocol import prompt_chars_for
+    monkeypatch.setattr(command, "open_files_limit", lambda: 256)
+    assert command.parse_args([]).max_connections == 256 - command.SPARE_FILES
+    assert prompt_chars_for(8192) == 1 << 18 and prompt_chars_for(131072) == 1 << 22

@@ -207,3 +207,15 @@ def test_a_file_without_pad_or_separator_has_eos_alone_as_its_stop(tmp_path):
     tok = TiktokenTokenizer(path)
     assert (tok.pad_id, tok.separator_id, tok.stop_ids) == (-1, None, (tok.eos_id,))
     assert len(tok.encode("<|separator|>")) > 1          # no special: plain text
+
+
+def test_typed_pad_text_is_plain_text_not_the_masked_pad_id(tmp_path):
+    """The model masks the pad id as padding: "<|pad|>" typed in a prompt must not become it
+    (it would vanish from the context), while "<|separator|>" becomes its special id as in
+    SGLang."""
+    path = tmp_path / "tokenizer.tok.json"
+    path.write_text(json.dumps(grok2_release.tokenizer_json()))
+    tok = TiktokenTokenizer(path)
+    ids = tok.encode("a<|pad|>b<|separator|>")
+    assert tok.pad_id not in ids and tok.separator_id in ids
+    assert tok.decode(ids) == "a<|pad|>b<|separator|>"

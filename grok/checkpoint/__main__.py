@@ -165,14 +165,15 @@ def _verify_release(args: argparse.Namespace) -> int:
     if args.sha256:
         print("--sha256 on a Grok-2 release: not yet (the release publishes no SHA256SUMS)")
         return 2
-    _, _, config = read_source(args.directory)
+    config = config_file(args.config) if args.config else read_source(args.directory)[2]
     release = open_release(args.directory, config)
     files = release.check()
     if args.full:
-        for entry, leaf in release.leaves():
+        for entry, leaf in release.leaves():   # (closes the files' maps however it ends)
             bad = int(np.count_nonzero(~np.isfinite(np.asarray(leaf, np.float32))))
             if bad:
                 print(f"FAIL {entry.name}: {bad} NaN or Inf values")
+                release.close()
                 return 1
     print(f"{files} files ok ({'every value read' if args.full else 'headers and shapes'}; "
           f"Grok-2 release, {release.ranks} expert ranks)")

@@ -64,7 +64,7 @@ def expected_parts(entry: Entry) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     if entry.quantized:
         return {"weight": (tuple(entry.weight_shape), np.dtype(entry.fmt.dtype)),
                 "scales": (tuple(entry.scales_shape), np.dtype(entry.fmt.scales_dtype))}
-    return {"array": (tuple(entry.shape), F32)}
+    return {"array": (tuple(entry.shape), BF16 if entry.bf16 else F32)}
 
 
 def _summary(parts: Mapping[str, Any]) -> str:

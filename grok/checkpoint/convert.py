@@ -7,8 +7,10 @@ Files are converted one at a time (host memory: one leaf, and one expert's float
 requantising), into a temporary sibling of DST (`DST.partial-convert-pid<PID>-<random>`, removed
 on any error, Ctrl-C or SIGTERM; one a killed run left is removed by the next run to DST, see
 partial.py) that is renamed to DST at the end: DST is never half-written, an existing DST is
-never touched, and a DST inside SRC is refused. tokenizer.model and sampling.json are copied (a
-link's target, named in a warning). DST/SHA256SUMS lists every file's SHA-256
+never touched, and a DST inside SRC is refused. The tokenizer (tokenizer.model, Grok-2's
+tokenizer.tok.json) and sampling.json are copied (a link's target, named in a warning). SRC may
+also be Grok-2's release as published (grok.checkpoint.grok2_release): its bfloat16 matrices are
+quantised, its config given by the caller (grok.convert and the command line read it). DST/SHA256SUMS lists every file's SHA-256
 (`verify DST --sha256 DST/SHA256SUMS` checks a copy). DST/config.json records the format
 (`weight_bits`, `group_size`); each int4 file's metadata records its tensor's own group (the
 largest divisor of its input width not above the group size asked for), which the reader checks.
@@ -29,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from grok.checkpoint import safetensors_io
-from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, SAMPLING_FILE, TOKENIZER_FILE,
-                                       PathLike, check_files, checkpoint_dir, read_config,
-                                       tensor_suffix)
+from grok.checkpoint.directory import (CKPT_DIR, CONFIG_FILE, GROK2_TOKENIZER_FILE,
+                                       SAMPLING_FILE, TOKENIZER_FILE, PathLike, check_files,
+                                       checkpoint_dir, read_config, tensor_suffix)
 from grok.checkpoint.grok2_release import is_release, open_release
 from grok.checkpoint.partial import disown, make_partial, remove_stale_partials
 from grok.checkpoint.release import load_tensor
@@ -45,7 +47,7 @@ from grok.quant import QuantizedWeight, dequantize, quantize, quantize_int4
 log = logging.getLogger(__name__)
 
 # Beside ckpt-0, so the result loads as the source: Grok-1's tokenizer, Grok-2's, the sampling.
-COPIED = (TOKENIZER_FILE, "tokenizer.tok.json", SAMPLING_FILE)
+COPIED = (TOKENIZER_FILE, GROK2_TOKENIZER_FILE, SAMPLING_FILE)
 MANIFEST = "SHA256SUMS"   # every file's digest: `python -m grok.checkpoint verify DST --sha256 ...`
 
 
@@ -182,10 +184,8 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
             json.dump({**out.to_dict(), "weight_bits": bits, "group_size": out.group_size},
                       f, indent=1)
             f.write("\n")
-        if release:
-            grok2.close()
-        for name in COPIED:
-            found = next((w / name for w in (Path(src), ckpt.parent)
+        for name in COPIED:   # (a release's own directory only: its parent is not the model's)
+            found = next((w / name for w in ((Path(src),) if release else (Path(src), ckpt.parent))
                           if os.path.lexists(w / name)), None)
             if found is not None:
                 _copy_regular(found, tmp / name)
@@ -193,6 +193,8 @@ def convert(src: PathLike, dst: PathLike, bits: int, group_size: int | None = No
         disown(tmp)
         tmp.rename(target)
     finally:   # (also on Ctrl-C, and SIGTERM as the command line raises it)
+        if release:
+            grok2.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -17,6 +17,7 @@ CKPT_DIR = "ckpt-0"
 CONFIG_FILE = "config.json"
 SAMPLING_FILE = "sampling.json"      # recommended sampling settings (grok.load reads it)
 TOKENIZER_FILE = "tokenizer.model"
+GROK2_TOKENIZER_FILE = "tokenizer.tok.json"   # a converted Grok-2's (grok.families)
 PathLike = str | os.PathLike
 RELEASE, SAFETENSORS = "release", "safetensors"
 ST_SUFFIX = ".safetensors"
@@ -74,12 +75,12 @@ def check_files(ckpt: Path, entries: list[Entry], suffix: str = "") -> None:
 
 def load_inputs(ckpt: Path) -> list[Path]:
     """Every file a load of the checkpoint directory `ckpt` may read, wherever it is looked for:
-    its tensor files, and config.json, sampling.json and tokenizer.model in ckpt/ and (when it is
+    its tensor files, and config.json, sampling.json and the tokenizer in ckpt/ and (when it is
     a ckpt-0 directory) beside it. Only those present (a dangling link counts: a load fails on
     it). What a digest check must cover."""
     bases = [ckpt] + ([ckpt.parent] if ckpt.name == CKPT_DIR else [])
     files = [ckpt / n for n in sorted(os.listdir(ckpt)) if n.startswith("tensor")]
-    names = (CONFIG_FILE, SAMPLING_FILE, TOKENIZER_FILE)
+    names = (CONFIG_FILE, SAMPLING_FILE, TOKENIZER_FILE, GROK2_TOKENIZER_FILE)
     return files + [b / n for b in bases for n in names if os.path.lexists(b / n)]
 
 

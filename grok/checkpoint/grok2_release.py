@@ -103,9 +103,10 @@ class Grok2Release:
             raise CheckpointError(f"{self.path}: no pytorch_model-*-TP-common.safetensors files "
                                   "(not a Grok-2 release directory)")
         ranks = sorted(r for r in files if r != "common")
-        if ranks != [f"{i:03d}" for i in range(len(ranks))]:
+        if not ranks or ranks != [f"{i:03d}" for i in range(len(ranks))]:
             raise CheckpointError(f"{self.path}: expert files of ranks {', '.join(ranks) or 'none'}"
-                                  f"; expected TP-000 to TP-{len(ranks) - 1:03d} without a gap")
+                                  f"; expected TP-000 to TP-{max(len(ranks), 1) - 1:03d} without "
+                                  "a gap (a partial download?)")
         self.ranks = len(ranks)
         # name -> {rank ("common" or "000"...): (file, ref)}
         self.index: dict[str, dict[str, tuple[str, ArrayRef]]] = {}
@@ -138,20 +139,11 @@ class Grok2Release:
 
     def check(self) -> int:
         """Every tensor the config's leaves need is there, in its file's header, of the shape
-        the config gives (no data read): the number of files, or a one-line CheckpointError."""
+        the config gives (views of the files made, no data read): the number of files, or a
+        one-line CheckpointError."""
         for entry in checkpoint_entries(self.config):
-            src = source_of(entry)
-            layer = {"layer": entry.layer}
-            if src.how != "experts":
-                shape = entry.shape if src.how == "as is" else entry.shape[::-1]
-                self._ref(src.tensor.format(**layer), "common", tuple(shape))
-                continue
-            experts, inp, out = entry.shape
-            piece = [out, inp]
-            piece[src.split] //= self.ranks
-            for e in range(experts):
-                for r in range(self.ranks):
-                    self._ref(src.tensor.format(expert=e, **layer), f"{r:03d}", tuple(piece))
+            self.lazy_leaf(entry)
+        self.close()
         return len(self.files())
 
     def _ref(self, name: str, rank: str, shape: tuple[int, ...]) -> tuple[str, ArrayRef]:
@@ -169,28 +161,7 @@ class Grok2Release:
     def leaf(self, entry: Entry) -> np.ndarray:
         """Leaf `entry` in the table's layout and dtype (bfloat16 matrices, float32 norms and
         router; the embedding tables as stored), a new array (no view of a file)."""
-        src = source_of(entry)
-        layer = {"layer": entry.layer}
-        dtype = entry.float_dtype
-        if src.how == "as is":
-            return np.array(self._array(src.tensor.format(**layer), "common", entry.shape),
-                            dtype=dtype)
-        if src.how == "transpose":
-            out, inp = entry.shape[-1], entry.shape[-2]
-            return np.array(self._array(src.tensor.format(**layer), "common", (out, inp)).T,
-                            dtype=dtype)
-        experts, inp, out = entry.shape
-        piece = [out, inp]                    # a rank's part of one expert's [out, in] matrix
-        if piece[src.split] % self.ranks:
-            raise CheckpointError(f"{self.path}: {self.ranks} ranks do not divide {entry.name}'s "
-                                  f"{['rows', 'columns'][src.split]} ({piece[src.split]})")
-        piece[src.split] //= self.ranks
-        stacked = np.empty(entry.shape, dtype)
-        for e in range(experts):
-            name = src.tensor.format(expert=e, **layer)
-            parts = [self._array(name, f"{r:03d}", tuple(piece)) for r in range(self.ranks)]
-            stacked[e] = np.concatenate(parts, axis=src.split).T
-        return stacked
+        return self.lazy_leaf(entry)[tuple(slice(None) for _ in entry.shape)]
 
     def leaves(self) -> Iterator[tuple[Entry, np.ndarray]]:
         """Every leaf of the config's table, one at a time, in file order."""

@@ -119,9 +119,16 @@ def detect(path: str | os.PathLike) -> Family:
 
 
 def read_source(path: str | os.PathLike) -> tuple[Family, Any, GrokConfig]:
-    """(family, tokenizer or None, config) of the checkpoint directory `path`."""
+    """(family, tokenizer or None, config) of the checkpoint directory `path`, for `convert`,
+    `verify` and `plan`: the tokenizer is opened only where the config needs its ids (Grok-2's
+    release), and there it must be: ids guessed would be written into a conversion's config."""
     family = detect(path)
+    if family.read_config is not _grok2_config:
+        return family, None, family.read_config(Path(path), None)
     tokenizer = family.tokenizer(Path(path))
+    if tokenizer is None:
+        raise CheckpointError(f"{Path(path) / family.tokenizer_file}: missing (a Grok-2 "
+                              "release's token ids are read from it)")
     return family, tokenizer, family.read_config(Path(path), tokenizer)
 
 

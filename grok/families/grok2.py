@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from grok.checkpoint.directory import CONFIG_FILE
+from grok.checkpoint.directory import CONFIG_FILE, GROK2_TOKENIZER_FILE
 from grok.checkpoint.grok2_release import is_release
 from grok.config import MAX_CONFIG_BYTES, GrokConfig
 from grok.errors import ConfigError, one_line
@@ -18,7 +18,7 @@ from grok.files import DuplicateKey, NotRegularFile, TooLarge, read_limited, uni
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.tok.json"
+TOKENIZER_FILE = GROK2_TOKENIZER_FILE
 ARCHITECTURE = "Grok1ForCausalLM"   # what the release's config.json names (Grok-2 included)
 # release key -> GrokConfig field, for the keys that carry over as they are
 RENAMED = {

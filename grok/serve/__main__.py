@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from grok.launch import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags, check_placement,
-                         distributed_mesh, enable_compile_cache)
+                         default_checkpoint, distributed_mesh, enable_compile_cache, holds_model,
+                         tokenizer_file)
 from grok.config import DEMO, DEMO_DIR, PREFILL_TOKENS, model_dir
 from grok.errors import GrokError
 
@@ -64,16 +65,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds requests in flight may take to finish before they "
                         "are cancelled (default: %(default)s)")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="C",
+    p.add_argument("--max-connections", type=int, default=None, metavar="C",
                    help="connections open at once; one more is answered 503 and closed "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_MAX_CONNECTIONS}, or fewer where ulimit -n allows "
+                        "fewer)")
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="S",
                    help="seconds a client has to send a whole request, from connecting or its "
                         "previous answer; then the connection is closed (a slow body: 408) "
                         "(default: %(default)s)")
-    p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
+    p.add_argument("--max-prompt-chars", type=int, default=None,
                    metavar="N", help="longest prompt in characters, refused (400) before it "
-                                     "is tokenized (default: %(default)s)")
+                                     "is tokenized (default: 32 a token of the model's context, "
+                                     f"at least {DEFAULT_MAX_PROMPT_CHARS})")
     p.add_argument("--max-stop-chars", type=int, default=DEFAULT_MAX_STOP_CHARS, metavar="N",
                    help="longest stop string in characters (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="T",
@@ -90,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                ("--max-prompt-chars", args.max_prompt_chars, 1),
                                ("--max-stop-chars", args.max_stop_chars, 1),
                                ("--prefill-tokens", args.prefill_tokens, 1)):
-        if value < least:
+        if value is not None and value < least:   # (None: the default, decided later)
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.port > 65535:
         p.error(f"--port must be <= 65535, got {args.port}")
@@ -99,7 +102,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 0 < args.read_timeout < math.inf:
         p.error(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
     files = open_files_limit()
-    if files is not None and args.max_connections > files - SPARE_FILES:
+    if args.max_connections is None:   # the default, within what this process may open
+        room = DEFAULT_MAX_CONNECTIONS if files is None else files - SPARE_FILES
+        args.max_connections = max(1, min(DEFAULT_MAX_CONNECTIONS, room))
+    elif files is not None and args.max_connections > files - SPARE_FILES:
         p.error(f"--max-connections {args.max_connections} needs more files than this process "
                 f"may open ({files}, ulimit -n; {SPARE_FILES} kept for the rest)")
     return args
@@ -116,20 +122,21 @@ def open_files_limit() -> int | None:
 
 
 def checkpoint_dir(checkpoint: str | None) -> str:
-    """The model directory to serve; GrokError when there is none (which family's release a
-    directory holds, grok.load decides)."""
+    """The model directory to serve; GrokError when there is none, or it has no tokenizer
+    (which family's release a directory holds, grok.load decides)."""
     if checkpoint is None:
-        if not (DEFAULT_CHECKPOINT / "ckpt-0").is_dir() and (DEMO_DIR / "ckpt-0").is_dir():
-            print(f"{PROG}: no Grok-1 checkpoint in {DEFAULT_CHECKPOINT} (see "
-                  f"checkpoints/README.md); serving the demo model {DEMO_DIR}", file=sys.stderr)
+        found = default_checkpoint()
+        if found is None and (DEMO_DIR / "ckpt-0").is_dir():
+            print(f"{PROG}: no checkpoint in {DEFAULT_CHECKPOINT} (see checkpoints/README.md); "
+                  f"serving the demo model {DEMO_DIR}", file=sys.stderr)
             checkpoint = DEMO
         else:
-            checkpoint = str(DEFAULT_CHECKPOINT)
+            checkpoint = str(found or DEFAULT_CHECKPOINT)
     path = model_dir(checkpoint)
     if not path.is_dir():
         raise GrokError(f"checkpoint not found: {path} is not a directory; {GET_WEIGHTS}")
-    if (path / "ckpt-0").is_dir() and not (path / "tokenizer.model").is_file():
-        raise GrokError(f"tokenizer not found: {path / 'tokenizer.model'} is missing; "
+    if holds_model(path) and not tokenizer_file(path).is_file():
+        raise GrokError(f"tokenizer not found: {tokenizer_file(path)} is missing; "
                         f"{GET_WEIGHTS}")
     return str(path)
 
@@ -158,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_compile_cache()
         mesh = distributed_mesh(args)
         model = grok.load(path, mesh, max_batch=args.max_batch, layout=args.layout,
-                          moe_impl=args.moe_impl, chat_template=args.chat_template)
+                          moe_impl=args.moe_impl, chat_template=args.chat_template,
+                          max_context=args.max_context)
         if model.tokenizer is None:
             raise GrokError(f"{path} holds no tokenizer: the server reads and writes text")
         import jax

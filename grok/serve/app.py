@@ -22,7 +22,7 @@ from grok.serve.chat import ChatShape, checked_chat
 from grok.serve.metrics import CONTENT_TYPE
 from grok.serve.generation import (EventStreamResponse, Generation, Shape, chunks,
                                    TextShape, closing_error, complete, end_request, submit)
-from grok.serve.protocol import (DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_STOP_CHARS, ApiError,
+from grok.serve.protocol import (DEFAULT_MAX_STOP_CHARS, ApiError, prompt_chars_for,
                                  CompletionParams, TextLimits, check_model, completion_params,
                                  parse_json)
 from grok.serve.state import DEFAULT_READ_TIMEOUT, ServerState
@@ -37,15 +37,18 @@ OPEN_PATHS = ("/health",)             # liveness probes carry no key (as vLLM's 
 
 def create_app(model: Any, *, model_name: str | None = None, api_key: str | None = None,
                max_waiting: int = DEFAULT_MAX_WAITING,
-               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+               max_prompt_chars: int | None = None,
                max_stop_chars: int = DEFAULT_MAX_STOP_CHARS,
                read_timeout: float = DEFAULT_READ_TIMEOUT) -> FastAPI:
     """An app serving `model` (a `grok.Grok` with a tokenizer) as `model_name`. With `api_key`
     every request but GET /health needs `Authorization: Bearer <api_key>`. A completion is
     refused with 429 while `max_waiting` or more engine requests wait for a slot; with 400 if a
-    prompt is longer than `max_prompt_chars` characters or a stop string than `max_stop_chars`
+    prompt is longer than `max_prompt_chars` characters (default: 32 a token of the model's
+    context, at least 262,144) or a stop string than `max_stop_chars`
     (before anything is tokenized); with 408 if its body takes more than `read_timeout` seconds
     to arrive."""
+    if max_prompt_chars is None:
+        max_prompt_chars = prompt_chars_for(model.config.sequence_len)
     if model_name is None:   # the family's name (grok-2, grok-1); a model built in memory: demo
         model_name = getattr(getattr(model, "family", None), "model_name", None) or "demo"
     state = ServerState(model, model_name, api_key or None, max_waiting,

@@ -19,8 +19,15 @@ MAX_CHOICES = 64                 # prompts x n in one request
 MAX_STOPS = 4                    # OpenAI's limit on stop strings
 SEED_LIMIT = 2 ** 32             # the engine's seeds are uint32
 # Twice what Grok-1's 8192-token context holds at its tokenizer's longest piece (16 characters):
-# no prompt that fits is refused, and tokenizing one stays under ~0.1 s.
+# no prompt that fits is refused, and tokenizing one stays under ~0.1 s. A longer context gets
+# the same 32 characters a token (prompt_chars_for).
 DEFAULT_MAX_PROMPT_CHARS = 1 << 18
+CHARS_PER_TOKEN = 32
+
+
+def prompt_chars_for(context: int) -> int:
+    """The default longest prompt in characters for a model of `context` tokens."""
+    return max(DEFAULT_MAX_PROMPT_CHARS, CHARS_PER_TOKEN * context)
 # A stop string is a short marker; every token compares each stop string with the text's tail.
 DEFAULT_MAX_STOP_CHARS = 256
 # Only a \u escape can put a surrogate in a JSON string (UTF-8 input cannot hold one).

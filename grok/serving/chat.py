@@ -84,7 +84,7 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         for key, value in message.items():
             if key not in ("role", "content", "name") and value not in (None, [], {}, ""):
                 raise RequestError(f"{where}.{one_line(key, 40)}: not supported")
-        if "name" in message and not isinstance(message["name"], str):
+        if message.get("name") is not None and not isinstance(message["name"], str):
             raise RequestError(f"{where}.name: must be a string, got "
                                f"{type(message['name']).__name__}")
         content = _content(f"{where}.content", message["content"])

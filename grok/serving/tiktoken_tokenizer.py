@@ -22,8 +22,9 @@ V1_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|""
               r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 EOS, PAD, SEPARATOR = "<|eos|>", "<|pad|>", "<|separator|>"
 # The special tokens SGLang's encode reads as specials where they appear in text (any other
-# special's text is encoded as plain bytes). SGLang drops the file's default_allowed_special.
-ALLOWED_IN_TEXT = frozenset([PAD, SEPARATOR, EOS, *(f"<|control{i}|>" for i in range(1, 705)),
+# special's text is encoded as plain bytes; SGLang drops the file's default_allowed_special),
+# less <|pad|>: the model masks the pad id as padding, so typed it would vanish from the context.
+ALLOWED_IN_TEXT = frozenset([SEPARATOR, EOS, *(f"<|control{i}|>" for i in range(1, 705)),
                              *(f"<|reserved_{i}|>" for i in range(3, 128))])
 MAX_FILE_BYTES = 64 << 20     # the release's file is a few MB
 MAX_VOCAB = 1 << 21           # 16x the release's 131,072 ids
@@ -238,9 +239,9 @@ class TiktokenTokenizer:
         return tuple(i for i in (self.separator_id, self.eos_id) if i is not None)
 
     def encode(self, text: str) -> list[int]:
-        """The ids of `text`, as SGLang encodes it: the texts of <|pad|>, <|separator|>,
-        <|eos|>, <|controlN|> and <|reserved_N|> become their special ids (so a user's text
-        can hold them), other specials' texts are plain text. RequestError for anything but a
+        """The ids of `text`, as SGLang encodes it: the texts of <|separator|>, <|eos|>,
+        <|controlN|> and <|reserved_N|> become their special ids (so a user's text can hold
+        them), other specials' texts (and <|pad|>'s, which the model masks) are plain text. RequestError for anything but a
         string of valid Unicode (no lone surrogate)."""
         text = check_text(text)
         try:
