@@ -194,9 +194,11 @@ class Grok:
                                "chat_template=FILE (a Jinja template) to chat with it")
         if self.tokenizer is None:
             raise RequestError("this model has no tokenizer: chat needs one")
-        eos = self.tokenizer.piece(self.tokenizer.eos_id)
-        return self._encode(self.chat_template.render(messages, special_tokens={
-            "eos_token": eos}))
+        tok = self.tokenizer
+        specials = {"eos_token": tok.piece(tok.eos_id)}   # (templates written for HF name these)
+        if tok.pad_id >= 0:
+            specials["pad_token"] = tok.piece(tok.pad_id)
+        return self._encode(self.chat_template.render(messages, special_tokens=specials))
 
     def chat(self, messages: Any, max_new_tokens: int = 256, *, stream: bool = False,
              **kwargs: Any) -> str | Iterator[str]:

@@ -24,7 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": {"config", "errors", "files", "leaves", "quant", "progress"},
     "serving": {"config", "errors", "files", "leaves", "quant", "kernels", "model", "parallel"},
     # Model families: a release directory -> config, leaves, tokenizer, chat template.
-    "families": {"config", "errors", "files", "leaves", "quant", "checkpoint", "serving"},
+    "families": {"config", "errors", "files", "leaves", "quant", "checkpoint", "serving",
+                 "progress"},
     "api": {"config", "errors", "leaves", "quant", "kernels", "model", "parallel", "checkpoint",
             "serving", "progress", "families"},
     # What both command lines need to start (flags, mesh, compile cache, Ctrl-C).

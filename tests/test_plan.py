@@ -92,3 +92,13 @@ def test_load_logs_the_backend_and_why_auto_chose(caplog):
     text = caplog.text
     assert "backend cpu:" in text and "execution plan: moe_impl grouped on cpu" in text
     assert "execution plan: auto: CPU: XLA's grouped path" in text
+
+
+def test_erf_gelu_keeps_the_moe_off_the_tanh_gelu_kernels():
+    """Our Pallas kernels compute tanh GELU: a model with erf GELU (Grok-2) runs its MoE on
+    XLA's grouped path even where the kernels are asked for, and the plan says so."""
+    w = _stack(layers=4)
+    tanh = ExecutionPlan(backend="gpu", moe="pallas")
+    erf = ExecutionPlan(backend="gpu", moe="pallas", exact_gelu=True)
+    assert tanh.moe_path(2, w, w, w) == "pallas" and erf.moe_path(2, w, w, w) == "grouped"
+    assert "erf GELU" in erf.describe()[0] and "erf GELU" not in tanh.describe()[0]

@@ -20,6 +20,8 @@ from grok import checkpoint
 from grok.checkpoint import grok2_release
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, TokenizerError
+from grok.leaves import checkpoint_entries
+from grok.progress import Progress
 from grok.families import grok2
 from grok.serving.tokenizer import Tokenizer
 
@@ -53,8 +55,14 @@ def _read_grok1(path: Path, config: GrokConfig, progress: bool) -> dict[str, Any
 
 
 def _read_grok2(path: Path, config: GrokConfig, progress: bool) -> dict[str, Any]:
-    return {entry.name: leaf for entry, leaf in
-            grok2_release.open_release(path, config).leaves()}
+    release = grok2_release.open_release(path, config)
+    flat = {}
+    with Progress(len(checkpoint_entries(config)), f"reading {release}", enabled=progress,
+                  logger=log, unit="leaves") as bar:
+        for entry, leaf in release.leaves():
+            flat[entry.name] = leaf
+            bar.update(1, leaf.nbytes)
+    return flat
 
 
 def _grok2_leaves(path: Path, config: GrokConfig) -> Iterable[tuple[Any, Any]]:

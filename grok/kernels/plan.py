@@ -56,6 +56,9 @@ class ExecutionPlan:
     # in, with the reasons); a class left out takes "grouped".
     auto_kernels: tuple[tuple[str, str], ...] = (("decode", "pallas"), ("prefill", "pallas"))
     auto_reasons: tuple[tuple[str, str], ...] = ()
+    # The model's GELU is erf's (Grok-2): our Pallas kernels compute the tanh form, so its MoE
+    # takes XLA's grouped path where they would run.
+    exact_gelu: bool = False
 
     def __post_init__(self) -> None:
         if self.moe not in MOE_IMPLS:
@@ -80,7 +83,9 @@ class ExecutionPlan:
         """What this plan runs and, for "auto", why: a line each (grok.load logs them)."""
         lines = [f"moe_impl {self.moe} on {self.backend}"
                  + (f", per device ({self.mesh_kernel.layout} layout)" if self.mesh_kernel else "")
-                 + (", decode projections through the kernel" if self.projections else "")]
+                 + (", decode projections through the kernel" if self.projections else "")
+                 + (", erf GELU: the MoE never on our (tanh GELU) Pallas kernels"
+                    if self.exact_gelu and self.moe in ("auto", "pallas") else "")]
         reasons = dict(self.auto_reasons)   # (only where "auto" was asked for)
         if len(set(reasons.values())) == 1:
             lines.append(f"auto: {next(iter(reasons.values()))}")
@@ -121,8 +126,8 @@ class ExecutionPlan:
         them), ours where every weight is int8 and each device's shard has a shape they
         handle."""
         weights = (w1, wv, w2)
-        quantized = all(takes_kernel(w) for w in weights)
-        if self.moe != "auto":   # our kernels take int8 weights only (int4: XLA)
+        quantized = all(takes_kernel(w) for w in weights) and not self.exact_gelu
+        if self.moe != "auto":   # our kernels take int8 weights and tanh GELU only (else XLA)
             return "grouped" if self.moe == "pallas" and not quantized else self.moe
         bits = 4 if any(getattr(w, "fmt", None) is INT4 for w in weights) else 8
         kernel = dict(self.auto_kernels).get(measured.shape_class(assignments, bits), "grouped")
@@ -252,7 +257,8 @@ def _tokamax_loads() -> bool:
 
 def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None,
                  backend: str | None = None, unroll: int | bool = 1,
-                 toolchain: measured.Toolchain | None = None) -> ExecutionPlan:
+                 toolchain: measured.Toolchain | None = None,
+                 exact_gelu: bool = False) -> ExecutionPlan:
     """The plan for a model's `params` (sharded on `mesh`, if any) on `backend` (default: jax's).
     moe_impl="tokamax" needs the tokamax package (else a one-line GrokError naming it).
     "auto" takes grok.kernels.measured.decide's kernels for `toolchain` (default: this
@@ -284,4 +290,5 @@ def resolve_plan(moe_impl: str = "auto", *, params: Any = None, mesh: Any = None
         moe_impl = "grouped"
     return ExecutionPlan(backend, moe_impl, projections, mesh_kernel, unroll,
                          auto_kernels=kernels,
-                         auto_reasons=tuple((c.shape, c.reason) for c in choices if asked_auto))
+                         auto_reasons=tuple((c.shape, c.reason) for c in choices if asked_auto),
+                         exact_gelu=exact_gelu)

@@ -38,7 +38,8 @@ class ModelRunner:
         plan for the backend, `mesh` and the params' layout on it, unless `plan` is given."""
         # The Pallas kernels have no partitioning rule (GSPMD would gather their sharded weights):
         # on a multi-device mesh the plan runs them per device where the layout allows.
-        self.plan = plan = plan or resolve_plan(moe_impl, params=params, mesh=mesh)
+        self.plan = plan = plan or resolve_plan(moe_impl, params=params, mesh=mesh,
+                                                exact_gelu=config.exact_gelu)
         self.params = with_compute_embedding(params, plan.embedding_dtype)
         self.config = config
         self.scan = is_scanned(params)
