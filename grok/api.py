@@ -184,11 +184,12 @@ class Grok:
         stops = getattr(self.tokenizer, "stop_ids", None)
         return tuple(stops) if stops else (self.config.eos_token,)
 
-    def chat_ids(self, messages: Any) -> list[int]:
+    def chat_ids(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
         """The prompt of a conversation: `messages` ([{"role": "system" | "user" | "assistant",
         "content": text}], OpenAI's form) through the model's chat template, tokenized, ending
-        with the assistant's turn to speak. RequestError for bad messages or a model without a
-        chat template (a base model: grok.load(..., chat_template=FILE) gives it one)."""
+        with the assistant's turn to speak (without `add_generation_prompt`: the conversation
+        as it stands). RequestError for bad messages or a model without a chat template (a base
+        model: grok.load(..., chat_template=FILE) gives it one)."""
         if self.chat_template is None:
             raise RequestError("this model has no chat template (a base model); load it with "
                                "chat_template=FILE (a Jinja template) to chat with it")
@@ -198,7 +199,8 @@ class Grok:
         specials = {"eos_token": tok.piece(tok.eos_id)}   # (templates written for HF name these)
         if tok.pad_id >= 0:
             specials["pad_token"] = tok.piece(tok.pad_id)
-        return self._encode(self.chat_template.render(messages, special_tokens=specials))
+        return self._encode(self.chat_template.render(messages, add_generation_prompt,
+                                                      special_tokens=specials))
 
     def chat(self, messages: Any, max_new_tokens: int = 256, *, stream: bool = False,
              **kwargs: Any) -> str | Iterator[str]:

@@ -40,7 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from grok.serve.state import DEFAULT_READ_TIMEOUT
     p = _Parser(prog=PROG, description="Serve a Grok checkpoint over HTTP with OpenAI's "
                 "completions and chat completions APIs (POST /v1/completions, "
-                "/v1/chat/completions; GET /v1/models, /health, /metrics).")
+                "/v1/chat/completions; GET /v1/models, /health, /metrics) and vLLM's tokenizer "
+                "endpoints (GET /tokenizer_info; POST /tokenize, /detokenize).")
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help=f"a Grok-1 directory (ckpt-0/ and tokenizer.model), a Grok-2 release "
                         f"directory, or '{DEMO}' (default: {DEFAULT_CHECKPOINT}, or the demo "

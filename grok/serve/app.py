@@ -1,5 +1,6 @@
 """The FastAPI application: OpenAI's /v1/completions, /v1/chat/completions (and /v1/models)
-over a model's one long-lived engine, plus /health and Prometheus /metrics.
+over a model's one long-lived engine, plus /health, Prometheus /metrics and vLLM's tokenizer
+endpoints (/tokenizer_info, /tokenize, /detokenize: tokenize.py).
 
 The engine steps on its own thread (`Engine.start()`, at startup); generation.py bridges each
 completion's engine requests to asyncio and shapes the answers; chat.py reads and shapes chats.
@@ -26,12 +27,14 @@ from grok.serve.protocol import (DEFAULT_MAX_STOP_CHARS, ApiError, prompt_chars_
                                  CompletionParams, TextLimits, check_model, completion_params,
                                  parse_json)
 from grok.serve.state import DEFAULT_READ_TIMEOUT, ServerState
+from grok.serve.tokenize import checked_detokenize, checked_tokenize, tokenizer_info
 
 log = logging.getLogger(__name__)
 MAX_BODY = 4 << 20                    # bytes of a request body
 DEFAULT_MAX_WAITING = 64
 RETRY_AFTER_S = 1
-ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions",
+             "/tokenizer_info", "/tokenize", "/detokenize")
 OPEN_PATHS = ("/health",)             # liveness probes carry no key (as vLLM's /health)
 
 
@@ -125,6 +128,21 @@ def create_app(model: Any, *, model_name: str | None = None, api_key: str | None
         # that answers every other client.
         params = await asyncio.to_thread(_checked_completion, state, body)
         return await _answer(state, request, params, TextShape)
+
+    # vLLM's tokenizer endpoints (lm-evaluation-harness's tokenizer_backend=remote reads them)
+    @app.get("/tokenizer_info")
+    async def get_tokenizer_info() -> dict[str, Any]:
+        return tokenizer_info(state)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await _body(request, state.read_timeout)
+        return JSONResponse(await asyncio.to_thread(checked_tokenize, state, body))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await _body(request, state.read_timeout)
+        return JSONResponse(await asyncio.to_thread(checked_detokenize, state, body))
 
     return app
 

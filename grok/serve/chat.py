@@ -91,11 +91,13 @@ def chat_params(data: dict, model: Any, context: int, limits: TextLimits = TextL
                             tuple(model.turn_end_ids))
 
 
-def prompt_ids(messages: Any, model: Any, max_chars: int) -> list[int]:
-    """The prompt of `messages` through the model's chat template: 400 naming the message's
-    field (messages[1].role) when one is wrong, or when their contents are more than
-    `max_chars` characters (checked before anything is rendered); 500 when the template itself
-    fails (the server's template, not the client's request)."""
+def prompt_ids(messages: Any, model: Any, max_chars: int, add_generation_prompt: bool = True
+               ) -> list[int]:
+    """The prompt of `messages` through the model's chat template (`model.chat_ids`; without
+    `add_generation_prompt`, the same conversation not yet handed to the assistant): 400 naming
+    the message's field (messages[1].role) when one is wrong, or when their contents are more
+    than `max_chars` characters (checked before anything is rendered); 500 when the template
+    itself fails (the server's template, not the client's request)."""
     try:
         checked = validate_messages(messages)
     except RequestError as err:
@@ -105,7 +107,7 @@ def prompt_ids(messages: Any, model: Any, max_chars: int) -> list[int]:
         raise bad("messages", f"the messages' contents are {chars} characters, more than this "
                               f"server's limit of {max_chars}", "string_above_max_length")
     try:
-        ids = model.chat_ids(checked)
+        ids = model.chat_ids(checked, add_generation_prompt)
     except TokenizerError as err:        # the sandbox stopped the template: the server's fault
         log.error("the chat template failed: %s", err)
         raise ApiError(500, f"the chat template failed: {err}", None, "chat_template_error",
