@@ -16,7 +16,6 @@ Prints a markdown table (BENCHMARKS.md, "Grok-2: int8 and int4 on Grok-2-shaped 
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import time
 

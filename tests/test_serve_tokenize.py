@@ -27,7 +27,7 @@ from grok.serve import create_app                             # noqa: E402
 from grok.serving.chat import GROK2_TEMPLATE                  # noqa: E402
 from precision import assert_within, params_route_bound       # noqa: E402
 from test_serve import Served, _logged                        # noqa: E402
-from test_serve_chat import CONVERSATION, _served_command     # noqa: E402
+from test_serve_chat import CONVERSATION, _error, _served_command   # noqa: E402
 
 KEY = "tokenize-key"
 NAME = "demo"
@@ -74,15 +74,6 @@ def http2(grok2):
 def _ok(response) -> dict:
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def _error(response, status: int, param: str | None, code: str | None = None) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
-    assert code is None or error["code"] == code, error
-    assert "\n" not in error["message"]
-    return error["message"]
 
 
 # --- the demo model (SentencePiece, no chat template) -----------------------------------------
