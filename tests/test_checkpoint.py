@@ -510,3 +510,21 @@ def test_checkpoint_modules_import_only_what_they_may_without_cycles():
             visit(dep, path + [module])
     for module in graph:
         visit(module, [])
+
+
+def test_the_release_pickler_ignores_dispatch_entries_other_libraries_add(tmp_path, monkeypatch):
+    """dill (imported by lm-eval's `datasets`) adds its own savers to pickle._Pickler.dispatch,
+    its `type` saver writing a class's global past our save_global: a file written after that
+    named grok.quant.QuantizedWeight, which every reader refuses. Written with such entries in
+    place, a leaf still names __main__.QuantizedWeight8bit and reads back."""
+    import pickle
+
+    from grok.checkpoint.release import load_tensor, save_tensor
+    from grok.quant import quantize
+    leaf = quantize(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), 2)
+    hijack = lambda pickler, obj: pickle._Pickler.save_global(pickler, obj)   # noqa: E731
+    monkeypatch.setitem(pickle._Pickler.dispatch, type, hijack)
+    save_tensor(tmp_path / "t", leaf)
+    assert b"QuantizedWeight8bit" in (tmp_path / "t").read_bytes()
+    back = load_tensor(tmp_path / "t")
+    assert np.array_equal(back.weight, leaf.weight) and np.array_equal(back.scales, leaf.scales)

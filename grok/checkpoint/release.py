@@ -63,6 +63,18 @@ class ReleasePickler(pickle._Pickler):  # the pure-Python pickler lets us write 
     `__main__.QuantizedWeight8bit`, NEWOBJ with no arguments, then BUILD with the state dict
     {'weight': ..., 'scales': ...}."""
 
+    # The standard library's own type dispatch only: dill (which lm-eval's `datasets` imports)
+    # adds entries to pickle._Pickler.dispatch in place, and its `type` entry writes a class's
+    # global itself, past save_global below (the file would then name grok.quant's class).
+    dispatch = {t: f for t, f in pickle._Pickler.dispatch.items()
+                if getattr(f, "__module__", None) == "pickle"}
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if obj is QuantizedWeight8bit and id(obj) not in self.memo:
+            self.save_global(obj)   # (never through a dispatch entry another library added)
+            return
+        super().save(obj, save_persistent_id)
+
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is QuantizedWeight8bit:
             return copyreg.__newobj__, (QuantizedWeight8bit,), \
