@@ -21,7 +21,7 @@ pytest.importorskip("prometheus_client")
 import grok                                            # noqa: E402
 from grok.serve.__main__ import main                   # noqa: E402
 from grok.serve.chat import piece_bytes                # noqa: E402
-from test_serve import Served, _logged, _settled       # noqa: E402
+from test_serve import Served, _logged, _metrics, _settled   # noqa: E402
 
 NAME = "grok-2"                       # the family's name: the server's default
 CONVERSATION = [
@@ -272,15 +272,6 @@ def test_unknown_models_bodies_and_the_client_library_errors(http, client):
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\]\.role"):
         _chat(client, messages=[{"role": "user", "content": "a"}, {"role": "robot",
                                                                    "content": "b"}])
-
-
-def _metrics(http) -> dict[str, float]:
-    samples = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def test_chats_are_counted_and_a_client_that_leaves_is_cancelled(served, client, http, model):

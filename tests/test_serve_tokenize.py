@@ -26,7 +26,7 @@ import grok                                                   # noqa: E402
 from grok.serve import create_app                             # noqa: E402
 from grok.serving.chat import GROK2_TEMPLATE                  # noqa: E402
 from precision import assert_within, params_route_bound       # noqa: E402
-from test_serve import Served, _logged                        # noqa: E402
+from test_serve import Served, _logged, _metrics              # noqa: E402
 from test_serve_chat import CONVERSATION, _error, _served_command   # noqa: E402
 
 KEY = "tokenize-key"
@@ -210,15 +210,6 @@ def test_the_api_key_is_required(served):
         keyed = httpx.request(method, f"{served.url}{path}", json=body,
                               headers={"Authorization": f"Bearer {KEY}"})
         assert keyed.status_code == 200, keyed.text
-
-
-def _metrics(http) -> dict[str, float]:
-    samples = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def test_the_requests_are_counted_by_endpoint_and_status(http):
