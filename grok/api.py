@@ -21,7 +21,7 @@ from grok.model import routing as routing_mod
 from grok.model.routing import Routing
 from grok.parallel import memory
 from grok.parallel import rules as sharding
-from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
+from grok.serving.engine import PAGE_SIZE, Engine, ModelRunner, Request, Result, bucket
 from grok.serving.request import token_ids
 from grok.serving.chat import ChatTemplate
 from grok.serving.sampling import SamplingParams, describe, is_int, read_sampling_defaults
@@ -35,7 +35,14 @@ class Grok:
 
     def __init__(self, params: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
                  moe_impl: str = "auto", max_batch: int = 8, mesh: Any = None,
-                 sampling_defaults: SamplingParams = SamplingParams(), family: Any = None):
+                 sampling_defaults: SamplingParams = SamplingParams(), family: Any = None,
+                 kv_cache_tokens: int | None = None, prefix_cache: bool = True):
+        """`kv_cache_tokens`: the engine's KV pool, in token slots (rounded up to whole pages;
+        default: `max_batch` x the context); `prefix_cache`: whether later prompts reuse the
+        pages of earlier ones that start alike. Both are kept for `new_engine`."""
+        _check_kv_cache(kv_cache_tokens, prefix_cache)
+        self.kv_cache_tokens = None if kv_cache_tokens is None else int(kv_cache_tokens)
+        self.prefix_cache = bool(prefix_cache)
         self.config = config
         # The model family (grok.families; None: built from leaves in memory), and the chat
         # template `chat` renders conversations with (None: a base model).
@@ -49,9 +56,9 @@ class Grok:
         self.runner = ModelRunner(params, config, moe_impl=moe_impl, mesh=mesh)
         for line in self.runner.plan.describe():   # what runs and, for "auto", why (-v)
             log.info("execution plan: %s", line)
-        # One engine for the model's lifetime: its KV cache is made at the first request and
-        # grown (powers of two, up to max_batch slots of the full context) only when one needs
-        # more. `model.engine.start()` drives it from a thread of its own (for a server).
+        # One engine for the model's lifetime: its paged KV pool (kv_cache_tokens slots) is made
+        # at the first request. `model.engine.start()` drives it from a thread of its own (for
+        # a server).
         self.engine = self.new_engine()
         self._routing_fn = None     # jitted on the first `routing` call
 
@@ -59,13 +66,16 @@ class Grok:
         """Give the model a new engine (the old one must be idle) and return it: at most
         `prefill_tokens` prompt tokens prefilled per step (longer prompts a chunk per step);
         `steps` its device side (default: this process's; a multi-host leader passes its
-        `grok.serving.lockstep.Leader`)."""
+        `grok.serving.lockstep.Leader`, whose followers make the same pool by replaying its
+        `new_pool` call). Its KV pool and prefix cache are the model's (`kv_cache_tokens`,
+        `prefix_cache`)."""
         old = getattr(self, "engine", None)
         if old is not None and not old.idle:
             raise RequestError("the model's engine still has requests: let them finish first")
         self.engine = Engine(self.runner, batch_size=self.max_batch,
                              max_len=self.config.sequence_len, tokenizer=self.tokenizer,
-                             prefill_tokens=prefill_tokens, grow=True, steps=steps)
+                             prefill_tokens=prefill_tokens, kv_cache_tokens=self.kv_cache_tokens,
+                             prefix_cache=self.prefix_cache, steps=steps)
         return self.engine
 
     @property
@@ -312,16 +322,31 @@ def _as_stored(flat: dict[str, Any], config: GrokConfig, scan: bool) -> dict[str
 
 
 def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
-              scan: bool = True, moe_impl: str = "auto", max_batch: int = 8) -> Grok:
-    """A model from in-memory checkpoint leaves (e.g. `grok.leaves.random_flat(config)`)."""
-    return Grok(device_params(flat, config, scan), config, tokenizer, moe_impl, max_batch)
+              scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, *,
+              kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> Grok:
+    """A model from in-memory checkpoint leaves (e.g. `grok.leaves.random_flat(config)`);
+    `kv_cache_tokens` and `prefix_cache` as `Grok`'s (None: `max_batch` x the context)."""
+    _check_kv_cache(kv_cache_tokens, prefix_cache)   # before the weights go to the device
+    return Grok(device_params(flat, config, scan), config, tokenizer, moe_impl, max_batch,
+                kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+
+
+def _check_kv_cache(kv_cache_tokens: Any, prefix_cache: Any) -> None:
+    """RequestError (one line) unless `kv_cache_tokens` is None or an integer >= a page and
+    `prefix_cache` a bool."""
+    if kv_cache_tokens is not None and (not is_int(kv_cache_tokens)
+                                        or kv_cache_tokens < PAGE_SIZE):
+        raise RequestError(f"kv_cache_tokens must be an integer >= {PAGE_SIZE} (a page), got "
+                           f"{describe(kv_cache_tokens)}")
+    if not isinstance(prefix_cache, (bool, np.bool_)):
+        raise RequestError(f"prefix_cache must be True or False, got {describe(prefix_cache)}")
 
 
 def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str | os.PathLike | None = None,
          scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, layout: str = "tensor",
          memory_gb: float | None = None, progress: bool = True,
-         chat_template: str | os.PathLike | None = None, max_context: int | None = None
-         ) -> Grok:
+         chat_template: str | os.PathLike | None = None, max_context: int | None = None,
+         kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> Grok:
     """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
     and `tokenizer.model` and `sampling.json` (recommended sampling settings, kept as
     `model.sampling_defaults`); "demo" (the default) is the small model shipped in
@@ -331,9 +356,16 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     `mesh`: a `jax.sharding.Mesh` with axes ("data", "model"), a (data, model) pair or "D,M":
     the weights are streamed from the files straight onto the devices that own each piece
     (grok.checkpoint.loader) by the partition rules of `layout` ("tensor" or "expert"; grok.parallel.rules).
-    Before reading any weights the per-device memory (weights, KV cache for `max_batch` full-length
-    sequences, workspace) is estimated against `memory_gb` (default: what the device reports;
-    CPUs report nothing, so no check) and loading is refused, with the numbers, if it cannot fit.
+    Before reading any weights the per-device memory (weights, the KV pool, workspace) is
+    estimated against `memory_gb` (default: what the device reports; CPUs report nothing, so no
+    check) and loading is refused, with the numbers, if it cannot fit.
+
+    `kv_cache_tokens`: the engine's paged KV pool, in token slots shared by every sequence
+    (rounded up to whole pages of 16). Default: where the device reports its memory (or
+    `memory_gb` says), what fits beside the weights and workspace in 90% of it, at least a page a
+    sequence and at most twice `max_batch` x the context (the rest as prefix cache); else
+    `max_batch` x the context. The size chosen is logged. `prefix_cache=False`: no reuse of the
+    pages of earlier prompts that start alike.
 
     The directory's family (grok.families: Grok-1's ckpt-0/, or Grok-2's release files) is
     detected and logged. `chat_template`: a Jinja chat template file for `model.chat` (a chat
@@ -341,6 +373,7 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     longest sequence (prompt and reply) to serve, if less than the model's (Grok-2's 131,072
     tokens make a full-length KV cache 32 GiB a sequence): what the memory check and the
     engine's cache are sized by."""
+    _check_kv_cache(kv_cache_tokens, prefix_cache)
     _report_backend()
     path = model_dir(path)
     if not path.is_dir():
@@ -358,11 +391,13 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     template = ChatTemplate.from_file(chat_template) if chat_template is not None \
         else ChatTemplate.grok2() if family.chat else None
     sampling = read_sampling_defaults(path)
+    mesh = None if mesh is None else sharding.make_mesh(mesh)
+    capacity = memory_gb * 1e9 if memory_gb is not None else memory.device_memory(
+        jax.devices()[0] if mesh is None else mesh.devices.flat[0])
+    kv_cache_tokens = _kv_pool(config, mesh, capacity, max_batch, layout, kv_cache_tokens)
     if mesh is not None:
-        mesh = sharding.make_mesh(mesh)
-        capacity = memory_gb * 1e9 if memory_gb is not None \
-            else memory.device_memory(mesh.devices.flat[0])
-        memory.check_fits(config, mesh, capacity, batch=max_batch, layout=layout)
+        memory.check_fits(config, mesh, capacity, batch=max_batch, layout=layout,
+                          kv_cache_tokens=kv_cache_tokens)
         # The layout's rules place every leaf; the loader only follows the shardings given.
         shardings = sharding.params_shardings(abstract_params(config, scan), mesh, config, layout)
         if family.stream_leaves is None:   # files in the leaf table's layout: slices streamed
@@ -372,15 +407,40 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
                                             shardings, scan)
         log.info("loaded %s onto mesh %s: %s", path, dict(mesh.shape), config)
         model = Grok(params, config, tok, moe_impl, max_batch, mesh=mesh,
-                     sampling_defaults=sampling, family=family)
+                     sampling_defaults=sampling, family=family,
+                     kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
         model.chat_template = template
         return model
     flat = family.read_weights(path, config, progress)
     log.info("loaded %s: %s", path, config)
-    model = from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch)
+    model = from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch,
+                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
     model.sampling_defaults = sampling
     model.family, model.chat_template = family, template
     return model
+
+
+def _kv_pool(config: GrokConfig, mesh: Any, capacity: float | None, max_batch: int,
+             layout: str, asked: int | None) -> int:
+    """The KV pool's token slots (whole pages) `load` makes: `asked`, else sized by
+    `memory.default_kv_tokens` from the device's memory `capacity` (None: max_batch x the
+    context); logged."""
+    context = config.sequence_len
+    if asked is not None:
+        tokens, why = int(asked), "as asked"
+    else:
+        shape = (1, 1) if mesh is None else mesh   # one device: the estimate of a 1x1 mesh
+        tokens = memory.default_kv_tokens(config, shape, capacity, batch=max_batch,
+                                          layout=layout if mesh is not None else "tensor")
+        why = (f"max_batch {max_batch} x the context: the device reports no memory"
+               if capacity is None else
+               f"what fits in {memory.KV_MEMORY_FRACTION:.0%} of {capacity / 1e9:.1f} GB a device "
+               f"beside the weights and workspace, at most twice max_batch {max_batch} x the "
+               "context")
+    tokens = memory.kv_pages(tokens) * PAGE_SIZE
+    log.info("%s, %s%s", memory.describe_pool(tokens, context), why,
+             "" if tokens >= context else f"; requests are limited to {tokens} tokens")
+    return tokens
 
 
 def _check_vocab(tok: Any, config: GrokConfig) -> None:

@@ -20,7 +20,8 @@ from grok.config import DEMO, DEMO_DIR, model_dir
 from grok.errors import GrokError
 from grok.launch import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags,
                          check_placement, default_checkpoint, distributed_mesh,
-                         enable_compile_cache, exit_on_interrupt, holds_model, tokenizer_file)
+                         enable_compile_cache, exit_on_interrupt, holds_model, load_options,
+                         tokenizer_file)
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
                   "frequency_penalty")
@@ -320,8 +321,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mesh = distributed_mesh(args)
             model = grok.load(args.checkpoint, mesh, tokenizer=args.tokenizer,
                               scan=not args.unrolled, max_batch=args.max_batch,
-                              layout=args.layout, moe_impl=args.moe_impl,
-                              chat_template=args.chat_template, max_context=args.max_context)
+                              chat_template=args.chat_template, **load_options(args))
             if args.chat:
                 _chat(model, args, prompts)
                 return 0

@@ -1,6 +1,7 @@
 """What both command lines (`run.py`, `python -m grok.serve`) need to start: the default
-checkpoint and where to get one, the mesh / multi-host / MoE-evaluation flags and their checks,
-joining a multi-host run, the compile cache, and Ctrl-C that ends the process at once."""
+checkpoint and where to get one, the mesh / multi-host / KV cache / MoE-evaluation flags and
+their checks, joining a multi-host run, the compile cache, and Ctrl-C that ends the process at
+once."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from grok.config import DEMO_DIR, MOE_IMPLS
+from grok.config import DEMO_DIR, MOE_IMPLS, PAGE_SIZE
 
 DEFAULT_CHECKPOINT = DEMO_DIR.parent
 RELEASE_FILES = "pytorch_model-*-TP-common.safetensors"   # Grok-2's release (grok.families)
@@ -22,8 +23,9 @@ GET_WEIGHTS = ("see checkpoints/README.md: download the Grok-1 release (ckpt-0/ 
 
 
 def add_placement_flags(p: argparse.ArgumentParser) -> None:
-    """The mesh, multi-host and MoE-evaluation flags (run.py and `python -m grok.serve`);
-    `check_placement` checks them."""
+    """The mesh, multi-host, KV cache and MoE-evaluation flags (run.py and `python -m
+    grok.serve`); `check_placement` checks them; `load_options` turns them into grok.load's
+    keyword arguments."""
     p.add_argument("--mesh", default=None, metavar="DATA,MODEL",
                    help="shard over a (data, model) device mesh, e.g. 1,8; weights stream from "
                         "the files onto the devices that own them (default: one device, or "
@@ -41,6 +43,15 @@ def add_placement_flags(p: argparse.ArgumentParser) -> None:
                    help="the longest sequence (prompt and output) to run, if less than the "
                         "model's context: sizes the KV cache and the memory check (Grok-2's "
                         "131,072 tokens take 32 GiB of cache a sequence)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                   help="token slots of the paged KV cache, shared by every sequence (whole "
+                        f"pages of {PAGE_SIZE}; a request can be at most this long) (default: "
+                        "what fits in 90%% of the device's memory beside the weights, at most "
+                        "twice --max-batch x the context, the rest as prefix cache; on CPU "
+                        "--max-batch x the context)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV cache of earlier prompts that start with the same "
+                        "tokens (a shared system prompt is then prefilled every time)")
     p.add_argument("--moe-impl", choices=MOE_IMPLS, default="auto",
                    help="the MoE's evaluation: auto (the measured best for this backend, card "
                         "and weight format), XLA's dense / gather / grouped, our Triton kernels "
@@ -52,7 +63,8 @@ def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Range-check the placement flags; parse --mesh (p.error on a bad value)."""
     for flag, value, least in (("--num-processes", args.num_processes, 1),
                                ("--process-id", args.process_id, 0),
-                               ("--max-context", args.max_context, 1)):
+                               ("--max-context", args.max_context, 1),
+                               ("--kv-cache-tokens", args.kv_cache_tokens, PAGE_SIZE)):
         if value is not None and value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
     if args.mesh is not None:
@@ -61,6 +73,13 @@ def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             args.mesh = parse_mesh(args.mesh)
         except ShardingError as err:
             p.error(f"--mesh: {err}")
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """grok.load's keyword arguments from the placement flags (the mesh aside:
+    `distributed_mesh`)."""
+    return dict(layout=args.layout, moe_impl=args.moe_impl, max_context=args.max_context,
+                kv_cache_tokens=args.kv_cache_tokens, prefix_cache=args.prefix_cache)
 
 
 def distributed_mesh(args: argparse.Namespace):

@@ -43,7 +43,8 @@ def test_help_documents_every_flag_with_its_default():
     for flag in ("--checkpoint", "--tokenizer", "--max-new-tokens", "--temperature", "--top-p",
                  "--top-k", "--seed", "--prompts-file", "--stream", "--max-batch", "--json",
                  "--repetition-penalty", "--presence-penalty", "--frequency-penalty",
-                 "--truncate", "--stop", "--interactive", "--mesh", "--moe-impl"):
+                 "--truncate", "--stop", "--interactive", "--mesh", "--moe-impl",
+                 "--kv-cache-tokens", "--no-prefix-cache"):
         assert flag in out.stdout
     text = " ".join(out.stdout.split())
     for default in ("tokens to generate per prompt (default: 64)", "(default: 8)",
@@ -71,6 +72,8 @@ def test_missing_checkpoint_is_one_line_naming_the_file(tmp_path):
     (["--truncate", "right"], "invalid choice: 'right'"),
     (["--moe-impl", "fast"], "invalid choice: 'fast'"),
     (["--stream", "--json"], "not allowed with argument"),
+    (["--kv-cache-tokens", "8"], "--kv-cache-tokens must be >= 16, got 8"),
+    (["--kv-cache-tokens", "lots"], "argument --kv-cache-tokens: invalid int value"),
 ])
 def test_bad_flags_are_one_line(flags, words):
     out = run("hello", *flags)
@@ -265,3 +268,26 @@ def test_moe_impl_reaches_the_model_and_a_missing_kernel_package_is_one_line(
         tokamax_moe.load.cache_clear()
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "grok[kernels]" in err, err
+
+
+def test_kv_cache_flags_reach_the_engine(checkpoint, monkeypatch, capsys):
+    """--kv-cache-tokens and --no-prefix-cache are the loaded model's engine's pool and prefix
+    cache (in process; the run stops after loading)."""
+    import grok
+    import grok.cli
+    monkeypatch.setattr(grok.cli, "exit_on_interrupt", lambda: None)   # keep pytest's Ctrl-C
+    monkeypatch.setenv("GROK_COMPILE_CACHE", "off")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    seen, real = [], grok.load
+
+    def load(*args, **kwargs):
+        engine = real(*args, **kwargs).engine
+        seen.append((engine.kv_cache_tokens, engine.prefix_cache))
+        raise GrokError("stopped after loading")
+    monkeypatch.setattr(grok, "load", load)
+    flags = ["hi", "--checkpoint", str(checkpoint), "--tokenizer", str(tokenizer_path())]
+    assert grok.cli.main([*flags, "--kv-cache-tokens", "100", "--no-prefix-cache"]) == 2
+    assert grok.cli.main([*flags, "--max-batch", "2"]) == 2
+    assert seen == [(112, False), (2 * 64, True)]      # whole pages; else max-batch x context
+    assert "stopped after loading" in capsys.readouterr().err

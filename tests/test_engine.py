@@ -227,35 +227,27 @@ def _assert_forgotten(engine):
     assert all(s is None for s in engine.slots)
 
 
-def test_a_growing_engine_remakes_its_cache_only_when_a_request_needs_more(model):
-    engine = Engine(model.runner, batch_size=4, max_len=128, grow=True)
-
-    def run(*requests):
-        ids = [engine.submit(r) for r in requests]
-        list(engine.run())
-        return [engine.pop(i).tokens for i in ids]
-
+def test_a_long_request_is_admitted_while_others_decode_and_the_pool_is_made_once(model):
+    """No admission stall: the pool is not re-made for a longer request, which takes pages as
+    soon as it arrives, in the same step as the others' decoding."""
+    engine = Engine(model.runner, batch_size=5, max_len=128)
     assert engine.cache is None and engine.cache_allocations == 0
-    assert run(Request(PROMPTS[3], 5)) == [_alone(model, PROMPTS[3], 5)]
-    assert (engine.batch_size, engine.max_len, engine.cache_allocations) == (1, 16, 1)
-    run(Request(PROMPTS[1], 4))
-    assert engine.cache_allocations == 1
-    assert run(*(Request(p, 5) for p in PROMPTS[1:4])) == [_alone(model, p, 5)
-                                                           for p in PROMPTS[1:4]]
-    assert (engine.batch_size, engine.max_len, engine.cache_allocations) == (4, 16, 2)
-    run(Request(PROMPTS[7], 40))                             # a longer context
-    assert (engine.batch_size, engine.max_len, engine.cache_allocations) == (4, 64, 3)
-    run(*(Request(p, 3) for p in PROMPTS[:4]))                # fits: nothing re-made
-    assert engine.cache_allocations == 3
-    # while a request is live, a longer one waits for it rather than dropping its slot
-    short = engine.submit(Request(PROMPTS[5], 6))
+    shorts = [engine.submit(Request(p, 30)) for p in PROMPTS[:4]]
     engine.step()
-    long = engine.submit(Request(PROMPTS[5], 100))
     engine.step()
-    assert engine.cache_allocations == 3 and list(engine.waiting) == [long]
+    long_prompt = np.random.default_rng(3).integers(3, CONFIG.vocab_size, 100).tolist()
+    long = engine.submit(Request(long_prompt, 8))
+    live = [r for r in shorts if not engine.results[r].done]
+    before = [len(engine.results[r].tokens) for r in live]
+    engine.step()
+    assert long in engine.slots and len(engine.results[long].tokens) == 2   # drawn, decoded
+    assert len(live) >= 2 and [len(engine.results[r].tokens) for r in live] == [
+        n + 1 for n in before]
     list(engine.run())
-    assert engine.max_len == 128 and engine.cache_allocations == 4
-    assert engine.results[short].tokens == _alone(model, PROMPTS[5], 6)
+    assert engine.cache_allocations == 1
+    assert engine.results[long].tokens == _alone(model, long_prompt, 8)
+    for rid, prompt in zip(shorts, PROMPTS):
+        assert engine.results[rid].tokens == _alone(model, prompt, 30)
 
 
 def _alone(model, prompt, new, **kwargs):
@@ -352,14 +344,14 @@ def test_a_failing_step_fails_its_requests_only_and_the_engine_goes_on(model, mo
     ids = [engine.submit(Request(p, max_new_tokens=5)) for p in PROMPTS[2:6]]
     calls = []
     if where == "prefill":           # the first call: the first two prompts' prefill
-        real = model.runner.prefill
+        real = model.runner.paged_prefill
 
         def failing(*args):
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("injected prefill failure")
             return real(*args)
-        monkeypatch.setattr(model.runner, "prefill", failing)
+        monkeypatch.setattr(model.runner, "paged_prefill", failing)
     elif where == "sampler":
         real = model.runner.sample
 
@@ -370,16 +362,16 @@ def test_a_failing_step_fails_its_requests_only_and_the_engine_goes_on(model, mo
             return real(*args)
         monkeypatch.setattr(model.runner, "sample", failing)
     else:
-        real = model.runner.decode
+        real = model.runner.paged_decode
 
         def failing(*args):
-            out = real(*args)        # the cache argument is donated: gone now
+            out = real(*args)        # the pool argument is donated: gone now
             calls.append(1)
             if len(calls) == 1:
                 jax.block_until_ready(out)
                 raise RuntimeError("injected decode failure")
             return out
-        monkeypatch.setattr(model.runner, "decode", failing)
+        monkeypatch.setattr(model.runner, "paged_decode", failing)
     list(engine.run())               # never raises: the failure is the requests'
     results = [engine.results[i] for i in ids]
     assert [r.finish_reason for r in results[:2]] == ["error", "error"]

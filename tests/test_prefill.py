@@ -9,9 +9,10 @@ from conftest import tiny_config
 from oracle_sampling import recompute_greedy
 from grok.api import from_flat
 from grok.leaves import random_flat
-from grok.serving.batching import prefill_inputs
+from grok.serving.batching import piece_inputs
 from grok.serving.engine import Engine, Request, Result
 from grok.serving.sampling import SamplingParams
+from grok.serving.scheduler import Piece, PrefillCall
 
 CONFIG = tiny_config(sequence_len=128)
 RNG = np.random.default_rng(5)
@@ -106,14 +107,19 @@ def test_requests_with_one_prompt_share_its_prefill_row(model):
     assert len({tuple(r.tokens) for r in shared}) > 1, "the seeds made no difference"
 
 
-def test_prefill_inputs_dedupe_prompts_and_pad_to_powers_of_two():
-    results = [Result(i, Request(p, 1), p) for i, p in enumerate(([5, 6], [7], [5, 6], [5, 6]))]
-    call = prefill_inputs(list(zip((3, 0, 1, 2), results)), 16, 8, CONFIG)
-    assert call.tokens.shape == (2, 16) and call.rows.tolist() == [3, 0]
-    assert call.lengths.tolist() == [2, 1] and call.take.tolist() == [0, 1, 0, 0]
-    assert call.sources.tolist() == [3, 3] and call.targets.tolist() == [1, 2]
-    plain = prefill_inputs(list(zip((0, 1, 2), results[:2] + results[3:])), 16, 8, CONFIG)
-    assert plain.take is not None        # results 0 and 3 share [5, 6]
-    distinct = prefill_inputs(list(zip((0, 1, 2), results[:2])), 16, 8, CONFIG)
-    assert distinct.take is None and distinct.tokens.shape == (2, 16)
-    assert distinct.rows.tolist() == [0, 1]
+def test_piece_inputs_pad_rows_to_powers_of_two_and_share_draw_rows():
+    pieces = (Piece(7, (5, 6, 9), 0, True, sharing=(8, 9)), Piece(3, (4,), 32, True),
+              Piece(5, (1, 2), 16, False))
+    call = PrefillCall(pieces, 16, 256, copies=((2, 11), (2, 12)))
+    tables = [[1, 2], [3, 4], [5, 6]]
+    got = piece_inputs(call, tables, pad_token=0, max_rows=8, no_page=40)
+    assert got.tokens.shape == (4, 16) and got.tokens[:3, :3].tolist() == [
+        [5, 6, 9], [4, 0, 0], [1, 2, 0]] and not got.tokens[3].any()
+    assert got.table.tolist() == tables + [[40, 40]]          # the padding row has no page
+    assert got.starts.tolist() == [0, 32, 16, 0] and got.lengths.tolist() == [3, 1, 2, 1]
+    # draw rows: request 7 and its two sharers all from row 0, then request 3 from row 1; the
+    # non-drawing piece (5, more to come) draws nothing
+    assert got.members == [7, 8, 9, 3] and got.take.tolist() == [0, 0, 0, 1]
+    assert got.copies[0].tolist() == [2, 2] and got.copies[1].tolist() == [11, 12]
+    plain = piece_inputs(PrefillCall(pieces[1:2], 16, 256), tables[1:2], 0, 8, 40)
+    assert plain.take is None and plain.members == [3] and plain.copies is None

@@ -36,28 +36,24 @@ class FakeRunner:
             self.fail[name] -= 1
             raise RuntimeError(f"injected {name} failure")
 
-    def new_cache(self, batch, length):
-        self._maybe_fail("new_cache")
+    def new_pool(self, pages, page_size):
+        self._maybe_fail("new_pool")
         return {}
 
-    def prefill(self, params, cache, tokens, rows, lengths):
-        self._maybe_fail("prefill")
-        return np.zeros((len(tokens), self.config.vocab_size), np.float32), cache
+    def paged_prefill(self, params, pool, tokens, table, starts, lengths, attend):
+        self._maybe_fail("chunk" if attend else "prefill")
+        return np.zeros((len(tokens), self.config.vocab_size), np.float32), pool
 
-    def chunk(self, params, cache, tokens, rows, starts, lengths, attend):
-        self._maybe_fail("chunk")
-        return np.zeros((len(tokens), self.config.vocab_size), np.float32), cache
-
-    def copy_rows(self, cache, sources, targets):
-        self._maybe_fail("copy_rows")
-        return cache
+    def copy_pages(self, pool, sources, targets):
+        self._maybe_fail("copy_pages")
+        return pool
 
     def take_rows(self, logits, rows):
         return np.asarray(logits)[np.asarray(rows)]
 
-    def decode(self, params, cache, tokens, positions, attend):
+    def paged_decode(self, params, pool, tokens, table, positions, attend):
         self._maybe_fail("decode")
-        return np.zeros((len(tokens), self.config.vocab_size), np.float32), cache
+        return np.zeros((len(tokens), self.config.vocab_size), np.float32), pool
 
     def sample(self, logits, keys, temperature, top_p, top_k, penalties=None):
         self._maybe_fail("sample")
@@ -226,17 +222,18 @@ def test_submit_all_takes_a_list_and_queues_none_when_one_is_bad():
     ("prefill", {0, 1}),                 # the device calls: the requests in that call
     ("decode", {0, 1}),
     ("sample", {0, 1}),
-    ("new_cache", {0, 1}),               # the requests the cache was being made for
-    ("prefill_inputs", {0, 1}),          # host-side bugs in the step: the step's requests
-    ("decode_inputs", {0, 1}),
+    ("new_pool", {0, 1}),                # the requests the pool was being made for
+    ("piece_inputs", {0, 1}),            # host-side bugs in the step: the step's requests
+    ("_decode_inputs", {0, 1}),          # (the executor's)
     ("token", {1}),                      # recording one request's token: that request
 ])
 def test_a_failing_step_ends_only_its_requests_and_the_engine_goes_on(monkeypatch, where,
                                                                       failed):
     engine = _engine(tokenizer=CharTokenizer())
     ids = [engine.submit(dataclasses.replace(GOOD, prompt=[1 + i])) for i in range(5)]
-    if where in ("prefill_inputs", "decode_inputs"):
-        real = getattr(batching, where)
+    if where in ("piece_inputs", "_decode_inputs"):
+        owner = batching if where == "piece_inputs" else engine.executor
+        real = getattr(owner, where)
         calls = []
 
         def once(*args):
@@ -244,7 +241,7 @@ def test_a_failing_step_ends_only_its_requests_and_the_engine_goes_on(monkeypatc
             if len(calls) == 1:
                 raise RuntimeError(f"injected {where} failure")
             return real(*args)
-        monkeypatch.setattr(batching, where, once)
+        monkeypatch.setattr(owner, where, once)
     elif where == "token":
         real_append = engine.book.append
 
@@ -368,17 +365,17 @@ def test_text_the_tokenizer_cannot_take_is_a_request_error(model):
     assert _forgotten(with_tok.engine)
 
 
-@pytest.mark.parametrize("where", ["chunk", "copy_rows"])
-def test_a_failing_chunk_or_row_copy_ends_only_its_requests(where):
+@pytest.mark.parametrize("where", ["chunk", "copy_pages"])
+def test_a_failing_chunk_or_page_copy_ends_only_its_requests(where):
     engine = _engine(prefill_tokens=16)
     if where == "chunk":      # a 40-token prompt, prefilled in chunks of 16, beside a short one
         requests, failed = [Request(list(range(1, 41)), 3), Request([9], 3)], {0}
-    else:                     # two requests sharing one prefill row (copied to the second)
+    else:                     # two requests sharing one prefill row (its last page copied)
         requests, failed = [Request([7, 8], 3), Request([7, 8], 3)], {0, 1}
     engine.runner.fail[where] = 1
     ids = engine.submit_all(requests)
     list(engine.run())
-    assert engine.idle and engine.slots == [None, None] and not engine._chunking
+    assert engine.idle and engine.slots == [None, None] and engine.scheduler.chunking is None
     for i, rid in enumerate(ids):
         result = engine.pop(rid)
         if i in failed:

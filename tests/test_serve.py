@@ -304,6 +304,57 @@ def test_models_health_and_metrics(client, http, model):
     assert 'grok_time_per_output_token_seconds_bucket{le="+Inf"}' in samples
 
 
+def _shared(a: list[int], b: list[int]) -> int:
+    """How many tokens two prompts begin with alike."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _cached(prompt: list[int], earlier: list[int], page: int) -> int:
+    """The prompt tokens the prefix cache serves `prompt` after `earlier` ran: the whole pages
+    they share, the prompt's last token aside (always recomputed: its logits draw the first
+    token)."""
+    return min(_shared(prompt, earlier), len(prompt) - 1) // page * page
+
+
+def test_a_prompt_sharing_a_prefix_reports_its_cached_tokens(client, http, model):
+    """usage.prompt_tokens_details.cached_tokens: none for a new prompt, the shared whole pages
+    for one beginning as an earlier one (whole and streamed), each prompt once whatever n (as
+    prompt_tokens); /metrics' prefix-cache counters count the same tokens, per engine request."""
+    page = model.engine.page_size
+    prefix = "Prefix caching, a test of usage: " + "the quick brown fox jumps over a dog; " * 3
+    first, second = prefix + "alpha", prefix + "beta, and an ending running past a page: " * 2
+    ids = [model.tokenizer.encode(p) for p in (first, second)]
+    expected, whole = _cached(ids[1], ids[0], page), _cached(ids[1], ids[1], page)
+    assert page <= expected < whole < len(ids[1])       # the prompts are long enough to tell
+    before = _metrics(http)
+    raw = http.post("/v1/completions", json={"model": NAME, "prompt": first, **GREEDY}).json()
+    assert raw["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    out = _complete(client, prompt=second, **GREEDY)
+    assert out.usage.prompt_tokens == len(ids[1])
+    assert out.usage.prompt_tokens_details.cached_tokens == expected
+    # the same prompt again: all its whole pages (the first request cached them), streamed
+    *_, last = _complete(client, prompt=second, stream=True, **GREEDY,
+                         stream_options={"include_usage": True})
+    assert last.choices == [] and last.usage.prompt_tokens_details.cached_tokens == whole
+    both = _complete(client, prompt=second, n=2, **GREEDY)
+    assert both.usage.prompt_tokens == len(ids[1])
+    assert both.usage.prompt_tokens_details.cached_tokens == whole
+    assert _settled(model.engine)
+    samples = _metrics(http)
+    grew = lambda name: samples.get(name, 0.0) - before.get(name, 0.0)
+    assert grew("grok_prefix_cache_queried_tokens_total") == len(ids[0]) + 4 * len(ids[1])
+    assert grew("grok_prefix_cache_hit_tokens_total") == expected + 3 * whole
+    assert samples["grok_prefix_cache_hit_rate"] == pytest.approx(
+        samples["grok_prefix_cache_hit_tokens_total"]
+        / samples["grok_prefix_cache_queried_tokens_total"])
+    assert samples["grok_kv_page_size_tokens"] == page
+    assert samples["grok_kv_pages"] == model.engine.pages
+    assert samples["grok_kv_pages_used"] == 0             # nothing runs: every page is free
+    assert samples["grok_kv_pages_free"] == model.engine.pages
+    assert samples["grok_kv_pages_cached"] >= whole // page
+    assert grew("grok_kv_evictions_total") >= 0 and grew("grok_preemptions_total") >= 0
+
+
 def test_a_client_that_disconnects_frees_its_request(served, model):
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
             "stream": True}

@@ -21,7 +21,7 @@ pytest.importorskip("prometheus_client")
 import grok                                            # noqa: E402
 from grok.serve.__main__ import main                   # noqa: E402
 from grok.serve.chat import piece_bytes                # noqa: E402
-from test_serve import Served, _logged, _metrics, _settled   # noqa: E402
+from test_serve import Served, _cached, _logged, _metrics, _settled   # noqa: E402
 
 NAME = "grok-2"                       # the family's name: the server's default
 CONVERSATION = [
@@ -124,7 +124,7 @@ def test_a_conversation_answers_as_the_python_api(client, model):
     assert same.choices[0].message.content == short.choices[0].message.content
 
 
-def test_a_stream_gives_the_same_content_with_the_role_first_and_usage_last(client):
+def test_a_stream_gives_the_same_content_with_the_role_first_and_usage_last(client, model):
     whole = _chat(client, max_tokens=10, temperature=0)
     chunks = _streamed(client, max_tokens=10, temperature=0,
                        stream_options={"include_usage": True})
@@ -138,7 +138,13 @@ def test_a_stream_gives_the_same_content_with_the_role_first_and_usage_last(clie
     assert "".join(c.choices[0].delta.content for c in deltas) == whole.choices[0].message.content
     assert finish.choices[0].finish_reason == whole.choices[0].finish_reason == "length"
     assert finish.choices[0].delta.content is None and finish.choices[0].delta.role is None
-    assert usage.choices == [] and usage.usage == whole.usage
+    details = {"prompt_tokens_details"}
+    assert usage.choices == [] and \
+        usage.usage.model_dump(exclude=details) == whole.usage.model_dump(exclude=details)
+    # the same prompt again: the prefix cache serves its whole pages (the whole answer's)
+    prompt = model.chat_ids(CONVERSATION)
+    assert usage.usage.prompt_tokens_details.cached_tokens == \
+        _cached(prompt, prompt, model.engine.page_size) > 0
     plain = _streamed(client, max_tokens=10, temperature=0)
     assert plain[-1].choices[0].finish_reason == "length" and plain[-1].usage is None
 
@@ -291,6 +297,36 @@ def test_chats_are_counted_and_a_client_that_leaves_is_cancelled(served, client,
     assert grew('grok_requests_total{endpoint="/v1/chat/completions",status="400"}') == 1
     assert grew("grok_prompt_tokens_total") == \
         out.usage.prompt_tokens + len(model.chat_ids(CHAT["messages"]))
+
+
+def test_a_conversation_going_on_reports_its_cached_prompt_tokens(client, http, model):
+    """A conversation going on from an earlier one (its prompt begins as the earlier one's)
+    reports the prompt tokens the prefix cache served (whole pages; none for the first), whole
+    and streamed (the usage chunk); /metrics counts the same tokens."""
+    page = model.engine.page_size
+    first = [{"role": "system", "content": "Prefix caching: " + "the cat sat on the mat. " * 4},
+             {"role": "user", "content": "the hat"}]
+    later = first + [{"role": "assistant", "content": "on the cat"},
+                     {"role": "user", "content": "the end"}]
+    ids = [model.chat_ids(m) for m in (first, later)]
+    expected, whole = _cached(ids[1], ids[0], page), _cached(ids[1], ids[1], page)
+    assert page <= expected < whole < len(ids[1])       # the prompts are long enough to tell
+    before = _metrics(http)
+    raw = http.post("/v1/chat/completions", json={"model": NAME, "messages": first,
+                                                  "max_tokens": 3, "temperature": 0}).json()
+    assert raw["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    out = _chat(client, messages=later, max_tokens=3, temperature=0)
+    assert out.usage.prompt_tokens == len(ids[1])
+    assert out.usage.prompt_tokens_details.cached_tokens == expected
+    *_, last = _streamed(client, messages=later, max_tokens=3, temperature=0,
+                         stream_options={"include_usage": True})
+    assert last.choices == [] and last.usage.prompt_tokens_details.cached_tokens == whole
+    assert _settled(model.engine)
+    samples = _metrics(http)
+    grew = lambda name: samples.get(name, 0.0) - before.get(name, 0.0)
+    assert grew("grok_prefix_cache_queried_tokens_total") == len(ids[0]) + 2 * len(ids[1])
+    assert grew("grok_prefix_cache_hit_tokens_total") == expected + whole
+    assert samples["grok_kv_pages_used"] == 0 and samples["grok_kv_pages_cached"] > 0
 
 
 # --- a base model: the demo, given a template with --chat-template ----------------------------

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest). `convert SRC DST --bits {4,8} [--group-size G [--exact-group-size]]`: a release
     or converted checkpoint as safetensors, int8 or int4; an int4 SRC is only copied to its own
     groups (exit 2 on any error, DST left absent).
-    `plan --devices N --memory GB [--batch B --length T] [--bits 4 [--group-size G]]
-    [--config FILE]`: will the
-    model (Grok-1 by default) fit, on which meshes, with how much KV cache (exit 1 if on none).
+    `plan --devices N --memory GB [--batch B --length T] [--kv-cache-tokens N] [--bits 4
+    [--group-size G]] [--config FILE]`: will the model (Grok-1 by default) fit, on which meshes,
+    with how much KV cache (exit 1 if on none).
     Ctrl-C ends any of them with one line and status 130, SIGTERM with status 143 (convert
     removing its partial output first)."""
     parser = argparse.ArgumentParser(prog="python -m grok.checkpoint",
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--length", type=int, default=None, help="tokens per sequence "
                    "(default: the context length)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",
+                   help="the KV pool's token slots, in whole pages of "
+                   f"{memory.PAGE_SIZE} (default: batch x length)")
     p.add_argument("--layout", choices=sorted(sharding.LAYOUTS), default="tensor")
     p.add_argument("--config", default=None, help="config.json (default: Grok-1)")
     p.add_argument("--bits", type=int, choices=(4, 8), default=None,
@@ -129,6 +132,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.devices < 1 or args.memory <= 0 or args.batch < 1 \
                 or (args.length is not None and args.length < 1):
             parser.error("--devices, --memory, --batch and --length must be positive")
+        if args.kv_cache_tokens is not None and args.kv_cache_tokens < memory.PAGE_SIZE:
+            parser.error(f"--kv-cache-tokens must be >= {memory.PAGE_SIZE} (a page), got "
+                         f"{args.kv_cache_tokens}")
         config = config_file(args.config) if args.config else GROK1
         if args.group_size is not None and args.bits != 4:
             parser.error("--group-size needs --bits 4")
@@ -136,7 +142,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             config = target_config(config, args.bits, args.group_size)
         fits, report = memory.plan_report(config, args.devices, args.memory,
                                           batch=args.batch, length=args.length,
-                                          layout=args.layout)
+                                          layout=args.layout,
+                                          kv_cache_tokens=args.kv_cache_tokens)
         print(report)
         return 0 if fits else 1
     if is_release(args.directory):   # Grok-2's release files: headers and shapes

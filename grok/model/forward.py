@@ -15,12 +15,14 @@ from grok.config import GrokConfig
 from grok.leaves import is_scanned
 from grok.model.cache import KVCache
 from grok.model.layers import DecoderLayer, embed_tokens, final_logits
+from grok.model.paged import PagedCache, read_pages, read_valid, slot_pages, write_pages
 from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.quant import LayerSlice, is_quantized
 
 
-def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: jax.Array, *,
-            config: GrokConfig, attend_len: int | None = None, rows: jax.Array | None = None,
+def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache | PagedCache,
+            start: jax.Array, *, config: GrokConfig, attend_len: int | None = None,
+            rows: jax.Array | None = None, table: jax.Array | None = None,
             logit_index: jax.Array | None = None, plan: ExecutionPlan | None = None,
             routing: bool = False) -> Any:
     """Run `tokens` [B, T] at positions start[b] .. start[b] + T - 1 and write their keys and
@@ -32,6 +34,8 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     picks the cache rows to read and write (default: row b for token row b; a row past the
     cache writes nothing): with attend_len > 0 token row b continues the sequence in cache row
     rows[b] (a chunk of a long prompt).
+    With a `grok.model.paged.PagedCache`, `table` [B, n] is each row's block table instead of
+    `rows`: the tokens read the row's first `attend_len` slots through it and write there.
     Returns float32 logits [B, T, V], or [B, V] at `logit_index` [B] when given, and the cache.
     `plan` (grok.kernels.plan; default: `resolve_plan()` for jax's backend) says how the step
     runs: which MoE path, which kernels, how many layers per step of the layer loop.
@@ -40,12 +44,19 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     """
     plan = resolve_plan() if plan is None else plan
     b, t = tokens.shape
-    attend_len = cache.length if attend_len is None else attend_len
-    gather = rows is not None and bool(attend_len)   # read the old slots of those rows only
-    rows = jnp.arange(b) if rows is None else rows.astype(jnp.int32)
-    old_valid = cache.valid[rows] if gather else cache.valid
+    paged = isinstance(cache, PagedCache)
     start = start.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if paged:
+        attend_len = table.shape[1] * cache.page_size if attend_len is None else attend_len
+        read_table = table[:, :-(-attend_len // cache.page_size)]   # the pages read
+        old_valid = read_valid(cache.valid, read_table)
+        page, offset = slot_pages(table, positions, cache.page_size, cache.pages)
+    else:
+        attend_len = cache.length if attend_len is None else attend_len
+        gather = rows is not None and bool(attend_len)   # read the old slots of those rows only
+        rows = jnp.arange(b) if rows is None else rows.astype(jnp.int32)
+        old_valid = cache.valid[rows] if gather else cache.valid
     new_valid = tokens != config.pad_token   # (Grok-1 pads with 0, Grok-2 with <|pad|>)
 
     embed = hk.without_apply_rng(hk.transform(lambda x: embed_tokens(config, x)))
@@ -54,10 +65,11 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
     unembed = hk.without_apply_rng(hk.transform(lambda x: final_logits(config, plan, x)))
 
     def one_layer(h, layer_params, k_cache, v_cache):
-        if gather:
-            k_cache, v_cache = k_cache[rows], v_cache[rows]
-        k_old = k_cache[:, :, :attend_len] if attend_len else None
-        v_old = v_cache[:, :, :attend_len] if attend_len else None
+        if paged:
+            read = lambda c: read_pages(c, read_table)
+        else:
+            read = lambda c: (c[rows] if gather else c)[:, :, :attend_len]
+        k_old, v_old = (read(k_cache), read(v_cache)) if attend_len else (None, None)
         return layer.apply(layer_params, h, k_old, v_old, positions, start, old_valid,
                            new_valid)
 
@@ -99,9 +111,12 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache, start: ja
                                            for c, n in zip(cs, news))
 
     with jax.named_scope("cache_write"):
-        valid = cache.valid if attend_len else cache.valid.at[rows].set(False)
-        valid = valid.at[rows[:, None], positions].set(new_valid, mode="drop")
-        cache = KVCache(write(cache.k, k_new), write(cache.v, v_new), valid)
+        if paged:
+            cache = write_pages(cache, k_new, v_new, new_valid, page, offset)
+        else:
+            valid = cache.valid if attend_len else cache.valid.at[rows].set(False)
+            valid = valid.at[rows[:, None], positions].set(new_valid, mode="drop")
+            cache = KVCache(write(cache.k, k_new), write(cache.v, v_new), valid)
 
     with jax.named_scope("logits"):
         if logit_index is not None:

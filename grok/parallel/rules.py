@@ -63,7 +63,7 @@ _SHARED = {
     # both layouts (it is no expert: every device works on every token)
     "dense_ffn": MODEL,
     # activations and the KV cache
-    "batch": DATA, "seq": None, "cache_slots": None, "head_dim": None,
+    "batch": DATA, "pages": None, "seq": None, "cache_slots": None, "head_dim": None,
     "logits_batch": None, "logits_vocab": None,   # replicated: every process can read them
 }
 TENSOR = ShardingRules("tensor", {**_SHARED, "experts": None, "ffn": MODEL})
@@ -76,6 +76,10 @@ ACTIVATIONS: dict[str, tuple[str, ...]] = {
     "kv_cache": (LAYERS_AXIS, "batch", "kv_heads", "cache_slots", "head_dim"),  # [L, B, Hkv, S, K]
     "kv_cache_layer": ("batch", "kv_heads", "cache_slots", "head_dim"),    # unrolled model
     "valid": ("batch", "cache_slots"),                                     # [B, S]
+    # The paged cache's pool is shared by every sequence: pages are not split over "data".
+    "kv_pages": (LAYERS_AXIS, "pages", "cache_slots", "kv_heads", "head_dim"),  # [L, P, page, ..]
+    "kv_pages_layer": ("pages", "cache_slots", "kv_heads", "head_dim"),
+    "page_valid": ("pages", "cache_slots"),                                # [P, page]
     "logits": ("logits_batch", "logits_vocab"),
 }
 
@@ -235,6 +239,15 @@ class Placement:
         return type(cache)(jax.tree.map(fix, cache.k), jax.tree.map(fix, cache.v),
                            self.constrain("valid", cache.valid))
 
+    def pool(self, pool: Any) -> Any:
+        """Constrain a PagedCache (inside jit) to the pool's layout: kv heads over "model"."""
+        if self.mesh is None:
+            return pool
+        layer = "kv_pages" if not isinstance(pool.k, tuple) else "kv_pages_layer"
+        fix = lambda x: self.constrain(layer, x)
+        return type(pool)(jax.tree.map(fix, pool.k), jax.tree.map(fix, pool.v),
+                          self.constrain("page_valid", pool.valid))
+
     def put(self, name: str, x: Any) -> Any:
         """Host data -> a global array with the named layout (every process passes the same x)."""
         if self.mesh is None:
@@ -243,10 +256,12 @@ class Placement:
         return jax.device_put(x, self.sharding(name, x.shape))
 
     def new_cache(self, make: Any, *args: Any) -> Any:
-        """Run `make(*args)` (e.g. model.init_cache) so its result lands sharded, never whole."""
+        """Run `make(*args)` (model.init_cache, or paged.init_pool) so its result lands sharded,
+        never whole."""
         if self.mesh is None:
             return make(*args)
-        return jax.jit(lambda: self.cache(make(*args)))()
+        fix = lambda c: self.pool(c) if hasattr(type(c), "page_size") else self.cache(c)
+        return jax.jit(lambda: fix(make(*args)))()
 
 
 def local_shape(shape: Sequence[int], spec: Sequence[Any],

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from grok.launch import (DEFAULT_CHECKPOINT, GET_WEIGHTS, add_placement_flags, check_placement,
                          default_checkpoint, distributed_mesh, enable_compile_cache, holds_model,
-                         tokenizer_file)
+                         load_options, tokenizer_file)
 from grok.config import DEMO, DEMO_DIR, PREFILL_TOKENS, model_dir
 from grok.errors import GrokError
 
@@ -165,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from grok.serving import lockstep
         enable_compile_cache()
         mesh = distributed_mesh(args)
-        model = grok.load(path, mesh, max_batch=args.max_batch, layout=args.layout,
-                          moe_impl=args.moe_impl, chat_template=args.chat_template,
-                          max_context=args.max_context)
+        # Every process loads with the same flags; the followers' pool is the leader's (they
+        # replay its new_pool call), the prefix cache only the leader's bookkeeping.
+        model = grok.load(path, mesh, max_batch=args.max_batch,
+                          chat_template=args.chat_template, **load_options(args))
         if model.tokenizer is None:
             raise GrokError(f"{path} holds no tokenizer: the server reads and writes text")
         import jax

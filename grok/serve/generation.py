@@ -76,6 +76,7 @@ class Generation:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.open = set(range(len(rids)))
         self.tokens = [0] * len(rids)
+        self.cached = [0] * len(rids)       # prompt tokens the prefix cache served, per request
         self.start = time.monotonic()
         self._last: list[float | None] = [None] * len(rids)
         self._closed = False
@@ -108,6 +109,9 @@ class Generation:
             self.tokens[index] += 1
         if event.done:
             self.open.discard(index)
+            # read now: the engine forgets the request once `close` releases it
+            result = self.state.engine.results.get(self.rids[index])
+            self.cached[index] = result.cached_tokens if result is not None else 0
         return index, event
 
     def close(self) -> None:
@@ -197,10 +201,15 @@ class Choice:
             scores["text_offset"].append(offset)
 
 
-def usage(params: CompletionParams, gen: Generation) -> dict[str, int]:
+def usage(params: CompletionParams, gen: Generation) -> dict[str, Any]:
+    """OpenAI's usage: prompt tokens (each prompt once, whatever `n`), generated tokens, and
+    of the prompt tokens those the prefix cache served (`prompt_tokens_details.cached_tokens`)."""
     prompt = sum(len(p.ids) for p in params.prompts)
     done = sum(gen.tokens) if params.max_tokens > 0 else 0
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+    # once per prompt, as prompt_tokens: its choice 0's, the request that looked the prompt up
+    cached = sum(gen.cached[i * params.n] for i in range(len(params.prompts)))
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def failed(event: Event) -> ApiError:

@@ -3,7 +3,7 @@ sampling settings and penalties, built from the requests' state (pure functions:
 changes here)."""
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -70,83 +70,63 @@ def _penalties(rows: Sequence[tuple[int, Result]], batch: int, config: GrokConfi
     return Penalties(ids, counts, *factors)   # host arrays: the jitted sampler takes them as they are
 
 
-class PrefillCall(NamedTuple):
-    """A group's prefill: the distinct prompts `tokens` [R, P] (R a power of two: pad rows
-    repeat the first prompt and write nothing, their cache row past the cache), their cache
-    `rows` [R] and `lengths` [R]; `take` [G]: the logits row of each request of the group (None:
-    row i, all prompts distinct), G its size padded to a power of two (`draw_rows`); `sources`,
-    `targets` [M]: cache rows copied after the prefill to requests sharing a prompt (or None)."""
+class PieceInputs(NamedTuple):
+    """A prefill call's inputs: its pieces `tokens` [R, C] (R a power of two: padding rows
+    repeat nothing and write nothing, their table empty), block tables `table` [R, n], `starts`
+    and `lengths` [R]; `members`: the request id of each draw row (a piece's request, then those
+    sharing its row), `take` [G] the logits row of each draw row (None: row i; G padded to a
+    power of two, `draw_rows`); `copies` (sources, targets) [M] pages copied after it, or None."""
 
     tokens: np.ndarray
-    rows: np.ndarray
+    table: np.ndarray
+    starts: np.ndarray
     lengths: np.ndarray
+    members: list[int]
     take: np.ndarray | None
-    sources: np.ndarray | None
-    targets: np.ndarray | None
+    copies: tuple[np.ndarray, np.ndarray] | None
 
     @property
     def draw_rows(self) -> int:
         return len(self.tokens) if self.take is None else len(self.take)
 
-    def member_tokens(self) -> np.ndarray:
-        """Each request's (padded) prompt row, in group order."""
-        return self.tokens if self.take is None else self.tokens[self.take]
 
-
-def prefill_inputs(group: Sequence[tuple[int, Result]], length: int, slots: int,
-                   config: GrokConfig) -> PrefillCall:
-    """The prefill of the (slot, result) pairs of `group`, all of them prompts of bucket
-    `length`: one row per distinct prompt."""
-    first: dict[tuple[int, ...], int] = {}      # prompt -> its row
-    distinct: list[tuple[int, Result]] = []
-    take, sources, targets = [], [], []
-    for slot, res in group:
-        row = first.setdefault(tuple(res.prompt), len(distinct))
-        if row == len(distinct):
-            distinct.append((slot, res))
-        else:
-            sources.append(distinct[row][0])
-            targets.append(slot)
-        take.append(row)
-    rows = min(bucket(len(distinct), slots, minimum=1), slots)
-    tokens = np.full((rows, length), config.pad_token, np.int32)
-    cache_rows = np.full(rows, slots, np.int32)
+def piece_inputs(call: Any, tables: Sequence[Sequence[int]], pad_token: int, max_rows: int,
+                 no_page: int) -> PieceInputs:
+    """The inputs of a `grok.serving.scheduler.PrefillCall` whose pieces have block tables
+    `tables`; `no_page` (the pool's page count) pads tables and copy targets."""
+    pieces = call.pieces
+    rows = bucket(len(pieces), max(max_rows, len(pieces)), minimum=1)
+    tokens = np.full((rows, call.length), pad_token, np.int32)
+    table = np.full((rows, len(tables[0])), no_page, np.int32)
+    starts = np.zeros(rows, np.int32)
     lengths = np.ones(rows, np.int32)
-    for i, (slot, res) in enumerate(distinct):
-        tokens[i, :len(res.prompt)] = res.prompt
-        cache_rows[i], lengths[i] = slot, len(res.prompt)
-    tokens[len(distinct):], lengths[len(distinct):] = tokens[0], lengths[0]
-    if not sources:
-        return PrefillCall(tokens, cache_rows, lengths, None, None, None)
-    draws = min(bucket(len(group), slots, minimum=1), slots)
-    copies = bucket(len(sources), slots, minimum=1)
-    return PrefillCall(tokens, cache_rows, lengths,
-                       np.array(take + [0] * (draws - len(take)), np.int32),
-                       np.array(sources + [0] * (copies - len(sources)), np.int32),
-                       np.array(targets + [slots] * (copies - len(targets)), np.int32))
+    members, take = [], []
+    for i, piece in enumerate(pieces):
+        tokens[i, :len(piece.tokens)] = piece.tokens
+        table[i], starts[i], lengths[i] = tables[i], piece.start, len(piece.tokens)
+        if piece.draw:
+            members += [piece.rid, *piece.sharing]
+            take += [i] * (1 + len(piece.sharing))
+    copies = None
+    if call.copies:
+        size = bucket(len(call.copies), 1 << 30, minimum=1)
+        sources = np.zeros(size, np.int32)
+        targets = np.full(size, no_page, np.int32)
+        sources[:len(call.copies)], targets[:len(call.copies)] = zip(*call.copies)
+        copies = (sources, targets)
+    if take == list(range(len(take))):      # no row shared: row i draws for member i
+        return PieceInputs(tokens, table, starts, lengths, members, None, copies)
+    draws = bucket(len(take), 1 << 30, minimum=1)
+    return PieceInputs(tokens, table, starts, lengths, members,
+                       np.array(take + [0] * (draws - len(take)), np.int32), copies)
 
 
-def prompt_logprob_rows(group: Sequence[tuple[int, Result]], tokens: np.ndarray
-                        ) -> tuple[list[int], np.ndarray | None]:
-    """The indices in a prefill `group` of the requests that ask for their prompt's
-    log-probabilities, and those rows of its prefill `tokens` [R, length] (padded, repeating the
-    first, to a power of two for few compiles); None when no request asks."""
-    asking = [i for i, (_, res) in enumerate(group) if res.request.prompt_logprobs]
-    if not asking:
-        return asking, None
-    rows = bucket(len(asking), len(tokens), minimum=1)
-    return asking, tokens[(asking + [asking[0]] * rows)[:rows]]
-
-
-def decode_inputs(live: Sequence[tuple[int, Result]], slots: int, max_len: int
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Last tokens [B] and their positions [B] of the live (slot, result) pairs (idle slots sit
-    at `max_len`: they write nothing), and the attention span: the longest live sequence,
-    bucketed."""
-    tokens = np.zeros(slots, np.int32)
-    positions = np.full(slots, max_len, np.int32)
-    for slot, res in live:
-        tokens[slot] = res.tokens[-1]
-        positions[slot] = len(res.prompt) + len(res.tokens) - 1
-    attend = bucket(int(max(positions[s] for s, _ in live)) + 1, max_len, MIN_ATTEND_BUCKET)
-    return tokens, positions, attend
+def prompt_rows(prompts: Sequence[Sequence[int]], max_len: int, pad_token: int) -> np.ndarray:
+    """Whole prompts [R, P] for their log-probabilities' full forward: rows padded to a power of
+    two (repeating the first), length to its bucket."""
+    rows = bucket(len(prompts), 1 << 30, minimum=1)
+    out = np.full((rows, bucket(max(map(len, prompts)), max_len)), pad_token, np.int32)
+    for i in range(rows):
+        prompt = prompts[i] if i < len(prompts) else prompts[0]
+        out[i, :len(prompt)] = prompt
+    return out

@@ -1,22 +1,19 @@
-"""Generation: a continuous-batching engine over batch slots and a shared KV cache.
+"""Generation: a continuous-batching engine over a paged KV cache with prefix caching.
 
-A finished request frees its slot and the next waiting request is prefilled into it while the
-others keep decoding. Each step prefills at most about `prefill_tokens` prompt tokens (padded to
-their length bucket), then decodes one token for every live slot:
-- prompts admitted together are prefilled together, grouped by power-of-two length bucket, in
-  power-of-two row counts; requests with the same prompt (a server's `n`) share one prefill row,
-  its cache row copied to the others;
-- a prompt longer than the chunk (the largest power of two <= `prefill_tokens`) is prefilled a
-  chunk per step, one such prompt at a time, so a long prompt never stalls the others' decoding.
-Decode steps attend over the cache up to the longest live sequence (bucketed), so the number of
-compiles stays bounded by the number of buckets. The device calls and the cache are a
-`grok.serving.steps.DeviceSteps` (on several hosts, a `grok.serving.lockstep.Leader`).
+Each step runs what `grok.serving.scheduler.Scheduler` plans for it (`StepPlan`): prefill calls
+of admitted prompts and of a long prompt's next chunk, then one decode call that draws a token
+for every sequence past its prompt. Sequences hold pages of a shared pool (`kv_cache_tokens`
+slots, `page_size` a page) as they grow, so how many run at once is bounded by the tokens they
+hold, not by `batch_size x max_len`; full pages are found again by later prompts that start
+with the same tokens (the prefix cache, `prefix_cache=False` to turn it off), and when the pool
+runs out the newest sequence is preempted and later recomputed. The device calls and the pool
+are a `grok.serving.steps.DeviceSteps` (on several hosts, a `grok.serving.lockstep.Leader`).
 
 Threading: one lock (`Engine._lock`, with the condition `_changed` on it) guards the requests'
-bookkeeping: the queue, the slots, results and event buffers. It is held only while that state
-is read or changed, never during a device call, so `submit`, `cancel`, `release` and event
-readers on other threads wait at most for some bookkeeping. One thread at a time runs a step
-(`_stepping`, under the lock); the device calls and the cache belong to that thread.
+bookkeeping: the queue, the scheduler's slots and pages, results and event buffers. It is held
+only while that state is read or changed, never during a device call, so `submit`, `cancel`,
+`release` and event readers on other threads wait at most for some bookkeeping. One thread at a
+time runs a step (`_stepping`, under the lock); the device calls and the pool belong to it.
 """
 from __future__ import annotations
 
@@ -25,30 +22,28 @@ import logging
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
-import numpy as np
-
-from grok.config import PREFILL_TOKENS, prefill_chunk
+from grok.config import PAGE_SIZE, PREFILL_TOKENS, prefill_chunk
 from grok.errors import RequestError, one_line
 from grok.serving import batching
-from grok.serving.admission import Admission
 from grok.serving.batching import bucket
 from grok.serving.book import Book
+from grok.serving.kv_manager import KVManager
+from grok.serving.executor import Executor
+from grok.serving.scheduler import Scheduler, StepPlan
 from grok.serving.request import Event, Request, Result, check_request, checked_request
 from grok.serving.runner import ModelRunner
 from grok.serving.sampling import describe, is_int
-from grok.serving.steps import DeviceSteps, Drawn
+from grok.serving.steps import DeviceSteps
 
 __all__ = ["Engine", "EventStream", "Event", "ModelRunner", "Request", "Result", "bucket"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Engine(Admission):
-    """Continuous batching over `batch_size` slots of a cache of `max_len` positions (default:
-    the model's context). With `grow=True` those are limits: the cache starts empty and is
-    re-made, in powers of two, when a waiting request needs more slots or a longer context; that
-    happens only with no request in a slot (the engine stops admitting and lets the live ones
-    finish first), so compiles stay bounded and no live request is moved.
+class Engine:
+    """Continuous batching of up to `batch_size` sequences of at most `max_len` tokens (default:
+    the model's context) over a paged KV cache of `kv_cache_tokens` slots (default: `batch_size
+    x max_len`, the memory a contiguous cache of those would take), made at the first step.
 
     From one thread (a notebook): `rid = engine.submit(Request(...))`, then iterate
     `engine.events(rid)` (it steps the engine itself), or `engine.step()` until `engine.idle` and
@@ -59,31 +54,39 @@ class Engine(Admission):
 
     def __init__(self, runner: ModelRunner, batch_size: int = 8, max_len: int | None = None,
                  tokenizer: Any = None, prefill_tokens: int = PREFILL_TOKENS, *,
-                 grow: bool = False, steps: DeviceSteps | None = None):
+                 kv_cache_tokens: int | None = None, page_size: int = PAGE_SIZE,
+                 prefix_cache: bool = True, steps: DeviceSteps | None = None):
         """`steps`: the device side (default: a DeviceSteps of `runner`; a multi-host leader
         passes its `grok.serving.lockstep.Leader`)."""
         config = runner.config
         for name, value, least in (("batch_size", batch_size, 1), ("max_len", max_len, 2),
-                                   ("prefill_tokens", prefill_tokens, 1)):
-            if not (value is None and name == "max_len") and (not is_int(value) or value < least):
+                                   ("prefill_tokens", prefill_tokens, 1),
+                                   ("kv_cache_tokens", kv_cache_tokens, 2),
+                                   ("page_size", page_size, 1)):
+            if not (value is None and name in ("max_len", "kv_cache_tokens")) and (
+                    not is_int(value) or value < least):
                 raise RequestError(f"{name} must be an integer >= {least}, got {describe(value)}")
+        if page_size & (page_size - 1) or page_size > batching.MIN_ATTEND_BUCKET:
+            raise RequestError(f"page_size must be a power of two <= "
+                               f"{batching.MIN_ATTEND_BUCKET}, got {page_size}")
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
         self.prefill_tokens = int(prefill_tokens)
         self.chunk_len = prefill_chunk(self.prefill_tokens)
-        self.max_batch = int(batch_size)
-        self.max_context = min(config.sequence_len if max_len is None else int(max_len),
-                               config.sequence_len)
-        self.grow = grow
-        # The cache's shape now (made at the first admission; grown up to the limits with grow).
-        self.batch_size = 0 if grow else self.max_batch
-        self.max_len = 0 if grow else self.max_context
-        self.slots: list[int | None] = [None] * self.batch_size
+        self.max_batch = self.batch_size = int(batch_size)
+        context = min(config.sequence_len if max_len is None else int(max_len),
+                      config.sequence_len)
+        tokens = self.max_batch * context if kv_cache_tokens is None else int(kv_cache_tokens)
+        self.page_size, self.pages = int(page_size), -(-tokens // int(page_size))
+        self.kv_cache_tokens = self.pages * self.page_size
+        # A request cannot hold more than the whole pool.
+        self.max_context = self.max_len = min(context, self.kv_cache_tokens)
+        self.prefix_cache = bool(prefix_cache)
         self.steps = steps if steps is not None else DeviceSteps(runner)
         self.book = Book(config.eos_token, tokenizer)
         self.results, self.waiting = self.book.results, self.book.waiting   # by id; queued ids
-        # The request being prefilled a chunk per step (in a slot, not yet decoding) -> the
-        # prompt tokens already in its cache row.
-        self._chunking: dict[int, int] = {}
+        self.scheduler = Scheduler(self.book, self.max_batch, self.max_context, self._new_kv(),
+                                   self.prefill_tokens, self.chunk_len)
+        self.executor = Executor(self)
         self._released: collections.deque[int] = collections.deque()  # appended without the lock
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)   # notified on every change of state
@@ -178,8 +181,13 @@ class Engine(Admission):
 
     @property
     def cache(self) -> Any:
-        """The KV cache (None until the first admission, or after it was lost)."""
+        """The paged KV cache (None until the first step, or after it was lost)."""
         return self.steps.cache
+
+    @property
+    def slots(self) -> list[int | None]:
+        """The request id in each of the `batch_size` rows (None: free)."""
+        return self.scheduler.slots
 
     @property
     def cache_allocations(self) -> int:
@@ -187,18 +195,30 @@ class Engine(Admission):
 
     @property
     def prefill_shapes(self) -> collections.Counter[tuple[int, int]]:
-        """Prefill calls by (rows, padded length)."""
+        """Calls prefilling fresh prompts by (rows, padded length)."""
         return self.steps.prefill_shapes
 
     @property
     def chunk_shapes(self) -> collections.Counter[tuple[int, int]]:
-        """Calls prefilling a later chunk of a long prompt, by (rows, chunk length)."""
+        """Calls prefilling pieces after cached tokens (a long prompt's later chunks, prompts
+        past a prefix-cache hit) by (rows, padded length)."""
         return self.steps.chunk_shapes
 
     @property
     def attend_spans(self) -> collections.Counter[int]:
         """Decode steps by attention span."""
         return self.steps.attend_spans
+
+    def kv_stats(self) -> dict[str, float]:
+        """The pool and the prefix cache now: pages (all, used, cached, free), prompt tokens
+        looked up and found, the hit rate, evictions and preemptions since the engine began."""
+        with self._lock:
+            kv = self.scheduler.kv
+            return {"pages": kv.pages, "page_size": kv.page_size, "pages_used": kv.used,
+                    "pages_cached": kv.cached, "pages_free": kv.available,
+                    "prompt_tokens_queried": kv.stats.queried_tokens,
+                    "prompt_tokens_cached": kv.stats.hit_tokens, "hit_rate": kv.stats.hit_rate,
+                    "evictions": kv.stats.evictions, "preemptions": self.scheduler.preemptions}
 
     @property
     def idle(self) -> bool:
@@ -236,50 +256,31 @@ class Engine(Admission):
             yield from self.step()
 
     def step(self) -> list[tuple[int, int]]:
-        """Admit waiting requests into free slots and prefill them (a long prompt: its next
-        chunk), then decode one token for every live slot. Returns the (request id, token) pairs
-        produced. A device call that fails ends the requests in it with finish_reason "error";
-        the others go on. Should the step itself fail (a bug), it ends the requests it held with
-        "error" (and logs it), rather than raise: the engine goes on serving the rest."""
+        """Run one `StepPlan`: prefill what it admits (a long prompt: its next chunk), then
+        decode one token for every sequence past its prompt. Returns the (request id, token)
+        pairs produced. A device call that fails ends the requests in it with finish_reason
+        "error"; the others go on. Should the step itself fail (a bug), it ends the requests it
+        held with "error" (and logs it), rather than raise: the engine goes on serving the rest."""
         with self._lock:
             while self._stepping:
                 self._changed.wait()
             self._stepping = True
             self._drop_released()
-        held: set[int] = set()     # ids in this step's prefills: ended if the step fails
-        live: list[tuple[int, Result]] = []
+        held: set[int] = set()     # ids in this step's calls: ended if the step fails
         events: list[tuple[int, int]] = []
         failure = None
         try:
             with self._lock:
-                piece = self._next_piece()
-                budget = self.prefill_tokens - (piece.tokens.shape[1] if piece else 0)
-                calls = [self._group_call(group, length)
-                         for group, length in self._admit(held, budget, first=piece is None)]
-                if piece is None:           # a long prompt admitted just now: its first chunk
-                    piece = self._next_piece()
-                held |= set(self._chunking)
-            for call in calls:
-                events += self._run_group(*call)
-            if piece is not None:
-                events += self._run_piece(piece)
+                plan = self._plan()
+                held = {rid for call in plan.prefills for p in call.pieces
+                        for rid in (p.rid, *p.sharing)} | {rid for _, rid in plan.decode}
+            events = self.executor.run(plan)
             held.clear()
-            with self._lock:
-                live = [(s, self.results[rid]) for s, rid in enumerate(self.slots)
-                        if rid is not None and rid not in self._chunking]
-                if live:
-                    inputs = batching.decode_inputs(live, self.batch_size, self.max_len)
-                    draw = self._draw_inputs(live, self.batch_size)
-            if live:
-                out = self._call(self.steps.decode, *inputs, draw)
-                with self._lock:
-                    events += self._apply([(s, s, res.id) for s, res in live], out)
-                    live = []
         except Exception as err:
             log.exception("engine step failed")
             failure = one_line(f"engine step failed: {type(err).__name__}: {err}")
-        except BaseException:         # KeyboardInterrupt & co.: the slots' requests stay live
-            live = []
+        except BaseException:         # KeyboardInterrupt & co.: the requests stay live
+            held.clear()
             failure = "the step was interrupted"
             raise
         finally:
@@ -287,7 +288,7 @@ class Engine(Admission):
                 if failure is not None:
                     # The step's requests, whose state is unknown: ended, so that no later step
                     # meets the same failure (the live ones could otherwise fail every step).
-                    for rid in sorted(held) + [res.id for _, res in live]:
+                    for rid in sorted(held):
                         self._finish(rid, "error", error=failure)
                     self._check_cache()
                 self._stepping = False
@@ -339,89 +340,48 @@ class Engine(Admission):
                 self._driver = None
                 self._changed.notify_all()
 
-    def _draw_inputs(self, rows: list[tuple[int, Result]], batch: int) -> batching.Draw:
-        return batching.draw_inputs(rows, batch, self.config, self.book.seen)
+    def _new_kv(self) -> KVManager:
+        """A KV manager for a new pool, its counters carried over (they count since the engine
+        began, across a pool lost to a failed step)."""
+        kv = KVManager(self.pages, self.page_size, self.prefix_cache)
+        if hasattr(self, "scheduler"):
+            kv.stats = self.scheduler.kv.stats
+        return kv
 
-    def _call(self, fn: Callable[..., T], *args: Any) -> T | Exception:
-        """Run a device call (no lock held): its value, or the error."""
-        try:
-            return fn(*args)
-        except Exception as err:
-            log.error("engine step failed: %s", err, exc_info=True)
-            return err
-
-    def _set_prompt_logprobs(self, results: list[Result], scored: np.ndarray | Exception
-                             ) -> None:
-        """Fill each result's `prompt_logprobs` from row i of `scored` (before its first event);
-        on an error, end those requests."""
-        for i, res in enumerate(results):
-            if res.done:
-                continue
-            if isinstance(scored, Exception):
-                self._finish(res.id, "error", error=one_line(
-                    f"prompt log-probabilities: {type(scored).__name__}: {scored}"))
-            else:
-                chosen, values, ids = scored
-                n, k = len(res.prompt) - 1, res.request.logprobs
-                res.prompt_logprobs = [None] + chosen[i, :n].tolist()
-                if k:
-                    res.prompt_top_logprobs = [None] + [
-                        tuple(zip(t, v)) for t, v in zip(ids[i, :n, :k].tolist(),
-                                                         values[i, :n, :k].tolist())]
-
-    def _apply(self, rows: list[tuple[int, int, int]], out: Drawn | Exception,
-               place: bool = False) -> list[tuple[int, int]]:
-        """Record a call's tokens for its (row, slot, request id) triples, skipping requests
-        cancelled meanwhile; on an error, end its requests (and, if the cache went with it,
-        every live one: the cache is re-made at the next admission)."""
-        produced = []
-        for row, slot, rid in rows:
-            res = self.results.get(rid)
-            if res is None or res.done:
-                continue
-            if isinstance(out, Exception):
-                self._finish(rid, "error", error=one_line(f"{type(out).__name__}: {out}"))
-                continue
-            if place:
-                self.slots[slot] = rid
-            token = int(out.tokens[row])
-            logprob = top = None
-            k = res.request.logprobs
-            if k and isinstance(out.scores, Exception):
-                self._finish(rid, "error", error=one_line(
-                    f"log-probabilities: {type(out.scores).__name__}: {out.scores}"))
-                continue
-            if k and out.scores is not None:
-                chosen, values, ids = out.scores
-                logprob = float(chosen[row])
-                top = tuple(zip(ids[row, :k].tolist(), values[row, :k].tolist()))
+    def _plan(self) -> StepPlan:
+        """This step's plan, the pool made first if there is none (on failure, the requests it
+        would have admitted, the first `batch_size` waiting, end with "error"; the next ones
+        try again)."""
+        if self.steps.cache is None and self.waiting:
             try:
-                self.book.append(rid, token, logprob, top)
-            except Exception as err:  # e.g. a tokenizer that cannot decode it: this request only
-                log.exception("request %d failed to take token %d", rid, token)
-                self._finish(rid, "error", error=one_line(f"{type(err).__name__}: {err}"))
-                self.slots = [None if r == rid else r for r in self.slots]   # even if it ended
-                continue
-            produced.append((rid, token))
-            if res.done:
-                self.slots[slot] = None
-        if isinstance(out, Exception):
-            self._check_cache()
-        return produced
+                self.steps.new_pool(self.pages, self.page_size)
+            except Exception as err:
+                log.exception("making a KV pool of %d pages failed", self.pages)
+                error = one_line(f"the KV cache ({self.pages} pages of {self.page_size}) could "
+                                 f"not be made: {type(err).__name__}: {err}")
+                for rid in list(self.waiting)[:self.max_batch]:
+                    self._finish(rid, "error", error=error)
+            self.scheduler.reset(self._new_kv())
+        if self.steps.cache is None:
+            return StepPlan((), (), 0, ())
+        plan = self.scheduler.schedule()
+        if plan.preempted:
+            log.info("preempted requests %s: the KV pool is full", list(plan.preempted))
+        return plan
 
     def _check_cache(self) -> None:
-        """After a failed call: if the cache went with it (donated), end every live request
-        (their keys and values are gone) and leave the cache to be re-made."""
+        """After a failed call: if the pool went with it (donated), end every live request
+        (their keys and values are gone) and leave the pool to be re-made."""
         if self.steps.lost:
             for rid in [r for r in self.slots if r is not None]:
                 self._finish(rid, "error", error="the KV cache was lost when a step failed")
             self.steps.drop_cache()
+            self.scheduler.reset(self._new_kv())
 
     def _finish(self, rid: int, reason: str, error: str | None = None) -> None:
-        """End a request, free its slot and wake its readers."""
+        """End a request, give back its slot and pages and wake its readers."""
         if self.book.finish(rid, reason, error=error):
-            self.slots = [None if r == rid else r for r in self.slots]
-            self._chunking.pop(rid, None)
+            self.scheduler.free(rid)
             self._changed.notify_all()
 
     def _cancel(self, rid: int) -> bool:

@@ -48,7 +48,9 @@ class Result:
     likely first. With `request.prompt_logprobs`: `prompt_logprobs[j]` is that of `prompt[j]`
     given `prompt[:j]` (None for the first token, which has no context), and with logprobs k
     also `prompt_top_logprobs[j]`, the k most likely there; filled before the first event.
-    Each list stays empty when not asked for (definition: `Request`)."""
+    Each list stays empty when not asked for (definition: `Request`). `cached_tokens`: how
+    many prompt tokens the prefix cache served (their prefill skipped); `preemptions`: how
+    often the request gave its pages back to others and was recomputed."""
 
     id: int
     request: Request
@@ -62,6 +64,8 @@ class Result:
     finish_reason: str | None = None
     text: str | None = None
     error: str | None = None
+    cached_tokens: int = 0
+    preemptions: int = 0
 
     @property
     def done(self) -> bool:

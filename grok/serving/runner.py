@@ -12,6 +12,7 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.leaves import EMBED_MODULE, is_scanned
 from grok.model import KVCache, forward, init_cache
+from grok.model.paged import copy_pages, init_pool
 from grok.parallel.rules import Placement
 from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.serving.sampling import MAX_LOGPROBS, sample, token_logprobs
@@ -74,6 +75,20 @@ class ModelRunner:
             k, v = (jax.tree.map(lambda c: copy(c, axis), part) for part in (cache.k, cache.v))
             return place.cache(KVCache(k, v, copy(cache.valid, 0)))
 
+        def paged_prefill(params, pool, tokens, table, starts, lengths, attend_len):
+            # Prompt pieces [R, C] from positions starts[r] of the sequences with block tables
+            # table [R, n]: they attend to the first attend_len slots (0: none, a fresh prompt)
+            # and causally to each other; their keys and values land in their pages.
+            logits, pool = forward(params, tokens, pool, starts, attend_len=attend_len,
+                                   table=table, logit_index=lengths - 1, **fwd)
+            return place.constrain("logits", logits), place.pool(pool)
+
+        def paged_decode(params, pool, tokens, table, positions, attend_len):
+            logits, pool = forward(params, tokens[:, None], pool, positions,
+                                   attend_len=attend_len, table=table,
+                                   logit_index=jnp.zeros_like(positions), **fwd)
+            return place.constrain("logits", logits), place.pool(pool)
+
         def decode(params, cache, tokens, positions, attend_len):
             logits, cache = forward(params, tokens[:, None], cache, positions,
                                     attend_len=attend_len, logit_index=jnp.zeros_like(positions),
@@ -99,6 +114,12 @@ class ModelRunner:
         self.decode = jax.jit(self._counted("decode", decode), donate_argnums=1,
                                static_argnums=4)
         self.chunk = jax.jit(self._counted("chunk", chunk), donate_argnums=1, static_argnums=6)
+        self.paged_prefill = jax.jit(self._counted("paged_prefill", paged_prefill),
+                                     donate_argnums=1, static_argnums=6)
+        self.paged_decode = jax.jit(self._counted("paged_decode", paged_decode),
+                                    donate_argnums=1, static_argnums=5)
+        self.copy_pages = jax.jit(self._counted("copy_pages", lambda pool, s, t: place.pool(
+            copy_pages(pool, s, t))), donate_argnums=0)
         self.copy_rows = jax.jit(self._counted("copy_rows", copy_rows), donate_argnums=0)
         self.take_rows = jax.jit(lambda logits, rows: jnp.take(logits, rows, axis=0))
         self.full = jax.jit(self._counted("forward", full))
@@ -123,6 +144,10 @@ class ModelRunner:
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return self.place.new_cache(init_cache, self.config, batch, length, self.scan)
+
+    def new_pool(self, pages: int, page_size: int) -> Any:
+        """An empty paged KV cache (`grok.model.paged.PagedCache`), placed on the mesh."""
+        return self.place.new_cache(init_pool, self.config, pages, page_size, self.scan)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.full(self.params, self._tokens(tokens)))

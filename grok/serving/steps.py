@@ -1,5 +1,5 @@
-"""The engine's device side: the KV cache and the calls that read and write it (a prefill, one
-chunk of a long prompt, a decode step), each with the sampler over its logits.
+"""The engine's device side: the paged KV cache and the calls that read and write it (a prefill
+of prompt pieces, a decode step, a copy of pages), each with the sampler over its logits.
 
 Every method takes host values only (numpy arrays, ints, `Draw`) and says in its arguments all
 it needs: a multi-host leader (`grok.serving.lockstep`) replays each call on the other processes
@@ -33,12 +33,11 @@ class Drawn(NamedTuple):
 
 
 class DeviceSteps:
-    """The KV cache and the engine's device calls on it, with counters of the shapes they ran
-    (each new shape is a compile)."""
+    """The paged KV cache and the engine's device calls on it, with counters of the shapes they
+    ran (each new shape is a compile)."""
 
     # The methods a multi-host leader replays on the other processes (grok.serving.lockstep).
-    REPLAYED = ("new_cache", "drop_cache", "prefill", "chunk", "decode",
-                "prompt_logprobs")
+    REPLAYED = ("new_pool", "drop_cache", "prefill", "decode", "copy_pages", "prompt_logprobs")
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
@@ -48,11 +47,11 @@ class DeviceSteps:
         self.chunk_shapes: collections.Counter[tuple[int, int]] = collections.Counter()    # R, C
         self.attend_spans: collections.Counter[int] = collections.Counter()  # decode steps by span
 
-    def new_cache(self, batch: int, length: int) -> None:
-        """Replace the cache by an empty one of `batch` rows x `length` slots (the old one is
-        freed first)."""
+    def new_pool(self, pages: int, page_size: int) -> None:
+        """Replace the cache by an empty pool of `pages` pages of `page_size` slots (the old
+        one is freed first)."""
         self.cache = None
-        self.cache = self.runner.new_cache(batch, length)
+        self.cache = self.runner.new_pool(pages, page_size)
         self.allocations += 1
 
     def drop_cache(self) -> None:
@@ -64,42 +63,33 @@ class DeviceSteps:
         return self.cache is not None and any(getattr(x, "is_deleted", lambda: False)()
                                               for x in jax.tree.leaves(self.cache))
 
-    def prefill(self, tokens: np.ndarray, rows: np.ndarray, lengths: np.ndarray,
-                draw: Draw | None = None, take: np.ndarray | None = None,
-                sources: np.ndarray | None = None, targets: np.ndarray | None = None
-                ) -> Drawn | None:
-        """Prompts `tokens` [R, P] as fresh sequences into cache rows `rows` [R]; cache rows
-        `sources` copied into `targets` (requests sharing a prompt; a target past the cache:
-        none); then, with `draw`, a token for each of its rows i from logits row `take[i]`
-        (default: row i)."""
-        self.prefill_shapes[tokens.shape] += 1
-        logits, self.cache = self.runner.prefill(self.runner.params, self.cache,
-                                                  jnp.asarray(tokens), jnp.asarray(rows),
-                                                  jnp.asarray(lengths))
-        if sources is not None:
-            self.cache = self.runner.copy_rows(self.cache, jnp.asarray(sources),
-                                               jnp.asarray(targets))
+    def prefill(self, tokens: np.ndarray, table: np.ndarray, starts: np.ndarray,
+                lengths: np.ndarray, attend: int, draw: Draw | None = None,
+                take: np.ndarray | None = None) -> Drawn | None:
+        """Prompt pieces `tokens` [R, C] (`lengths` [R] real) from positions `starts` [R] of the
+        sequences with block tables `table` [R, n], attending over their first `attend` slots
+        (0: fresh prompts); then, with `draw`, a token for each of its rows i from logits row
+        `take[i]` (default: row i)."""
+        (self.chunk_shapes if attend else self.prefill_shapes)[tokens.shape] += 1
+        logits, self.cache = self.runner.paged_prefill(
+            self.runner.params, self.cache, jnp.asarray(tokens), jnp.asarray(table),
+            jnp.asarray(starts), jnp.asarray(lengths), int(attend))
         return self._draw(logits, draw, take)
 
-    def chunk(self, tokens: np.ndarray, rows: np.ndarray, starts: np.ndarray,
-              lengths: np.ndarray, attend: int, draw: Draw | None = None) -> Drawn | None:
-        """The next pieces `tokens` [R, C] of prompts already in cache rows `rows` up to
-        `starts` [R], attending over the first `attend` slots; with `draw`, a token each."""
-        self.chunk_shapes[tokens.shape] += 1
-        logits, self.cache = self.runner.chunk(self.runner.params, self.cache,
-                                                jnp.asarray(tokens), jnp.asarray(rows),
-                                                jnp.asarray(starts), jnp.asarray(lengths),
-                                                int(attend))
-        return self._draw(logits, draw)
+    def copy_pages(self, sources: np.ndarray, targets: np.ndarray) -> None:
+        """Pages `sources` copied into `targets` (requests sharing a prompt's last page)."""
+        self.cache = self.runner.copy_pages(self.cache, jnp.asarray(sources),
+                                            jnp.asarray(targets))
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, attend: int,
+    def decode(self, tokens: np.ndarray, table: np.ndarray, positions: np.ndarray, attend: int,
                draw: Draw) -> Drawn:
-        """One token for every cache row: `tokens` [B] at `positions` [B] (idle rows sit past
-        the cache and write nothing), attending over the first `attend` slots."""
+        """One token for each row: `tokens` [B] at `positions` [B] of the sequences with block
+        tables `table` [B, n] (idle rows: no pages, they write nothing), attending over their
+        first `attend` slots."""
         self.attend_spans[attend] += 1
-        logits, self.cache = self.runner.decode(self.runner.params, self.cache,
-                                                 jnp.asarray(tokens), jnp.asarray(positions),
-                                                 int(attend))
+        logits, self.cache = self.runner.paged_decode(
+            self.runner.params, self.cache, jnp.asarray(tokens), jnp.asarray(table),
+            jnp.asarray(positions), int(attend))
         return self._draw(logits, draw)
 
     def prompt_logprobs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
