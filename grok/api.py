@@ -13,7 +13,7 @@ import numpy as np
 from grok import families
 from grok.checkpoint import loader, placement
 from grok.checkpoint.convert import convert as convert_checkpoint
-from grok.config import PREFILL_TOKENS, GrokConfig, model_dir
+from grok.config import PAGE_SIZE, PREFILL_TOKENS, GrokConfig, model_dir
 from grok.errors import CheckpointError, RequestError, TokenizerError, one_line
 from grok.kernels.plan import backend_report
 from grok.leaves import abstract_params, checkpoint_entries, to_model_params
@@ -21,7 +21,7 @@ from grok.model import routing as routing_mod
 from grok.model.routing import Routing
 from grok.parallel import memory
 from grok.parallel import rules as sharding
-from grok.serving.engine import PAGE_SIZE, Engine, ModelRunner, Request, Result, bucket
+from grok.serving.engine import Engine, ModelRunner, Request, Result, bucket
 from grok.serving.request import token_ids
 from grok.serving.chat import ChatTemplate
 from grok.serving.sampling import SamplingParams, describe, is_int, read_sampling_defaults
@@ -36,11 +36,14 @@ class Grok:
     def __init__(self, params: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
                  moe_impl: str = "auto", max_batch: int = 8, mesh: Any = None,
                  sampling_defaults: SamplingParams = SamplingParams(), family: Any = None,
-                 kv_cache_tokens: int | None = None, prefix_cache: bool = True):
+                 kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+                 prefill_tokens: int = PREFILL_TOKENS):
         """`kv_cache_tokens`: the engine's KV pool, in token slots (rounded up to whole pages;
         default: `max_batch` x the context); `prefix_cache`: whether later prompts reuse the
-        pages of earlier ones that start alike. Both are kept for `new_engine`."""
+        pages of earlier ones that start alike; `prefill_tokens`: the prefill budget a step.
+        All are kept for `new_engine`."""
         _check_kv_cache(kv_cache_tokens, prefix_cache)
+        self.prefill_tokens = prefill_tokens
         self.kv_cache_tokens = None if kv_cache_tokens is None else int(kv_cache_tokens)
         self.prefix_cache = bool(prefix_cache)
         self.config = config
@@ -62,9 +65,10 @@ class Grok:
         self.engine = self.new_engine()
         self._routing_fn = None     # jitted on the first `routing` call
 
-    def new_engine(self, prefill_tokens: int = PREFILL_TOKENS, steps: Any = None) -> Engine:
+    def new_engine(self, prefill_tokens: int | None = None, steps: Any = None) -> Engine:
         """Give the model a new engine (the old one must be idle) and return it: at most
-        `prefill_tokens` prompt tokens prefilled per step (longer prompts a chunk per step);
+        `prefill_tokens` (default: the model's, 4096 unless `grok.load` was told) prompt tokens
+        prefilled per step (longer prompts a chunk per step);
         `steps` its device side (default: this process's; a multi-host leader passes its
         `grok.serving.lockstep.Leader`, whose followers make the same pool by replaying its
         `new_pool` call). Its KV pool and prefix cache are the model's (`kv_cache_tokens`,
@@ -74,7 +78,8 @@ class Grok:
             raise RequestError("the model's engine still has requests: let them finish first")
         self.engine = Engine(self.runner, batch_size=self.max_batch,
                              max_len=self.config.sequence_len, tokenizer=self.tokenizer,
-                             prefill_tokens=prefill_tokens, kv_cache_tokens=self.kv_cache_tokens,
+                             prefill_tokens=self.prefill_tokens if prefill_tokens is None
+                             else prefill_tokens, kv_cache_tokens=self.kv_cache_tokens,
                              prefix_cache=self.prefix_cache, steps=steps)
         return self.engine
 
@@ -323,12 +328,14 @@ def _as_stored(flat: dict[str, Any], config: GrokConfig, scan: bool) -> dict[str
 
 def from_flat(flat: dict[str, Any], config: GrokConfig, tokenizer: Tokenizer | None = None,
               scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, *,
-              kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> Grok:
+              kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+              prefill_tokens: int = PREFILL_TOKENS) -> Grok:
     """A model from in-memory checkpoint leaves (e.g. `grok.leaves.random_flat(config)`);
     `kv_cache_tokens` and `prefix_cache` as `Grok`'s (None: `max_batch` x the context)."""
     _check_kv_cache(kv_cache_tokens, prefix_cache)   # before the weights go to the device
     return Grok(device_params(flat, config, scan), config, tokenizer, moe_impl, max_batch,
-                kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+                kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
+                prefill_tokens=prefill_tokens)
 
 
 def _check_kv_cache(kv_cache_tokens: Any, prefix_cache: Any) -> None:
@@ -346,7 +353,8 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
          scan: bool = True, moe_impl: str = "auto", max_batch: int = 8, layout: str = "tensor",
          memory_gb: float | None = None, progress: bool = True,
          chat_template: str | os.PathLike | None = None, max_context: int | None = None,
-         kv_cache_tokens: int | None = None, prefix_cache: bool = True) -> Grok:
+         kv_cache_tokens: int | None = None, prefix_cache: bool = True,
+         prefill_tokens: int = PREFILL_TOKENS) -> Grok:
     """Load a checkpoint directory holding `ckpt-0/` and optionally `config.json` (none: Grok-1)
     and `tokenizer.model` and `sampling.json` (recommended sampling settings, kept as
     `model.sampling_defaults`); "demo" (the default) is the small model shipped in
@@ -365,7 +373,8 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     `memory_gb` says), what fits beside the weights and workspace in 90% of it, at least a page a
     sequence and at most twice `max_batch` x the context (the rest as prefix cache); else
     `max_batch` x the context. The size chosen is logged. `prefix_cache=False`: no reuse of the
-    pages of earlier prompts that start alike.
+    pages of earlier prompts that start alike. `prefill_tokens`: the engine's prefill budget a
+    step (`Grok.new_engine`), which the memory estimate's workspace is sized by too.
 
     The directory's family (grok.families: Grok-1's ckpt-0/, or Grok-2's release files) is
     detected and logged. `chat_template`: a Jinja chat template file for `model.chat` (a chat
@@ -374,6 +383,9 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     tokens make a full-length KV cache 32 GiB a sequence): what the memory check and the
     engine's cache are sized by."""
     _check_kv_cache(kv_cache_tokens, prefix_cache)
+    if not is_int(prefill_tokens) or prefill_tokens < 1:
+        raise RequestError(f"prefill_tokens must be an integer >= 1, got "
+                           f"{describe(prefill_tokens)}")
     _report_backend()
     path = model_dir(path)
     if not path.is_dir():
@@ -394,10 +406,11 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
     mesh = None if mesh is None else sharding.make_mesh(mesh)
     capacity = memory_gb * 1e9 if memory_gb is not None else memory.device_memory(
         jax.devices()[0] if mesh is None else mesh.devices.flat[0])
-    kv_cache_tokens = _kv_pool(config, mesh, capacity, max_batch, layout, kv_cache_tokens)
+    kv_cache_tokens = _kv_pool(config, mesh, capacity, max_batch, layout, kv_cache_tokens,
+                               prefill_tokens)
     if mesh is not None:
         memory.check_fits(config, mesh, capacity, batch=max_batch, layout=layout,
-                          kv_cache_tokens=kv_cache_tokens)
+                          kv_cache_tokens=kv_cache_tokens, prefill_tokens=prefill_tokens)
         # The layout's rules place every leaf; the loader only follows the shardings given.
         shardings = sharding.params_shardings(abstract_params(config, scan), mesh, config, layout)
         if family.stream_leaves is None:   # files in the leaf table's layout: slices streamed
@@ -408,20 +421,22 @@ def load(path: str | os.PathLike = "demo", mesh: Any = None, *, tokenizer: str |
         log.info("loaded %s onto mesh %s: %s", path, dict(mesh.shape), config)
         model = Grok(params, config, tok, moe_impl, max_batch, mesh=mesh,
                      sampling_defaults=sampling, family=family,
-                     kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+                     kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
+                     prefill_tokens=prefill_tokens)
         model.chat_template = template
         return model
     flat = family.read_weights(path, config, progress)
     log.info("loaded %s: %s", path, config)
     model = from_flat(flat, config, tok, scan=scan, moe_impl=moe_impl, max_batch=max_batch,
-                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache)
+                      kv_cache_tokens=kv_cache_tokens, prefix_cache=prefix_cache,
+                      prefill_tokens=prefill_tokens)
     model.sampling_defaults = sampling
     model.family, model.chat_template = family, template
     return model
 
 
 def _kv_pool(config: GrokConfig, mesh: Any, capacity: float | None, max_batch: int,
-             layout: str, asked: int | None) -> int:
+             layout: str, asked: int | None, prefill_tokens: int) -> int:
     """The KV pool's token slots (whole pages) `load` makes: `asked`, else sized by
     `memory.default_kv_tokens` from the device's memory `capacity` (None: max_batch x the
     context); logged."""
@@ -431,7 +446,8 @@ def _kv_pool(config: GrokConfig, mesh: Any, capacity: float | None, max_batch: i
     else:
         shape = (1, 1) if mesh is None else mesh   # one device: the estimate of a 1x1 mesh
         tokens = memory.default_kv_tokens(config, shape, capacity, batch=max_batch,
-                                          layout=layout if mesh is not None else "tensor")
+                                          layout=layout if mesh is not None else "tensor",
+                                          prefill_tokens=prefill_tokens)
         why = (f"max_batch {max_batch} x the context: the device reports no memory"
                if capacity is None else
                f"what fits in {memory.KV_MEMORY_FRACTION:.0%} of {capacity / 1e9:.1f} GB a device "

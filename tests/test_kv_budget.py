@@ -234,6 +234,14 @@ def test_the_server_loads_with_the_flags(monkeypatch, capsys):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
     code = command.main(["--checkpoint", "demo", "--kv-cache-tokens", "512",
-                         "--no-prefix-cache"])
+                         "--no-prefix-cache", "--prefill-tokens", "256"])
     assert code == 2 and "stopped before loading" in capsys.readouterr().err
     assert seen["kv_cache_tokens"] == 512 and seen["prefix_cache"] is False
+    assert seen["prefill_tokens"] == 256     # the memory estimate's workspace is sized by it
+
+
+def test_load_sizes_the_workspace_by_the_prefill_budget_and_keeps_it_for_its_engines():
+    model = grok.load("demo", progress=False, max_batch=2, prefill_tokens=32)
+    assert model.engine.prefill_tokens == 32 and model.new_engine().prefill_tokens == 32
+    with pytest.raises(RequestError, match="prefill_tokens must be an integer >= 1, got 0"):
+        grok.load("demo", progress=False, prefill_tokens=0)

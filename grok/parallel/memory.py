@@ -287,14 +287,17 @@ def max_batch(config: GrokConfig, mesh: Any, memory_gb: float, *, length: int | 
 
 def check_fits(config: GrokConfig, mesh: Any, memory_bytes: int | None, *, batch: int = 1,
                length: int | None = None, layout: str = "tensor",
-               kv_cache_tokens: int | None = None) -> MemoryEstimate:
+               kv_cache_tokens: int | None = None,
+               prefill_tokens: int = PREFILL_TOKENS) -> MemoryEstimate:
     """Raise ShardingError with the numbers (and meshes that would fit) when the model, with a
-    KV pool of `kv_cache_tokens` slots (default: `batch` x `length`), cannot fit in
-    `memory_bytes` per device on `mesh`; None memory skips the check."""
+    KV pool of `kv_cache_tokens` slots (default: `batch` x `length`) and the workspace of
+    prefills of `prefill_tokens`, cannot fit in `memory_bytes` per device on `mesh`; None memory
+    skips the check."""
     sizes = mesh_shape(mesh)
     cap_gb = None if memory_bytes is None else memory_bytes / GB
     estimate = estimate_memory(config, (sizes[DATA], sizes[MODEL]), batch=batch, length=length,
-                               layout=layout, capacity_gb=cap_gb, kv_cache_tokens=kv_cache_tokens)
+                               layout=layout, capacity_gb=cap_gb, kv_cache_tokens=kv_cache_tokens,
+                               prefill_tokens=prefill_tokens)
     if not estimate.fits:
         devices = sizes[DATA] * sizes[MODEL]
         _, report = plan_report(config, devices, cap_gb, batch=batch, length=length,

@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh = distributed_mesh(args)
         # Every process loads with the same flags; the followers' pool is the leader's (they
         # replay its new_pool call), the prefix cache only the leader's bookkeeping.
-        model = grok.load(path, mesh, max_batch=args.max_batch,
+        model = grok.load(path, mesh, max_batch=args.max_batch, prefill_tokens=args.prefill_tokens,
                           chat_template=args.chat_template, **load_options(args))
         if model.tokenizer is None:
             raise GrokError(f"{path} holds no tokenizer: the server reads and writes text")
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "stopped", file=sys.stderr)
             return 0
         leader = lockstep.Leader(model.runner) if jax.process_count() > 1 else None
-        model.new_engine(args.prefill_tokens, steps=leader)
+        model.new_engine(steps=leader)
         api_key = args.api_key if args.api_key is not None else os.environ.get("GROK_API_KEY")
         name = args.model_name or default_model_name(path, model)
         app = create_app(model, model_name=name, api_key=api_key,

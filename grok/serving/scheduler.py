@@ -8,7 +8,8 @@ workspace by):
   to be recomputed, its tokens so far kept.
 - A prompt longer than the chunk (the largest power of two <= the budget) is prefilled a chunk
   per step, one such prompt at a time, so it never stalls the others' decoding.
-- Admission, first in first out, while a slot, the budget and pages last: the longest run of
+- Admission, first in first out, while a slot, the budget and pages last (leaving a page of
+  headroom for each running sequence, so that growth seldom preempts): the longest run of
   the prompt's full pages found in the prefix cache is shared, not prefilled (the last prompt
   token is always computed: its logits draw the first token); a prompt whose next page another
   request is computing this step waits one step to find it; requests with the same prompt
@@ -171,8 +172,10 @@ class Scheduler:
                     break
                 sharers.append(waiting.popleft())
                 continue
-            usable = (len(tokens) - 1) // self.kv.page_size   # the last token is computed
-            digests = page_digests(tokens[:usable * self.kv.page_size], self.kv.page_size)
+            digests: list[bytes] = []
+            if self.kv.prefix_caching:
+                usable = (len(tokens) - 1) // self.kv.page_size   # the last token is computed
+                digests = page_digests(tokens[:usable * self.kv.page_size], self.kv.page_size)
             hit = self.kv.match(digests)
             if len(hit) < len(digests) and digests[len(hit)] in pending:
                 break                       # another admission computes its next page now
@@ -184,7 +187,8 @@ class Scheduler:
                     spent + cost > budget and not (first and spent == 0)):
                 break
             self.kv.take(hit)
-            own = self.kv.allocate(self.kv.pages_for(start + min(n, self.chunk_len)) - len(hit))
+            need = self.kv.pages_for(start + min(n, self.chunk_len)) - len(hit)
+            own = self.kv.allocate(need) if self._room(need) else None
             if own is None:
                 self.kv.release(hit)
                 break
@@ -290,6 +294,12 @@ class Scheduler:
         self.seqs[res.id] = seq
         return seq
 
+    def _room(self, need: int) -> bool:
+        """Whether admitting a sequence that takes `need` pages now leaves a page for each
+        sequence's next one (then, as vLLM's watermark, growth preempts rarely; with none
+        running, any request the pool can hold is admitted)."""
+        return not self.seqs or self.kv.available - need >= len(self.seqs) + 1
+
     def _share(self, res: Result, lead: Seq) -> bool:
         """Place `res` beside `lead` (the same prompt): its full pages shared, a page of its own
         for the part-filled last one. False (nothing taken) without a slot or page."""
@@ -297,7 +307,7 @@ class Scheduler:
         shared = lead.pages[:full]
         need = self.kv.pages_for(len(res.prompt)) - full
         self.kv.take(shared)
-        own = self.kv.allocate(need)
+        own = self.kv.allocate(need) if self._room(need) else None
         if own is None:
             self.kv.release(shared)
             return False
