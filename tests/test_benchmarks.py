@@ -322,3 +322,36 @@ def test_measured_entries_rebuild_the_shipped_table_from_the_gpu_run(tmp_path):
     script("measured_entries.py", "--merge", str(tmp_path / "new.json"), "--table", str(table))
     merged = measured.load_table(table)
     assert len(merged) == 2 and dict(merged[-1].ms) == {"tokamax": 5.0, "pallas": 7.0}
+
+
+# --- paged_kv.py ----------------------------------------------------------------------------------
+
+def test_paged_kv_prints_each_section(tmp_path):
+    """benchmarks/paged_kv.py --quick on the demo model (without the old engine's subprocess,
+    which only doubles the time): a table per section, the prefix cache's token check, the JSON."""
+    out = tmp_path / "paged.json"
+    done = script("paged_kv.py", "--quick", "--no-before", "--json", str(out), timeout=300)
+    prefix = table(done.stdout, "| case |")
+    assert [r["case"] for r in prefix] == ["suffix only", "shared, prefix cache",
+                                           "shared, no prefix cache"]
+    assert all(float(r["seconds"]) > 0 for r in prefix), prefix
+    assert int(prefix[1]["prompt tokens cached"]) > 0 and prefix[2]["prompt tokens cached"] == "0"
+    assert re.search(r"^tokens with the prefix cache == without: (True|False)", done.stdout, re.M)
+    busy = table(done.stdout, "| engine | slots | peak running | peak slots held |")
+    assert busy[0]["engine"] == "paged" and int(busy[0]["peak running"]) > 0
+    load = table(done.stdout, "| engine | slots | peak running | seconds | tok/s | TTFT p50")
+    assert float(load[0]["TTFT p50 ms"]) > 0, load
+    stall = table(done.stdout, "| engine | prompt | alone ms |")
+    assert float(stall[0]["alone ms"]) > 0 and float(stall[0]["busy ms"]) > 0, stall
+    decode = table(done.stdout, "| batch | span |")
+    assert all(float(r["paged / contiguous"]) > 0 for r in decode), decode
+    result = json.loads(out.read_text())
+    assert result["before"] is None
+    assert set(result["after"]) == {"prefix", "concurrency", "load", "stall", "decode"}
+    assert isinstance(result["after"]["prefix"]["tokens_equal"], bool)
+
+
+def test_paged_kv_arguments_are_checked(capsys):
+    main = load_module("paged_kv").main
+    assert "--repeats" in rejected(main, ["--repeats", "0"], capsys)
+    assert "not allowed with" in rejected(main, ["--no-before", "--before-tree", "x"], capsys)
