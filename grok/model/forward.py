@@ -20,6 +20,9 @@ from grok.kernels.plan import ExecutionPlan, resolve_plan
 from grok.quant import LayerSlice, is_quantized
 
 
+LOGIT_ROWS = 8
+
+
 def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache | PagedCache,
             start: jax.Array, *, config: GrokConfig, attend_len: int | None = None,
             rows: jax.Array | None = None, table: jax.Array | None = None,
@@ -121,9 +124,12 @@ def forward(params: dict[str, Any], tokens: jax.Array, cache: KVCache | PagedCac
     with jax.named_scope("logits"):
         if logit_index is not None:
             h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)
+            # At least LOGIT_ROWS rows: a row's logits then come from the same matmul kernel
+            # however many rows the call has (CPU dots of one or two rows take another path).
+            h = jnp.pad(h, ((0, max(0, LOGIT_ROWS - b)), (0, 0), (0, 0)))
         logits = unembed.apply(params["embed"], h)
         if logit_index is not None:
-            logits = logits[:, 0]
+            logits = logits[:b, 0]
     if routing:
         return logits, cache, routes[0]
     return logits, cache

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 
 from grok.errors import one_line
+from grok.model.forward import LOGIT_ROWS
 from grok.serving import batching
 from grok.serving.batching import bucket
 from grok.serving.request import Result
@@ -59,7 +60,10 @@ class Executor:
     def _prefill_inputs(self, call: PrefillCall) -> tuple:
         """A prefill call's host inputs, its draw, and the prompt-logprob rows."""
         e = self.engine
-        tables = e.scheduler.table([p.rid for p in call.pieces])
+        # The pages the call reads and writes: at most its span and its length (a static
+        # function of the call's shape, so no new compiles).
+        width = e.scheduler.kv.pages_for(min(call.attend + call.length, e.max_len))
+        tables = e.scheduler.table([p.rid for p in call.pieces], width)
         inputs = batching.piece_inputs(call, tables, e.config.pad_token, e.max_batch,
                                        e.scheduler.kv.pages)
         members = [(i, e.results[rid]) for i, rid in enumerate(inputs.members)]
@@ -73,14 +77,16 @@ class Executor:
     def _decode_inputs(self, rows: list[tuple[int, int]], attend: int) -> tuple:
         """The decode call's inputs for its (slot, request id) rows, padded to a power of two."""
         e = self.engine
-        size = bucket(max(slot for slot, _ in rows) + 1, e.max_batch, minimum=1)
+        # At least LOGIT_ROWS rows (padding writes nothing): then the matmuls take the same CPU
+        # kernel whatever the batch, and a request's tokens do not depend on it.
+        size = max(bucket(max(slot for slot, _ in rows) + 1, e.max_batch, minimum=1), LOGIT_ROWS)
         tokens = np.zeros(size, np.int32)
         positions = np.zeros(size, np.int32)
         rids: list[int | None] = [None] * size
         for slot, rid in rows:
             tokens[slot], rids[slot] = e.results[rid].tokens[-1], rid
             positions[slot] = e.scheduler.seqs[rid].computed
-        table = np.array(e.scheduler.table(rids), np.int32)
+        table = e.scheduler.table(rids, e.scheduler.kv.pages_for(attend))   # the slots read
         draw = self._draw_inputs([(slot, e.results[rid]) for slot, rid in rows], size)
         return tokens, table, positions, attend, draw
 

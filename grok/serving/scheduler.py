@@ -25,6 +25,8 @@ import dataclasses
 import itertools
 from typing import Sequence
 
+import numpy as np
+
 from grok.serving.batching import MIN_ATTEND_BUCKET, bucket
 from grok.serving.book import Book
 from grok.serving.kv_manager import ROOT, KVManager, page_digests
@@ -95,7 +97,6 @@ class Scheduler:
         self.book, self.kv = book, kv
         self.max_batch, self.max_len = max_batch, max_len
         self.prefill_tokens, self.chunk_len = prefill_tokens, chunk_len
-        self.table_width = kv.pages_for(max_len)
         self.slots: list[int | None] = [None] * max_batch
         self.seqs: dict[int, Seq] = {}
         self.preemptions = 0
@@ -108,7 +109,7 @@ class Scheduler:
         return self.seqs[next(iter(self._long))] if self._long else None
 
     # --- the plan -------------------------------------------------------------------------------
-    def schedule(self, first_in_budget: bool = True) -> StepPlan:
+    def schedule(self) -> StepPlan:
         """This step's plan; it takes the pages it needs (given back by `free`, or kept as the
         calls' results are reported)."""
         preempted: list[int] = []
@@ -268,13 +269,14 @@ class Scheduler:
         self._long.clear()
         self.slots = [None] * self.max_batch
 
-    def table(self, rids: Sequence[int | None]) -> list[list[int]]:
-        """Block tables of `rids` (None: a padding row), `table_width` entries each, padded
-        with the pool's page count (no page)."""
-        out = []
-        for rid in rids:
-            pages = self.seqs[rid].pages if rid in self.seqs else []
-            out.append(pages + [self.kv.pages] * (self.table_width - len(pages)))
+    def table(self, rids: Sequence[int | None], width: int) -> np.ndarray:
+        """Block tables [len(rids), width] of `rids` (None: a padding row): each sequence's
+        first `width` pages, padded with the pool's page count (no page)."""
+        out = np.full((len(rids), width), self.kv.pages, np.int32)
+        for row, rid in enumerate(rids):
+            if rid in self.seqs:
+                pages = self.seqs[rid].pages[:width]
+                out[row, :len(pages)] = pages
         return out
 
     # --- internals ------------------------------------------------------------------------------
@@ -340,6 +342,8 @@ class Scheduler:
         return True
 
     def _attend(self, start: int) -> int:
+        """The cached slots a call reads: those before `start`, bucketed (powers of two from
+        256: few compiles)."""
         return bucket(start, self.max_len, MIN_ATTEND_BUCKET)
 
     def _register(self, seq: Seq) -> None:
