@@ -14,9 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import numpy as np
 
 from grok.errors import one_line
-from grok.model.forward import LOGIT_ROWS
 from grok.serving import batching
-from grok.serving.batching import bucket
 from grok.serving.request import Result
 from grok.serving.scheduler import PrefillCall, StepPlan
 from grok.serving.steps import Drawn
@@ -26,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Decode calls run a multiple of 8 rows, as vLLM's captured batch sizes: few shapes to compile,
+# little padding, and never the one- or two-row dots whose CPU kernel differs from the others'.
+DECODE_ROWS = 8
 
 
 class Executor:
@@ -44,8 +45,8 @@ class Executor:
         for call, inputs in calls:
             events += self._prefill(call, *inputs)
         with e._lock:   # the rows still running once the prefills drew their tokens
-            rows = [(slot, rid) for slot, rid in plan.decode if rid in e.scheduler.seqs
-                    and not e.results[rid].done]
+            rows = sorted((slot, rid) for slot, rid in plan.decode if rid in e.scheduler.seqs
+                          and not e.results[rid].done)
             decode = self._decode_inputs(rows, plan.attend) if rows else None
         if decode is not None and e.steps.cache is not None:
             out = self._call(e.steps.decode, *decode)
@@ -53,7 +54,7 @@ class Executor:
                 if not isinstance(out, Exception):
                     for _, rid in rows:   # each wrote its last token's slot
                         e.scheduler.decoded(rid)
-                events += self.record(rows, out)
+                events += self.record([(row, rid) for row, (_, rid) in enumerate(rows)], out)
         return events
 
     # --- inputs (under the lock) ----------------------------------------------------------------
@@ -75,19 +76,20 @@ class Executor:
         return inputs, draw, asking, prompts
 
     def _decode_inputs(self, rows: list[tuple[int, int]], attend: int) -> tuple:
-        """The decode call's inputs for its (slot, request id) rows, padded to a power of two."""
+        """The decode call's inputs for its (slot, request id) rows, packed in slot order (a
+        sequence's cache is its block table, not its row) and padded to a multiple of
+        DECODE_ROWS (padding rows have no pages: they write nothing)."""
         e = self.engine
-        # At least LOGIT_ROWS rows (padding writes nothing): then the matmuls take the same CPU
-        # kernel whatever the batch, and a request's tokens do not depend on it.
-        size = max(bucket(max(slot for slot, _ in rows) + 1, e.max_batch, minimum=1), LOGIT_ROWS)
+        size = -(-len(rows) // DECODE_ROWS) * DECODE_ROWS
         tokens = np.zeros(size, np.int32)
         positions = np.zeros(size, np.int32)
         rids: list[int | None] = [None] * size
-        for slot, rid in rows:
-            tokens[slot], rids[slot] = e.results[rid].tokens[-1], rid
-            positions[slot] = e.scheduler.seqs[rid].computed
+        for row, (_, rid) in enumerate(rows):
+            tokens[row], rids[row] = e.results[rid].tokens[-1], rid
+            positions[row] = e.scheduler.seqs[rid].computed
         table = e.scheduler.table(rids, e.scheduler.kv.pages_for(attend))   # the slots read
-        draw = self._draw_inputs([(slot, e.results[rid]) for slot, rid in rows], size)
+        draw = self._draw_inputs([(row, e.results[rid]) for row, (_, rid) in enumerate(rows)],
+                                 size)
         return tokens, table, positions, attend, draw
 
     def _draw_inputs(self, rows: list[tuple[int, Result]], batch: int) -> batching.Draw:
