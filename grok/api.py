@@ -13,7 +13,7 @@ import numpy as np
 from grok import families
 from grok.checkpoint import loader, placement
 from grok.checkpoint.convert import convert as convert_checkpoint
-from grok.config import PAGE_SIZE, PREFILL_TOKENS, GrokConfig, model_dir
+from grok.config import MAX_KV_TOKENS, PAGE_SIZE, PREFILL_TOKENS, GrokConfig, model_dir
 from grok.errors import CheckpointError, RequestError, TokenizerError, one_line
 from grok.kernels.plan import backend_report
 from grok.leaves import abstract_params, checkpoint_entries, to_model_params
@@ -342,9 +342,9 @@ def _check_kv_cache(kv_cache_tokens: Any, prefix_cache: Any) -> None:
     """RequestError (one line) unless `kv_cache_tokens` is None or an integer >= a page and
     `prefix_cache` a bool."""
     if kv_cache_tokens is not None and (not is_int(kv_cache_tokens)
-                                        or kv_cache_tokens < PAGE_SIZE):
-        raise RequestError(f"kv_cache_tokens must be an integer >= {PAGE_SIZE} (a page), got "
-                           f"{describe(kv_cache_tokens)}")
+                                        or not PAGE_SIZE <= kv_cache_tokens <= MAX_KV_TOKENS):
+        raise RequestError(f"kv_cache_tokens must be an integer in [{PAGE_SIZE} (a page), "
+                           f"{MAX_KV_TOKENS}], got {describe(kv_cache_tokens)}")
     if not isinstance(prefix_cache, (bool, np.bool_)):
         raise RequestError(f"prefix_cache must be True or False, got {describe(prefix_cache)}")
 

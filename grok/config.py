@@ -14,6 +14,7 @@ from grok.files import DuplicateKey, NotRegularFile, TooLarge, read_limited, uni
 
 PAGE_SIZE = 16          # tokens a page of the engine's paged KV cache (vLLM's default; a power of
                         # two dividing every attention bucket)
+MAX_KV_TOKENS = 1 << 28  # a pool's bound (16.7M pages of 16): its host bookkeeping stays small
 PREFILL_TOKENS = 4096   # the engine's default budget of rows x padded length per prefill call
 # From BENCHMARKS.md ("int4 weights: fidelity"): 32 had the lowest error of 32 / 64 / 128 on
 # the demo's held-out perplexity and on both fixtures; its scales cost 0.5 bit a weight (Grok-1

@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from grok.config import DEMO_DIR, MOE_IMPLS, PAGE_SIZE
+from grok.config import DEMO_DIR, MAX_KV_TOKENS, MOE_IMPLS, PAGE_SIZE
 
 DEFAULT_CHECKPOINT = DEMO_DIR.parent
 RELEASE_FILES = "pytorch_model-*-TP-common.safetensors"   # Grok-2's release (grok.families)
@@ -67,6 +67,8 @@ def check_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                                ("--kv-cache-tokens", args.kv_cache_tokens, PAGE_SIZE)):
         if value is not None and value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens > MAX_KV_TOKENS:
+        p.error(f"--kv-cache-tokens must be <= {MAX_KV_TOKENS}, got {args.kv_cache_tokens}")
     if args.mesh is not None:
         from grok.parallel.rules import ShardingError, parse_mesh
         try:

@@ -176,9 +176,11 @@ def test_from_flat_takes_the_settings():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(kv_cache_tokens=8), "kv_cache_tokens must be an integer >= 16 (a page), got 8"),
-    (dict(kv_cache_tokens=100.0), "kv_cache_tokens must be an integer >= 16"),
-    (dict(kv_cache_tokens=True), "kv_cache_tokens must be an integer >= 16"),
+    (dict(kv_cache_tokens=8), "kv_cache_tokens must be an integer in [16 (a page), 268435456], "
+     "got 8"),
+    (dict(kv_cache_tokens=100.0), "kv_cache_tokens must be an integer in"),
+    (dict(kv_cache_tokens=True), "kv_cache_tokens must be an integer in"),
+    (dict(kv_cache_tokens=10 ** 15), "268435456], got 1000000000000000"),
     (dict(prefix_cache=1), "prefix_cache must be True or False, got 1"),
     (dict(prefix_cache="no"), "prefix_cache must be True or False, got 'no'"),
 ])
@@ -197,8 +199,8 @@ def test_bad_values_are_refused_in_one_line_before_loading(kwargs, words, monkey
 def test_load_refuses_a_pool_that_does_not_fit_before_reading_weights(monkeypatch):
     from grok.checkpoint import loader
     monkeypatch.setattr(loader, "load_params", lambda *a, **k: pytest.fail("read the weights"))
-    with pytest.raises(GrokError, match="with a KV pool of 62500000 pages of 16"):
-        grok.load("demo", (1, 1), memory_gb=2, kv_cache_tokens=1_000_000_000)
+    with pytest.raises(GrokError, match="with a KV pool of 6250000 pages of 16"):
+        grok.load("demo", (1, 1), memory_gb=2, kv_cache_tokens=100_000_000)
 
 
 # --- flags --------------------------------------------------------------------------------
@@ -213,6 +215,7 @@ def test_the_flags_parse_into_loads_options(module, capsys):
     plain = launch.load_options(parse_args(prompt))
     assert plain["kv_cache_tokens"] is None and plain["prefix_cache"] is True
     for value, words in (("8", "--kv-cache-tokens must be >= 16, got 8"),
+                         (str(2 ** 40), f"--kv-cache-tokens must be <= {2 ** 28}, got {2 ** 40}"),
                          ("lots", "argument --kv-cache-tokens: invalid int value: 'lots'")):
         with pytest.raises(SystemExit) as exit_:
             parse_args([*prompt, "--kv-cache-tokens", value])

@@ -29,11 +29,14 @@ class KVCache(NamedTuple):
 
 def init_cache(config: GrokConfig, batch: int, length: int, scan: bool = True) -> KVCache:
     """An empty cache of `length` slots for `batch` sequences."""
-    shape = (batch, config.num_kv_heads, length, config.key_size)
-    if scan:
-        k = jnp.zeros((config.num_layers, *shape), BF16)
-        v = jnp.zeros((config.num_layers, *shape), BF16)
-    else:
-        k = tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
-        v = tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
+    k, v = zero_layers(config, (batch, config.num_kv_heads, length, config.key_size), scan)
     return KVCache(k, v, jnp.zeros((batch, length), bool))
+
+
+def zero_layers(config: GrokConfig, shape: tuple[int, ...], scan: bool) -> tuple[Any, Any]:
+    """Zero keys and values of every layer, each layer's of `shape`: stacked [L, *shape] for the
+    layer scan, else a tuple of per-layer arrays."""
+    if scan:
+        return tuple(jnp.zeros((config.num_layers, *shape), BF16) for _ in range(2))
+    return tuple(tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
+                 for _ in range(2))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
-from grok.quant import BF16
+from grok.model.cache import zero_layers
 
 
 class PagedCache(NamedTuple):
@@ -37,13 +37,7 @@ class PagedCache(NamedTuple):
 
 def init_pool(config: GrokConfig, pages: int, page_size: int, scan: bool = True) -> PagedCache:
     """An empty pool of `pages` pages of `page_size` slots."""
-    shape = (pages, page_size, config.num_kv_heads, config.key_size)
-    if scan:
-        k = jnp.zeros((config.num_layers, *shape), BF16)
-        v = jnp.zeros((config.num_layers, *shape), BF16)
-    else:
-        k = tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
-        v = tuple(jnp.zeros(shape, BF16) for _ in range(config.num_layers))
+    k, v = zero_layers(config, (pages, page_size, config.num_kv_heads, config.key_size), scan)
     return PagedCache(k, v, jnp.zeros((pages, page_size), bool))
 
 

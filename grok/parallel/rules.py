@@ -231,22 +231,15 @@ class Placement:
         return jax.lax.with_sharding_constraint(x, self.sharding(name, x.shape))
 
     def cache(self, cache: Any) -> Any:
-        """Constrain a KVCache (inside jit) to the cache layout."""
+        """Constrain a KVCache or a paged cache's pool (inside jit) to its layout: kv heads over
+        "model" (a pool's pages are whole on every device: any sequence may use any page)."""
         if self.mesh is None:
             return cache
-        layer = "kv_cache" if not isinstance(cache.k, tuple) else "kv_cache_layer"
-        fix = lambda x: self.constrain(layer, x)
+        names = (("kv_pages", "kv_pages_layer", "page_valid") if hasattr(type(cache), "page_size")
+                 else ("kv_cache", "kv_cache_layer", "valid"))
+        fix = lambda x: self.constrain(names[isinstance(cache.k, tuple)], x)
         return type(cache)(jax.tree.map(fix, cache.k), jax.tree.map(fix, cache.v),
-                           self.constrain("valid", cache.valid))
-
-    def pool(self, pool: Any) -> Any:
-        """Constrain a PagedCache (inside jit) to the pool's layout: kv heads over "model"."""
-        if self.mesh is None:
-            return pool
-        layer = "kv_pages" if not isinstance(pool.k, tuple) else "kv_pages_layer"
-        fix = lambda x: self.constrain(layer, x)
-        return type(pool)(jax.tree.map(fix, pool.k), jax.tree.map(fix, pool.v),
-                          self.constrain("page_valid", pool.valid))
+                           self.constrain(names[2], cache.valid))
 
     def put(self, name: str, x: Any) -> Any:
         """Host data -> a global array with the named layout (every process passes the same x)."""
@@ -260,8 +253,7 @@ class Placement:
         never whole."""
         if self.mesh is None:
             return make(*args)
-        fix = lambda c: self.pool(c) if hasattr(type(c), "page_size") else self.cache(c)
-        return jax.jit(lambda: fix(make(*args)))()
+        return jax.jit(lambda: self.cache(make(*args)))()
 
 
 def local_shape(shape: Sequence[int], spec: Sequence[Any],

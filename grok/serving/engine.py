@@ -22,7 +22,7 @@ import logging
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
-from grok.config import PAGE_SIZE, PREFILL_TOKENS, prefill_chunk
+from grok.config import MAX_KV_TOKENS, PAGE_SIZE, PREFILL_TOKENS, prefill_chunk
 from grok.errors import RequestError, one_line
 from grok.serving import batching
 from grok.serving.batching import bucket
@@ -66,6 +66,9 @@ class Engine:
             if not (value is None and name in ("max_len", "kv_cache_tokens")) and (
                     not is_int(value) or value < least):
                 raise RequestError(f"{name} must be an integer >= {least}, got {describe(value)}")
+        if kv_cache_tokens is not None and kv_cache_tokens > MAX_KV_TOKENS:
+            raise RequestError(f"kv_cache_tokens must be at most {MAX_KV_TOKENS}, got "
+                               f"{describe(kv_cache_tokens)}")
         if page_size & (page_size - 1) or page_size > batching.MIN_ATTEND_BUCKET:
             raise RequestError(f"page_size must be a power of two <= "
                                f"{batching.MIN_ATTEND_BUCKET}, got {page_size}")

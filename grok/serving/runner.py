@@ -81,13 +81,13 @@ class ModelRunner:
             # and causally to each other; their keys and values land in their pages.
             logits, pool = forward(params, tokens, pool, starts, attend_len=attend_len,
                                    table=table, logit_index=lengths - 1, **fwd)
-            return place.constrain("logits", logits), place.pool(pool)
+            return place.constrain("logits", logits), place.cache(pool)
 
         def paged_decode(params, pool, tokens, table, positions, attend_len):
             logits, pool = forward(params, tokens[:, None], pool, positions,
                                    attend_len=attend_len, table=table,
                                    logit_index=jnp.zeros_like(positions), **fwd)
-            return place.constrain("logits", logits), place.pool(pool)
+            return place.constrain("logits", logits), place.cache(pool)
 
         def decode(params, cache, tokens, positions, attend_len):
             logits, cache = forward(params, tokens[:, None], cache, positions,
@@ -118,7 +118,7 @@ class ModelRunner:
                                      donate_argnums=1, static_argnums=6)
         self.paged_decode = jax.jit(self._counted("paged_decode", paged_decode),
                                     donate_argnums=1, static_argnums=5)
-        self.copy_pages = jax.jit(self._counted("copy_pages", lambda pool, s, t: place.pool(
+        self.copy_pages = jax.jit(self._counted("copy_pages", lambda pool, s, t: place.cache(
             copy_pages(pool, s, t))), donate_argnums=0)
         self.copy_rows = jax.jit(self._counted("copy_rows", copy_rows), donate_argnums=0)
         self.take_rows = jax.jit(lambda logits, rows: jnp.take(logits, rows, axis=0))
