@@ -66,8 +66,8 @@ def model():
 @pytest.fixture(scope="module")
 def served(model):
     served = Served(create_app(model, model_name=NAME, api_key=KEY))
-    # Grow the engine's cache to its largest (8 slots x the whole context) at once, so that the
-    # tests below compile for one cache shape only.
+    # Run 8 requests at once first: the pool is made and the common prefill and decode shapes
+    # compiled, so that the tests below mostly reuse them.
     engine, ids = model.engine, model.tokenizer.encode(PROMPT)
     warm = engine.submit_all([grok.Request(ids, model.config.sequence_len - len(ids))] * 8)
     for rid in warm:
