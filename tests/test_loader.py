@@ -127,7 +127,8 @@ def test_load_refuses_early_when_it_cannot_fit(ckpt, monkeypatch):
     import grok
     from grok.parallel.rules import ShardingError
     monkeypatch.setattr(loader, "load_params", lambda *a, **k: pytest.fail("read weights"))
-    with pytest.raises(ShardingError, match=r"does not fit: mesh 1x1: .* GB per device"):
+    with pytest.raises(ShardingError, match=r"does not fit with a KV pool of \d+ pages of 16: "
+                                            r"mesh 1x1: .* GB per device"):
         grok.load(ckpt, (1, 1), memory_gb=1e-4)
 
 
