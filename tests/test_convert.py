@@ -46,6 +46,8 @@ SIGNALLED = textwrap.dedent("""
             os.kill(os.getpid(), getattr(signal, sys.argv[1]))
         return real(*args, **kwargs)
     safetensors_io.write_leaf = write_leaf
+    # As a launcher may leave it (a background job of a script): the command must still stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(main(sys.argv[2:]))
 """)
 

@@ -103,8 +103,10 @@ class _Terminated(BaseException):
 
 
 def _terminate_by_exception() -> Callable[[], object]:
-    """Make SIGTERM raise _Terminated (once: a second one during the cleanup is ignored);
-    returns the function that puts the previous handler back."""
+    """Make SIGTERM raise _Terminated (once: a second one during the cleanup is ignored) and
+    SIGINT raise KeyboardInterrupt even where the launcher left it ignored (Python keeps an
+    inherited SIG_IGN: a background job of a script, `nohup cmd &`, could then never be
+    stopped that way); returns the function that puts the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
@@ -112,8 +114,9 @@ def _terminate_by_exception() -> Callable[[], object]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise _Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
